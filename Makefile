@@ -1,0 +1,35 @@
+# `make run` and `make test` set everything up on a fresh machine, then do their job. Both are idempotent:
+# the environment is rebuilt only when the lock file, pyproject.toml or the bootstrap script change.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.alignloop-installed
+PROTOS  := $(wildcard proto/alignloop/v1/*.proto)
+STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
+PYTEST_ARGS ?=
+
+.PHONY: setup proto run test test-unit bench clean-state
+
+setup: $(STAMP) $(STUBS)
+
+$(STAMP): scripts/bootstrap.sh requirements/lock-cpu.txt pyproject.toml
+	scripts/bootstrap.sh $(VENV)
+	touch $@
+
+alignloop/v1/%_pb2.py: proto/alignloop/v1/%.proto $(STAMP)
+	@echo "==> generating gRPC stubs from $<"
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. $<
+	touch alignloop/v1/__init__.py
+
+proto: $(STUBS)
+
+run: setup
+	$(VENV)/bin/alignloop up
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/serving.py

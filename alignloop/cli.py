@@ -1,0 +1,188 @@
+"""The `alignloop` command: up, status, down, models init."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from alignloop import components, credentials
+from alignloop.config import Settings
+from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
+
+console = Console()
+
+
+def _ensure_policy_registered(settings: Settings) -> None:
+    from alignloop.registry import ModelNotRegistered, resolve_alias
+
+    try:
+        ref = resolve_alias(settings.tracking_uri, settings.policy_model_name, settings.policy_model_alias)
+        console.print(f"[green]✓[/] model    {ref.name}@{settings.policy_model_alias} = version {ref.version}")
+    except ModelNotRegistered:
+        from pipelines.models_init import init_models
+
+        console.print(f"no {settings.policy_model_name} registered yet: running `alignloop models init`"
+                      + (" --tiny" if settings.bootstrap_model == "tiny" else ""))
+        init_models(settings, tiny=settings.bootstrap_model == "tiny")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = Settings()
+    settings.ensure_dirs()
+    state = read_state(settings)
+    if state and pid_alive(state["supervisor_pid"]):
+        console.print(f"[red]alignloop is already running from {settings.home} "
+                      f"(supervisor pid {state['supervisor_pid']}); `alignloop down` stops it.[/]")
+        return 1
+    creds_existed = settings.credentials_path.exists()
+    credentials.load_or_create(settings.credentials_path)
+
+    sup = Supervisor(settings, console)
+
+    def on_signal(signum, _frame):
+        if not sup.stopping.is_set():
+            sup.stopping.set()
+            console.print(f"\n{signal.Signals(signum).name}: stopping the stack")
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    rc = 0
+    try:
+        infra = components.infrastructure(settings)
+        svcs = components.services(settings)
+        sup.check_ports(infra + svcs)
+        started = time.monotonic()
+        sup.bring_up(infra)
+        if settings.embedded_kafka:
+            from alignloop.kafka_admin import ensure_topics
+
+            ensure_topics(settings.kafka_bootstrap)
+        _ensure_policy_registered(settings)
+        sup.bring_up(svcs)
+        _print_ready(settings, creds_existed, time.monotonic() - started)
+        rc = sup.watch()
+    except StackError as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        rc = 1
+    except KeyboardInterrupt:
+        rc = 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        sup.stop_all()
+    return rc
+
+
+def _print_ready(settings: Settings, creds_existed: bool, seconds: float) -> None:
+    creds_note = "reused" if creds_existed else "created (mode 0600)"
+    console.print(
+        f"\n[bold green]alignloop is up[/] in {seconds:.0f} s\n"
+        f"  chat API      {settings.gateway_url}/v1  (OpenAI-compatible, model '{settings.policy_model_name}')\n"
+        f"  MLflow        {settings.tracking_uri}\n"
+        f"  Kafka         {settings.kafka_bootstrap}\n"
+        f"  credentials   {settings.credentials_path} ({creds_note}): app_key for /v1, operator_key for operators\n"
+        f"  logs          {settings.logs_dir}/\n\n"
+        f"  try: curl {settings.gateway_url}/v1/chat/completions -H \"Authorization: Bearer $(python3 -c "
+        f"\"import json;print(json.load(open('{settings.credentials_path}'))['app_key'])\")\" "
+        f"-H 'Content-Type: application/json' -d '{{\"model\":\"{settings.policy_model_name}\","
+        f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n\n"
+        "Ctrl-C stops everything."
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = Settings()
+    state = read_state(settings)
+    if not state or not pid_alive(state["supervisor_pid"]):
+        console.print(f"alignloop is not running (home: {settings.home})")
+        return 3
+    probes = {c.name: c.probe for c in components.infrastructure(settings) + components.services(settings)}
+    table = Table(title=f"alignloop (supervisor pid {state['supervisor_pid']}, home {state['home']})")
+    for col in ("component", "pid", "process", "ready", "address", "log"):
+        table.add_column(col)
+    healthy = True
+    for c in state["components"]:
+        alive = pid_alive(c["pid"])
+        ready = alive and probes.get(c["name"], lambda: False)()
+        healthy &= ready
+        table.add_row(c["name"], str(c["pid"]), "[green]running[/]" if alive else "[red]gone[/]",
+                      "[green]yes[/]" if ready else "[red]no[/]", c["url"], c["log"])
+    console.print(table)
+    return 0 if healthy else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    settings = Settings()
+    state = read_state(settings)
+    if not state:
+        console.print("alignloop is not running")
+        return 0
+    sup_pid = state["supervisor_pid"]
+    if pid_alive(sup_pid):
+        import os
+
+        os.kill(sup_pid, signal.SIGTERM)
+        with console.status("stopping alignloop"):
+            deadline = time.monotonic() + args.timeout
+            while pid_alive(sup_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+    # Whatever the supervisor did not get to (it was killed, or timed out) goes now.
+    for c in state["components"]:
+        if pid_alive(c["pid"]):
+            stop_group(c["pid"], 10)
+    (settings.run_dir / "stack.json").unlink(missing_ok=True)
+    console.print("alignloop stopped")
+    return 0
+
+
+def cmd_models_init(args: argparse.Namespace) -> int:
+    from pipelines.models_init import init_models
+
+    settings = Settings()
+    settings.ensure_dirs()
+    # With the embedded tracking server not running, start it for the duration of the command.
+    temporary = None
+    if settings.embedded_mlflow and not components.http_ok(f"{settings.tracking_uri}/health"):
+        temporary = Supervisor(settings, console)
+    try:
+        if temporary:
+            mlflow = components.mlflow_server(settings)
+            temporary.check_ports([mlflow])
+            temporary.bring_up([mlflow])
+        ref = init_models(settings, tiny=args.tiny, force=args.force)
+        console.print(f"{ref.name} version {ref.version} is @champion and @reference")
+    except StackError as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        return 1
+    finally:
+        if temporary:
+            temporary.stop_all()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the local stack in the foreground (Ctrl-C stops it)").set_defaults(func=cmd_up)
+    sub.add_parser("status", help="show the running stack").set_defaults(func=cmd_status)
+    down = sub.add_parser("down", help="stop a stack started by `alignloop up`")
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(func=cmd_down)
+    models = sub.add_parser("models", help="model registry commands").add_subparsers(dest="models_command",
+                                                                                    required=True)
+    init = models.add_parser("init", help="register the base policy as alignloop-policy v1 (@champion, @reference)")
+    init.add_argument("--tiny", action="store_true", help="a tiny random model, for tests (seconds)")
+    init.add_argument("--force", action="store_true", help="register a new version even if one exists")
+    init.set_defaults(func=cmd_models_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

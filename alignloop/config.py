@@ -1,0 +1,170 @@
+"""Settings for every alignloop process, read from ALIGNLOOP_* variables and an optional TOML file.
+
+The supervisor passes its resolved settings to the processes it starts as environment variables
+(`Settings.to_env`), so a service started by hand and one started by `alignloop up` see the same values.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HOME = REPO_ROOT / ".alignloop"
+POLICY_MODEL_NAME = "alignloop-policy"
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("ALIGNLOOP_CONFIG", "alignloop.toml"))
+
+
+class Settings(BaseSettings):
+    """One flat namespace of settings; env var = ALIGNLOOP_ + upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_", extra="ignore")
+
+    home: Path = Field(DEFAULT_HOME, description="State: models, logs, MLflow data, credentials.")
+    host: str = "127.0.0.1"
+
+    kafka_port: int = 9092
+    mlflow_port: int = 5000
+    policy_port: int = 50051
+    gateway_port: int = 8000
+    # Set to reach an external broker / tracking server instead of the embedded ones.
+    kafka_bootstrap_servers: str | None = None
+    mlflow_tracking_uri: str | None = None
+
+    policy_model_name: str = POLICY_MODEL_NAME
+    policy_model_alias: str = "champion"
+    # `alignloop up` registers this model when the registry has none: "smollm2" or "tiny".
+    bootstrap_model: str = "smollm2"
+
+    # vLLM engine
+    max_model_len: int = 2048
+    enforce_eager: bool = False
+    dtype: str = "bfloat16"
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.85
+    cpu_kvcache_gib: int = 1
+
+    # gateway
+    max_n: int = 8
+    grpc_timeout_s: float = 600.0
+    completion_queue_size: int = 10_000
+
+    # readiness waits of the supervisor, per component
+    start_timeout_s: float = 300.0
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > environment > TOML file.
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=_config_file()),
+        )
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @field_validator("bootstrap_model")
+    @classmethod
+    def _known_bootstrap(cls, v: str) -> str:
+        if v not in ("smollm2", "tiny"):
+            raise ValueError("bootstrap_model must be 'smollm2' or 'tiny'")
+        return v
+
+    # ---- derived locations -------------------------------------------------------------------------
+    @cached_property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @cached_property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @cached_property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @cached_property
+    def credentials_path(self) -> Path:
+        return self.home / "credentials.json"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap_servers or f"{self.host}:{self.kafka_port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def policy_target(self) -> str:
+        return f"{self.host}:{self.policy_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def embedded_mlflow(self) -> bool:
+        return self.mlflow_tracking_uri is None
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as ALIGNLOOP_* variables, for child processes."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[f"ALIGNLOOP_{name.upper()}"] = str(value)
+        return env
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.logs_dir, self.run_dir, self.models_dir, self.cache_dir, self.mlflow_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
+    """Variables vLLM needs on this platform (see ../shared/PLATFORM.md); harmless on CUDA machines."""
+    cache = settings.cache_dir
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_gib),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "VLLM_RPC_BASE_PATH": str(cache / "rpc"),
+        "TMPDIR": str(cache / "tmp"),
+    }

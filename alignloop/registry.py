@@ -1,0 +1,75 @@
+"""The MLflow model registry as every service sees it: resolve an alias, bring that version's folder home."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+
+
+class ModelNotRegistered(LookupError):
+    """The registry has no such model or alias."""
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient  # heavy import, kept off the module's import path
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@retry(
+    retry=retry_if_exception_type(ConnectionError),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    stop=stop_after_delay(60),
+    reraise=True,
+)
+def resolve_alias(tracking_uri: str, name: str, alias: str) -> ModelVersionRef:
+    """The version `name@alias` points to now."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _client(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            raise ModelNotRegistered(f"{name}@{alias} is not registered in {tracking_uri}") from exc
+        raise
+    return ModelVersionRef(name=name, version=str(mv.version), run_id=mv.run_id, source=mv.source)
+
+
+def fetch_version(tracking_uri: str, ref: ModelVersionRef, cache_dir: Path) -> Path:
+    """Downloads the version's artifacts into `cache_dir/NAME/vVERSION` once; later calls reuse them.
+
+    A registered version is immutable, so the folder is a valid cache keyed by (name, version).
+    """
+    import mlflow.artifacts
+
+    dest = cache_dir / ref.name / f"v{ref.version}"
+    if (dest / ".complete").exists():
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    got = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{ref.name}/{ref.version}",
+            dst_path=str(partial),
+            tracking_uri=tracking_uri,
+        )
+    )
+    # The source is a folder logged under a run (runs:/RUN/model): find where config.json landed.
+    root = next((p.parent for p in sorted(got.rglob("config.json"), key=lambda p: len(p.parts))), got)
+    shutil.rmtree(dest, ignore_errors=True)
+    root.rename(dest)
+    shutil.rmtree(partial, ignore_errors=True)
+    (dest / ".complete").touch()
+    return dest

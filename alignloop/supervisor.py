@@ -1,0 +1,208 @@
+"""Runs the local stack's processes: start in order, wait for readiness, watch, stop cleanly.
+
+Each component runs in its own process group (vLLM forks engine processes; a group signal reaches them all)
+and receives SIGTERM if the supervisor itself dies. Nothing is ever restarted: a component that exits makes
+the supervisor say which one and where its log is, stop the rest, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from alignloop.components import Component
+from alignloop.config import Settings
+
+STATE_FILE = "stack.json"
+
+
+class StackError(RuntimeError):
+    """A component could not be started; the message names it and its log."""
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: if the supervisor is killed outright, its children get SIGTERM instead of living on.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Running:
+    component: Component
+    process: subprocess.Popen
+    log_path: Path
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, console: Console | None = None) -> None:
+        self.settings = settings
+        self.console = console or Console()
+        self.running: list[Running] = []
+        self.stopping = threading.Event()
+
+    # ---- starting ----------------------------------------------------------------------------------------
+    def check_ports(self, components: list[Component]) -> None:
+        for c in components:
+            if port_in_use(self.settings.host, c.port):
+                raise StackError(
+                    f"{c.name}: port {self.settings.host}:{c.port} is already in use. Stop what holds it, or "
+                    f"choose another port (ALIGNLOOP_{c.name.upper()}_PORT)."
+                )
+
+    def start(self, component: Component) -> Running:
+        log_path = self.settings.logs_dir / f"{component.name}.log"
+        env = {**os.environ, **self.settings.to_env(), **component.env, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {component.name} =====\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                component.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        running = Running(component, process, log_path)
+        self.running.append(running)
+        self._write_state()
+        return running
+
+    def wait_ready(self, running: Running) -> None:
+        c = running.component
+        deadline = time.monotonic() + c.start_timeout_s
+        with self.console.status(f"starting {c.name} (log: {running.log_path})"):
+            while time.monotonic() < deadline:
+                if self.stopping.is_set():
+                    raise StackError("interrupted while starting")
+                if running.process.poll() is not None:
+                    raise StackError(
+                        f"{c.name} exited with code {running.process.returncode} while starting; "
+                        f"see its log: {running.log_path}\n{tail(running.log_path)}"
+                    )
+                if c.probe():
+                    self.console.print(f"[green]✓[/] {c.name:<8} {c.url}")
+                    return
+                time.sleep(0.25)
+        raise StackError(
+            f"{c.name} was not ready after {c.start_timeout_s:.0f} s; see its log: {running.log_path}\n"
+            f"{tail(running.log_path)}"
+        )
+
+    def bring_up(self, components: list[Component]) -> None:
+        for c in components:
+            self.wait_ready(self.start(c))
+
+    # ---- running -----------------------------------------------------------------------------------------
+    def watch(self) -> int:
+        """Blocks until a stop is asked for (0) or a component exits on its own (1)."""
+        while not self.stopping.wait(0.5):
+            for r in self.running:
+                if r.process.poll() is not None:
+                    self.console.print(
+                        f"[red]✗ {r.component.name} exited unexpectedly (code {r.process.returncode}); "
+                        f"see its log: {r.log_path}[/]\n{tail(r.log_path)}\n"
+                        "Stopping the stack: alignloop restarts nothing on its own."
+                    )
+                    return 1
+        return 0
+
+    # ---- stopping ----------------------------------------------------------------------------------------
+    def stop_all(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM each process group, last started first; SIGKILL what has not ended in time."""
+        for r in reversed(self.running):
+            stop_group(r.process.pid, timeout_s, lambda: r.process.poll() is not None)
+            if r.process.poll() is None:
+                r.process.wait(5)
+            self.console.print(f"[dim]stopped {r.component.name}[/]")
+        self.running.clear()
+        self.state_path.unlink(missing_ok=True)
+
+    # ---- state shared with `alignloop status` / `alignloop down` -----------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.settings.run_dir / STATE_FILE
+
+    def _write_state(self) -> None:
+        state = {
+            "supervisor_pid": os.getpid(),
+            "home": str(self.settings.home),
+            "components": [
+                {"name": r.component.name, "pid": r.process.pid, "url": r.component.url, "log": str(r.log_path)}
+                for r in self.running
+            ],
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_path)
+
+
+def stop_group(pgid: int, timeout_s: float, gone=None) -> None:
+    """Terminates a process group, escalating to SIGKILL after `timeout_s`."""
+    gone = gone or (lambda: not group_alive(pgid))
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gone() and not group_alive(pgid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(settings: Settings) -> dict | None:
+    path = settings.run_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return ""
+    return "\n".join("    " + line for line in text)

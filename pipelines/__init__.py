@@ -1,0 +1,1 @@
+"""alignloop pipelines: one-off and batch jobs (model bootstrap, reward-model training, PPO)."""

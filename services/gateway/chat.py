@@ -1,0 +1,226 @@
+"""Chat completions: OpenAI request -> policy gRPC -> OpenAI response or SSE chunks, plus completion records."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from alignloop.topics import ChatMessageV1, CompletionRecordV1, SamplingV1
+from alignloop.v1 import policy_pb2 as pb
+from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from services.gateway import metrics
+from services.gateway.completion_log import CompletionLog
+from services.gateway.errors import ApiError, from_rpc_error
+from services.gateway.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+
+def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(
+        n=req.n,
+        stop=req.stop,
+        logprobs=req.logprobs,
+        top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+    )
+    if req.temperature is not None:
+        sampling.temperature = req.temperature
+    if req.top_p is not None:
+        sampling.top_p = req.top_p
+    if (max_tokens := req.effective_max_tokens()) is not None:
+        sampling.max_tokens = max_tokens
+    if req.seed is not None:
+        sampling.seed = req.seed
+    return pb.GenerateRequest(
+        request_id=request_id,
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]),
+        sampling=sampling,
+    )
+
+
+def to_openai_logprobs(items) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode())) for t in lp.top],
+            )
+            for lp in items
+        ]
+    )
+
+
+@dataclass
+class _Turn:
+    """What one chat request needs to answer and to log, whichever way it is served."""
+
+    req: ChatCompletionRequest
+    key_hash: str
+    response_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    received_at: float = field(default_factory=time.time)
+    completion_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.completion_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(self.req.n)]
+
+    def record(self, index: int, text: str, finish: str | None, prompt_tokens: int, tokens: int, model: pb.ModelRef):
+        req = self.req
+        return CompletionRecordV1(
+            completion_id=self.completion_ids[index],
+            response_id=self.response_id,
+            choice_index=index,
+            messages=[ChatMessageV1(role=m.role, content=m.text()) for m in req.messages],
+            response_text=text,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=tokens,
+            model_name=model.name,
+            model_version=model.version,
+            sampling=SamplingV1(
+                temperature=req.temperature,
+                top_p=req.top_p,
+                max_tokens=req.effective_max_tokens(),
+                stop=req.stop,
+                seed=req.seed,
+                n=req.n,
+            ),
+            api_key_hash=self.key_hash,
+            stream=req.stream,
+            created_at=self.received_at,
+            finished_at=time.time(),
+        )
+
+
+def fingerprint(model: pb.ModelRef) -> str:
+    return f"{model.name}/v{model.version}"
+
+
+class ChatService:
+    def __init__(self, stub: pb_grpc.PolicyServiceStub, completion_log: CompletionLog, timeout_s: float) -> None:
+        self.stub = stub
+        self.completion_log = completion_log
+        self.timeout_s = timeout_s
+
+    async def complete(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
+        turn = _Turn(req, key_hash)
+        try:
+            resp = await self.stub.Generate(to_policy_request(req, turn.response_id), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        choices = []
+        for c in resp.completions:
+            choices.append(
+                Choice(
+                    index=c.index,
+                    message=AssistantMessage(content=c.text),
+                    logprobs=to_openai_logprobs(c.logprobs) if req.logprobs else None,
+                    finish_reason=c.finish_reason or None,
+                    completion_id=turn.completion_ids[c.index],
+                )
+            )
+            self.completion_log.submit(
+                turn.record(c.index, c.text, c.finish_reason or None, resp.prompt_tokens, len(c.token_ids), resp.model)
+            )
+        completion_tokens = sum(len(c.token_ids) for c in resp.completions)
+        metrics.GENERATED_TOKENS.inc(completion_tokens)
+        return ChatCompletionResponse(
+            id=turn.response_id,
+            created=int(turn.received_at),
+            model=resp.model.name,
+            system_fingerprint=fingerprint(resp.model),
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=resp.prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=resp.prompt_tokens + completion_tokens,
+            ),
+        )
+
+    async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[str]:
+        """Opens the stream and waits for its first message, so that a bad request still gets a 4xx status;
+        returns the SSE data payloads that follow."""
+        turn = _Turn(req, key_hash)
+        call = self.stub.GenerateStream(to_policy_request(req, turn.response_id), timeout=self.timeout_s)
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        if first is grpc.aio.EOF:
+            raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
+        return self._events(turn, call, first)
+
+    async def _events(self, turn: _Turn, call, first: pb.GenerateStreamResponse) -> AsyncIterator[str]:
+        req = turn.req
+        model = first.model
+        prompt_tokens = first.prompt_tokens
+        texts = [""] * req.n
+        tokens = [0] * req.n
+        created = int(turn.received_at)
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            return ChatCompletionChunk(
+                id=turn.response_id,
+                created=created,
+                model=model.name,
+                system_fingerprint=fingerprint(model),
+                choices=choices,
+                usage=usage,
+            ).model_dump_json(exclude_none=True)
+
+        try:
+            for i in range(req.n):
+                yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
+                                         completion_id=turn.completion_ids[i])])
+            first_token_seen = False
+            msg = first
+            while msg is not grpc.aio.EOF:
+                for d in msg.deltas:
+                    if not first_token_seen and d.token_ids:
+                        metrics.TTFT.observe(time.time() - turn.received_at)
+                        first_token_seen = True
+                    texts[d.index] += d.text
+                    tokens[d.index] += len(d.token_ids)
+                    finish = d.finish_reason or None
+                    if not d.text and not finish:
+                        continue
+                    yield chunk([ChunkChoice(
+                        index=d.index,
+                        delta=DeltaMessage(content=d.text),
+                        logprobs=to_openai_logprobs(d.logprobs) if req.logprobs else None,
+                        finish_reason=finish,
+                        completion_id=turn.completion_ids[d.index],
+                    )])
+                    if finish:
+                        self.completion_log.submit(
+                            turn.record(d.index, texts[d.index], finish, prompt_tokens, tokens[d.index], model)
+                        )
+                msg = await call.read()
+            metrics.GENERATED_TOKENS.inc(sum(tokens))
+            if req.stream_options and req.stream_options.include_usage:
+                total = sum(tokens)
+                yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=total,
+                                      total_tokens=prompt_tokens + total))
+            yield "[DONE]"
+        except grpc.aio.AioRpcError as exc:
+            # Headers are gone already: report in-band, as OpenAI and vLLM do, then end the stream.
+            yield json.dumps(from_rpc_error(exc).body())
+        finally:
+            # Covers the client going away: cancelling the call makes the policy service abort the engine request.
+            call.cancel()

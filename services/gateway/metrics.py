@@ -1,0 +1,14 @@
+"""Prometheus metrics of the gateway."""
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("alignloop_gateway_requests_total", "HTTP requests by route and status.", ["route", "status"])
+LATENCY = Histogram(
+    "alignloop_gateway_request_seconds", "Time to the response's headers, by route.", ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TTFT = Histogram(
+    "alignloop_gateway_time_to_first_token_seconds", "Streaming: request received to first token.",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+)
+GENERATED_TOKENS = Counter("alignloop_gateway_generated_tokens_total", "Completion tokens served.")

@@ -1,0 +1,1 @@
+"""Policy service: vLLM AsyncLLM behind gRPC Generate (unary and streaming)."""

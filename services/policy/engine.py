@@ -1,0 +1,136 @@
+"""Builds the vLLM engine that serves the policy, and turns requests into engine inputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignloop.config import Settings, vllm_cpu_environment
+from alignloop.v1 import policy_pb2 as pb
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_engine(settings: Settings, model_dir: Path, served_name: str):
+    """An AsyncLLM over `model_dir` with the settings' engine knobs."""
+    if not cuda_available():
+        for k, v in vllm_cpu_environment(settings).items():
+            os.environ.setdefault(k, v)
+        for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH", "TMPDIR"):
+            Path(os.environ[k]).mkdir(parents=True, exist_ok=True)
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=str(model_dir),
+        served_model_name=served_name,
+        max_model_len=settings.max_model_len,
+        enforce_eager=settings.enforce_eager,
+        dtype=settings.dtype,
+        max_num_seqs=settings.max_num_seqs,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        disable_log_stats=True,
+    )
+    return AsyncLLM.from_engine_args(args)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt_token_ids: list[int]
+    sampling_params: object  # vllm.SamplingParams
+
+
+def prepare(request: pb.GenerateRequest, tokenizer, max_model_len: int, *, stream: bool) -> PreparedRequest:
+    """Validates a request against the model's context and builds the engine's inputs.
+
+    Tokenising here (not in the engine) lets us name the offending field when the prompt does not fit.
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    which = request.WhichOneof("input")
+    if which == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if not messages:
+            raise InvalidRequest("messages must not be empty", "messages")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        param = "messages"
+    elif which == "prompt":
+        text, param = request.prompt, "prompt"
+    else:
+        raise InvalidRequest("one of chat or prompt is required", "messages")
+    prompt_ids = tokenizer.encode(text, add_special_tokens=which == "prompt")
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty", param)
+
+    room = max_model_len - len(prompt_ids)
+    if room <= 0:
+        raise InvalidRequest(
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_model_len} tokens", param
+        )
+    s = request.sampling
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else room
+    if max_tokens <= 0:
+        raise InvalidRequest("max_tokens must be at least 1", "max_tokens")
+    if max_tokens > room:
+        raise InvalidRequest(
+            f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed this model's context "
+            f"of {max_model_len} tokens",
+            "max_tokens",
+        )
+    temperature = s.temperature if s.HasField("temperature") else 1.0
+    if temperature < 0:
+        raise InvalidRequest("temperature must be >= 0", "temperature")
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    if not 0 < top_p <= 1:
+        raise InvalidRequest("top_p must be in (0, 1]", "top_p")
+
+    params = SamplingParams(
+        n=max(1, s.n),
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        stop=list(s.stop) or None,
+        seed=s.seed if s.HasField("seed") else None,
+        logprobs=s.top_logprobs if s.logprobs else None,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+    )
+    return PreparedRequest(prompt_token_ids=prompt_ids, sampling_params=params)
+
+
+def completion_message(output, *, with_logprobs: bool, top_k: int) -> pb.Completion:
+    """vLLM CompletionOutput (whole or delta) -> proto Completion."""
+    msg = pb.Completion(
+        index=output.index,
+        text=output.text,
+        token_ids=list(output.token_ids),
+        finish_reason=output.finish_reason or "",
+    )
+    if with_logprobs and output.logprobs:
+        for token_id, position in zip(output.token_ids, output.logprobs):
+            chosen = position[token_id]
+            # vLLM's dict holds the k best plus the sampled token, which may rank below them.
+            top = sorted((item for item in position.items() if item[1].rank <= top_k), key=lambda i: i[1].rank)
+            msg.logprobs.append(
+                pb.TokenLogprob(
+                    token_id=token_id,
+                    token=chosen.decoded_token or "",
+                    logprob=chosen.logprob,
+                    top=[pb.TopLogprob(token_id=t, token=lp.decoded_token or "", logprob=lp.logprob) for t, lp in top],
+                )
+            )
+    return msg

@@ -1,0 +1,126 @@
+"""The policy service: gRPC Generate / GenerateStream over a vLLM AsyncLLM serving `alignloop-policy@champion`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from alignloop.config import Settings
+from alignloop.registry import fetch_version, resolve_alias
+from alignloop.v1 import policy_pb2 as pb
+from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare
+
+log = logging.getLogger("alignloop.policy")
+
+# Trailing-metadata key naming the request field an INVALID_ARGUMENT is about (read by the gateway).
+PARAM_METADATA_KEY = "alignloop-param"
+
+
+class PolicyServicer(pb_grpc.PolicyServiceServicer):
+    def __init__(self, engine, tokenizer, model: pb.ModelRef, max_model_len: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_model_len = max_model_len
+
+    async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool):
+        try:
+            return prepare(request, self.tokenizer, self.max_model_len, stream=stream)
+        except InvalidRequest as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=((PARAM_METADATA_KEY, exc.param),)
+            )
+
+    async def _outputs(self, request: pb.GenerateRequest, prepared) -> AsyncIterator:
+        """Engine outputs for one request; the engine request is aborted if the caller goes away."""
+        request_id = request.request_id or uuid.uuid4().hex
+        finished = False
+        try:
+            async for out in self.engine.generate(
+                {"prompt_token_ids": prepared.prompt_token_ids}, prepared.sampling_params, request_id
+            ):
+                finished = out.finished
+                yield out
+        finally:
+            # A cancelled RPC raises CancelledError inside the loop: tell the engine to stop working on it.
+            if not finished:
+                await self.engine.abort(request_id)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        prepared = await self._prepare(request, context, stream=False)
+        s = request.sampling
+        final = None
+        async for out in self._outputs(request, prepared):
+            final = out
+        return pb.GenerateResponse(
+            completions=[
+                completion_message(o, with_logprobs=s.logprobs, top_k=s.top_logprobs)
+                for o in sorted(final.outputs, key=lambda o: o.index)
+            ],
+            prompt_tokens=len(prepared.prompt_token_ids),
+            model=self.model,
+        )
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        prepared = await self._prepare(request, context, stream=True)
+        s = request.sampling
+        first = True
+        async for out in self._outputs(request, prepared):
+            msg = pb.GenerateStreamResponse(
+                deltas=[completion_message(o, with_logprobs=s.logprobs, top_k=s.top_logprobs) for o in out.outputs]
+            )
+            if first:
+                msg.prompt_tokens = len(prepared.prompt_token_ids)
+                msg.model.CopyFrom(self.model)
+                first = False
+            yield msg
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
+        return pb.GetInfoResponse(
+            model=self.model,
+            max_model_len=self.max_model_len,
+            active_requests=self.engine.get_num_unfinished_requests(),
+            ready=not self.engine.errored,
+        )
+
+
+async def serve(settings: Settings) -> None:
+    ref = resolve_alias(settings.tracking_uri, settings.policy_model_name, settings.policy_model_alias)
+    log.info("serving %s version %s (alias %s)", ref.name, ref.version, settings.policy_model_alias)
+    model_dir = fetch_version(settings.tracking_uri, ref, settings.models_dir)
+
+    engine = build_engine(settings, model_dir, served_name=ref.name)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    max_model_len = engine.model_config.max_model_len
+
+    # so_reuseport=0: a port that is already taken must fail loudly, not be shared silently.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_PolicyServiceServicer_to_server(
+        PolicyServicer(engine, tokenizer, pb.ModelRef(name=ref.name, version=ref.version), max_model_len), server
+    )
+    address = f"{settings.host}:{settings.policy_port}"
+    server.add_insecure_port(address)
+    await server.start()
+    log.info("policy service listening on %s", address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests (5 s grace)")
+    await server.stop(grace=5)
+    engine.shutdown()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(Settings()))
