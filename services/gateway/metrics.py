@@ -1,5 +1,7 @@
 """Prometheus metrics of the gateway."""
 
+import time
+
 from prometheus_client import Counter, Histogram
 
 REQUESTS = Counter("alignloop_gateway_requests_total", "HTTP requests by route and status.", ["route", "status"])
@@ -12,3 +14,29 @@ TTFT = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
 )
 GENERATED_TOKENS = Counter("alignloop_gateway_generated_tokens_total", "Completion tokens served.")
+
+
+class RequestMetrics:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would buffer and slow streaming responses)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_count(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                route = scope.get("route")
+                path = route.path if route is not None else "unmatched"
+                REQUESTS.labels(path, str(status)).inc()
+                LATENCY.labels(path).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)

@@ -59,7 +59,7 @@ class ChatCompletionRequest(BaseModel):
     n: Annotated[int, Field(ge=1)] = 1
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop: str | list[str] | None = None
+    stop: list[str] = Field(default_factory=list, description="A string or a list of up to 4 strings.")
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,12 +67,14 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: str | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+    def _stop_list(cls, v: object) -> object:
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list):
+            return stops  # let the type check report it
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
         if any(s == "" for s in stops):
