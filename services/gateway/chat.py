@@ -40,6 +40,8 @@ def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.Generat
         stop=req.stop,
         logprobs=req.logprobs,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
     )
     if req.temperature is not None:
         sampling.temperature = req.temperature

@@ -66,6 +66,9 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: str | None = None
+    # vLLM's extensions, for fixed-length generation (benchmarks, tests).
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
 
     @field_validator("stop", mode="before")
     @classmethod

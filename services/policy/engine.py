@@ -107,6 +107,8 @@ def prepare(request: pb.GenerateRequest, tokenizer, max_model_len: int, *, strea
         stop=list(s.stop) or None,
         seed=s.seed if s.HasField("seed") else None,
         logprobs=s.top_logprobs if s.logprobs else None,
+        ignore_eos=s.ignore_eos,
+        min_tokens=min(s.min_tokens, max_tokens),
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
     return PreparedRequest(prompt_token_ids=prompt_ids, sampling_params=params)

@@ -28,6 +28,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.tokenizer = tokenizer
         self.model = model
         self.max_model_len = max_model_len
+        self.aborted_requests = 0
 
     async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool):
         try:
@@ -50,6 +51,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         finally:
             # A cancelled RPC raises CancelledError inside the loop: tell the engine to stop working on it.
             if not finished:
+                self.aborted_requests += 1
                 await self.engine.abort(request_id)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
@@ -87,6 +89,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             max_model_len=self.max_model_len,
             active_requests=self.engine.get_num_unfinished_requests(),
             ready=not self.engine.errored,
+            aborted_requests=self.aborted_requests,
         )
 
 

@@ -1,4 +1,4 @@
-"""pipelines.models_init: the tiny base model is a usable transformers folder; init_models registers it once."""
+"""pipelines.models_init: the tiny base model is a usable transformers folder; init_models registers once."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_tiny_build_is_reproducible(tiny_folder: Path, tmp_path: Path) -> None:
     assert (tiny_folder / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
 
 
-# ---- registry ------------------------------------------------------------------------------------------------
+# ---- registry -------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,7 +130,9 @@ def mlflow_server(tmp_path: Path):
 
 
 @pytest.mark.integration
-def test_init_models_registers_once(mlflow_server: str, tmp_path: Path) -> None:
+def test_init_models_registers_once(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow.artifacts
     from mlflow import MlflowClient
 
@@ -148,6 +150,9 @@ def test_init_models_registers_once(mlflow_server: str, tmp_path: Path) -> None:
     assert mv.tags["source"] == "tiny" and mv.tags["kind"] == "base"
     assert not [p for p in settings.cache_dir.iterdir() if p.name.startswith("policy-build-")]
 
+    # MLflow 3.17 resolves models:/ URIs against the process-wide registry (default ./mlflow.db), whatever
+    # tracking_uri/registry_uri download_artifacts is given.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     got = Path(mlflow.artifacts.download_artifacts(
         f"models:/{ref.name}@champion", tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl")))
     assert (got / "config.json").exists() and (got / "tokenizer_config.json").exists()

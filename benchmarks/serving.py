@@ -1,0 +1,441 @@
+"""Serving benchmark: alignloop's gateway vs vLLM's own OpenAI server vs the raw vLLM engine.
+
+Same model, same engine settings (services/policy/engine.py: build_engine), same prompts, greedy decoding, the
+same number of concurrent streaming clients. The targets run one after another, never together (a 2-core
+machine cannot hold two engines fairly), each stopped before the next starts:
+
+  alignloop    `alignloop up` (broker, MLflow, policy service, gateway); OpenAI SDK over the gateway's SSE
+  vllm-server  `python -m vllm.entrypoints.openai.api_server` with the same engine flags; same client code
+  raw          vLLM AsyncLLM in this process, `engine.generate` with RequestOutputKind.DELTA
+
+Per target: a warm-up round, then --rounds measured rounds of --concurrency requests each. Throughput is the
+completion tokens the target reports (usage / token ids) over the rounds' wall time; TTFT is the time from
+sending a request to its first non-empty content delta.
+
+    .venv/bin/python benchmarks/serving.py            # SmolLM2-135M, 16 clients, 64 tokens, 3 rounds
+    .venv/bin/python benchmarks/serving.py --model tiny --rounds 1 --max-tokens 16    # quick check
+
+The last line on stdout is a JSON object with the figures; everything else about progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` and `services` importable
+
+from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_cpu_environment  # noqa: E402
+
+TARGETS = ("alignloop", "vllm-server", "raw")
+# Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
+MIN_THROUGHPUT_RATIO = 1.0
+MAX_ADDED_TTFT_MS = 5.0
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain recursion to a ten-year-old.",
+    "Give me three tips for sleeping better.",
+    "How do I reverse a list in Python?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between weather and climate?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Why is the sky blue?",
+    "Suggest a name for a friendly robot.",
+    "List the planets of the solar system in order.",
+    "What does HTTP stand for, and what is it used for?",
+    "Write a short thank-you note to a teacher.",
+    "How many minutes are there in a day? Show the arithmetic.",
+    "Describe the taste of a lemon to someone who never had one.",
+    "What are the main ingredients of a pancake?",
+    "Give an example of a metaphor and explain it.",
+    "What is a prime number? Name the first five.",
+]
+
+# Progress goes to stderr so that stdout holds only the table and, last, the JSON line.
+err = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+
+@dataclass
+class Result:
+    """What one target did in its measured rounds."""
+
+    target: str
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_ms: list[float] = field(default_factory=list)
+    requests: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "ttft_p50_ms": round(percentile(self.ttft_ms, 50), 2),
+            "ttft_p95_ms": round(percentile(self.ttft_ms, 95), 2),
+            "completion_tokens": self.tokens,
+            "wall_s": round(self.wall_s, 3),
+            "requests": self.requests,
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between ranks (numpy's default); NaN for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
+    """The chat of one client in one round; identical for every target.
+
+    The round number leads the system message so that no round reuses another's cached prefix: TTFT then
+    includes a real prefill, as it would for new users.
+    """
+    return [
+        {"role": "system", "content": f"Round {round_no}. You are a helpful assistant. Answer briefly."},
+        {"role": "user", "content": PROMPTS[client % len(PROMPTS)]},
+    ]
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------
+# One request: (round, client) -> (completion tokens, TTFT in seconds or None).
+RequestFn = Callable[[int, int], Awaitable[tuple[int, float | None]]]
+
+
+async def run_rounds(target: str, one_request: RequestFn, concurrency: int, rounds: int) -> Result:
+    """A warm-up round (not counted), then `rounds` rounds of `concurrency` simultaneous requests."""
+    result = Result(target)
+    for round_no in range(rounds + 1):
+        started = time.perf_counter()
+        done = await asyncio.gather(*(one_request(round_no, c) for c in range(concurrency)))
+        wall = time.perf_counter() - started
+        label = "warm-up" if round_no == 0 else f"round {round_no}/{rounds}"
+        err.print(f"  {target} {label}: {sum(n for n, _ in done)} tokens in {wall:.2f} s")
+        if round_no == 0:
+            continue
+        result.wall_s += wall
+        result.requests += len(done)
+        for tokens, ttft in done:
+            result.tokens += tokens
+            if ttft is not None:
+                result.ttft_ms.append(ttft * 1000)
+    return result
+
+
+async def bench_openai(target: str, base_url: str, api_key: str, args: argparse.Namespace) -> Result:
+    """Streams chat completions through the official OpenAI SDK, as an application would."""
+    from openai import AsyncOpenAI
+
+    # No retries: a failed request must fail the benchmark, not be hidden in its timings.
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+
+    async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
+        sent = time.perf_counter()
+        ttft, usage_tokens = None, None
+        stream = await client.chat.completions.create(
+            model=POLICY_MODEL_NAME,
+            messages=messages_for(round_no, c),
+            max_tokens=args.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            # Both servers open with a role-only chunk whose content is "": that is not a token yet.
+            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                ttft = time.perf_counter() - sent
+            if chunk.usage is not None:
+                usage_tokens = chunk.usage.completion_tokens
+        if usage_tokens is None:
+            raise RuntimeError(f"{target}: the stream ended without a usage chunk")
+        return usage_tokens, ttft
+
+    try:
+        return await run_rounds(target, one_request, args.concurrency, args.rounds)
+    finally:
+        await client.close()
+
+
+async def bench_raw(settings: Settings, model_dir: Path, args: argparse.Namespace) -> Result:
+    """The engine alone: build_engine, fed token ids made the way the policy service makes them."""
+    from transformers import AutoTokenizer
+
+    from services.policy.engine import build_engine
+
+    with err.status("raw: building the vLLM engine in this process"):
+        engine = build_engine(settings, model_dir, served_name=POLICY_MODEL_NAME)
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                                output_kind=RequestOutputKind.DELTA)
+
+        def prompt_ids(round_no: int, c: int) -> list[int]:
+            # As services/policy/engine.prepare does for chat: the template adds the special tokens itself.
+            text = tokenizer.apply_chat_template(messages_for(round_no, c), add_generation_prompt=True,
+                                                 tokenize=False)
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        # Tokenised beforehand: this target measures the engine, not the tokenizer.
+        prompts = {(r, c): prompt_ids(r, c) for r in range(args.rounds + 1) for c in range(args.concurrency)}
+
+        async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
+            sent = time.perf_counter()
+            ttft, tokens = None, 0
+            request_id = f"bench-{round_no}-{c}"
+            inputs = {"prompt_token_ids": prompts[round_no, c]}
+            async for output in engine.generate(inputs, params, request_id):
+                delta = output.outputs[0]
+                tokens += len(delta.token_ids)
+                if ttft is None and delta.text:
+                    ttft = time.perf_counter() - sent
+            return tokens, ttft
+
+        return await run_rounds("raw", one_request, args.concurrency, args.rounds)
+    finally:
+        engine.shutdown()
+
+
+# ---- servers -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Starts `argv` in its own process group (vLLM forks engine processes) with output to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, name: str, timeout_s: float = 60.0) -> None:
+    """SIGTERM to the process group, then wait; SIGKILL to the group if it has not ended in time."""
+    if proc.poll() is None:
+        with err.status(f"stopping {name}"):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout_s)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                err.print(f"[yellow]{name} did not stop within {timeout_s:.0f} s: killing it[/]")
+    # Whatever is left in the group (the leader may be gone while a child lingers) goes now.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, name: str, log_path: Path,
+               timeout_s: float) -> None:
+    """Polls `ready` until it holds; fails if the process exits or the time is up, pointing at its log."""
+    started = time.monotonic()
+    with err.status(f"starting {name} (log: {log_path})") as status:
+        while not ready():
+            elapsed = time.monotonic() - started
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} while starting; "
+                                   f"see {log_path}")
+            if elapsed > timeout_s:
+                raise RuntimeError(f"{name} was not ready after {timeout_s:.0f} s; see {log_path}")
+            status.update(f"starting {name}: {elapsed:.0f} s (log: {log_path})")
+            time.sleep(0.5)
+    err.print(f"[green]✓[/] {name} ready in {time.monotonic() - started:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run_alignloop(settings: Settings, args: argparse.Namespace) -> Result:
+    """`alignloop up` on free ports with the benchmark's settings, measured through the gateway."""
+    settings = settings.model_copy(update={
+        "kafka_port": free_port(), "mlflow_port": free_port(), "policy_port": free_port(),
+        "gateway_port": free_port(),
+    })
+    log_path = settings.home / "logs" / "bench-alignloop-up.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to across runs
+    proc = start([str(Path(sys.executable).parent / "alignloop"), "up"], settings.to_env(), log_path)
+    try:
+        def up() -> bool:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                return b"alignloop is up" in f.read()
+
+        wait_until(up, proc, "alignloop", log_path, args.start_timeout)
+        app_key = json.loads(settings.credentials_path.read_text())["app_key"]
+        return asyncio.run(bench_openai("alignloop", f"{settings.gateway_url}/v1", app_key, args))
+    finally:
+        stop(proc, "alignloop")
+
+
+def run_vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace) -> Result:
+    """vLLM's OpenAI server over the same folder with build_engine's engine arguments as flags."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", POLICY_MODEL_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+        "--disable-log-stats",
+        # The gateway runs uvicorn with access_log=False; a log line per request here would be unfair to vLLM.
+        "--disable-uvicorn-access-log",
+    ]
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
+    env = vllm_cpu_environment(settings)
+    for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH", "TMPDIR"):
+        Path(env[k]).mkdir(parents=True, exist_ok=True)
+    log_path = settings.home / "logs" / "bench-vllm-server.log"
+    proc = start(argv, env, log_path)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), proc, "vllm-server", log_path,
+                   args.start_timeout)
+        return asyncio.run(bench_openai("vllm-server", f"http://127.0.0.1:{port}/v1", "EMPTY", args))
+    finally:
+        stop(proc, "vllm-server")
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def report(results: dict[str, Result], settings: Settings, args: argparse.Namespace) -> dict:
+    """Prints the table and the ratios; returns the JSON summary."""
+    table = Table(title=f"{args.model}: {args.concurrency} streaming clients, max_tokens={args.max_tokens}, "
+                        f"{args.rounds} round(s)")
+    for col in ("target", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "tokens", "wall s", "requests"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for name, r in results.items():
+        s = r.summary()
+        table.add_row(name, f"{s['tokens_per_s']:.1f}", f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
+                      str(s["completion_tokens"]), f"{s['wall_s']:.2f}", str(s["requests"]))
+    out.print(table)
+
+    def p50(name: str) -> float | None:
+        return percentile(results[name].ttft_ms, 50) if name in results else None
+
+    ratio = added = vllm_added = None
+    if "alignloop" in results and "vllm-server" in results and results["vllm-server"].tokens_per_s:
+        ratio = results["alignloop"].tokens_per_s / results["vllm-server"].tokens_per_s
+    if "raw" in results:
+        if "alignloop" in results:
+            added = p50("alignloop") - p50("raw")
+        if "vllm-server" in results:
+            vllm_added = p50("vllm-server") - p50("raw")
+
+    def verdict(ok: bool | None) -> str:
+        return "[dim]n/a[/]" if ok is None else ("[green]met[/]" if ok else "[red]NOT met[/]")
+
+    ratio_ok = None if ratio is None else ratio >= MIN_THROUGHPUT_RATIO
+    added_ok = None if added is None else added <= MAX_ADDED_TTFT_MS
+    fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+    out.print(f"throughput alignloop / vllm-server: {fmt(ratio, '×')}  "
+              f"(target ≥ {MIN_THROUGHPUT_RATIO:.1f}×: {verdict(ratio_ok)})")
+    out.print(f"added TTFT p50, alignloop − raw:    {fmt(added, ' ms')}  "
+              f"(target ≤ {MAX_ADDED_TTFT_MS:.0f} ms: {verdict(added_ok)})")
+    out.print(f"added TTFT p50, vllm-server − raw:  {fmt(vllm_added, ' ms')}  (for reference)")
+
+    rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
+    return {
+        "throughput_ratio_vs_vllm_server": rounded(ratio),
+        "added_ttft_p50_ms": rounded(added),
+        "vllm_server_added_ttft_p50_ms": rounded(vllm_added),
+        "throughput_target_met": ratio_ok,
+        "ttft_target_met": added_ok,
+        "targets": {name: r.summary() for name, r in results.items()},
+        "model": args.model,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "engine": {"max_model_len": settings.max_model_len, "dtype": settings.dtype,
+                   "max_num_seqs": settings.max_num_seqs, "enforce_eager": settings.enforce_eager},
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
+                   help="the model alignloop registers (tiny: a random 0.4M model, for a quick check)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds, after one warm-up round")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma-separated subset of {','.join(TARGETS)}")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs, in every target")
+    p.add_argument("--home", type=Path, default=None,
+                   help="ALIGNLOOP_HOME (default .alignloop/bench/MODEL, reused between runs)")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to be ready")
+    args = p.parse_args(argv)
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := set(wanted) - set(TARGETS):
+        p.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    # Fixed order: alignloop first, as it registers and fetches the model the others load.
+    args.targets = [t for t in TARGETS if t in wanted]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # vLLM logs to stdout by default; the in-process engine (and its spawned processes) must keep stdout for
+    # the table and the JSON line.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    home = (args.home or REPO_ROOT / ".alignloop" / "bench" / args.model).resolve()
+    # The settings every target shares: whatever ALIGNLOOP_* variables say, plus the benchmark's own choices.
+    overrides = {"home": home, "bootstrap_model": args.model}
+    if args.enforce_eager:
+        overrides["enforce_eager"] = True
+    settings = Settings(**overrides)
+    settings.ensure_dirs()
+    model_dir = settings.models_dir / POLICY_MODEL_NAME / "v1"
+    err.print(f"home {home}; targets {', '.join(args.targets)}")
+
+    results: dict[str, Result] = {}
+    if "alignloop" in args.targets:
+        results["alignloop"] = run_alignloop(settings, args)
+    if not (model_dir / "config.json").exists():
+        sys.exit(f"no model in {model_dir}: run once with the alignloop target (it registers and fetches it)")
+    if "vllm-server" in args.targets:
+        results["vllm-server"] = run_vllm_server(settings, model_dir, args)
+    if "raw" in args.targets:
+        results["raw"] = asyncio.run(bench_raw(settings, model_dir, args))
+
+    summary = report(results, settings, args)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

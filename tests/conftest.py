@@ -1,0 +1,124 @@
+"""Shared fixtures. Integration tests run a real stack (`alignloop up`) on free ports with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ALIGNLOOP = str(Path(sys.executable).parent / "alignloop")
+
+# Small enough that "longer than the context" is easy to reach in a test.
+TEST_MAX_MODEL_LEN = 256
+TEST_MAX_N = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack_env(home: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
+    env.update(
+        ALIGNLOOP_HOME=str(home),
+        ALIGNLOOP_BOOTSTRAP_MODEL="tiny",
+        ALIGNLOOP_KAFKA_PORT=str(free_port()),
+        ALIGNLOOP_MLFLOW_PORT=str(free_port()),
+        ALIGNLOOP_POLICY_PORT=str(free_port()),
+        ALIGNLOOP_GATEWAY_PORT=str(free_port()),
+        ALIGNLOOP_ENFORCE_EAGER="true",
+        ALIGNLOOP_MAX_MODEL_LEN=str(TEST_MAX_MODEL_LEN),
+        ALIGNLOOP_MAX_N=str(TEST_MAX_N),
+        ALIGNLOOP_MAX_NUM_SEQS="16",
+        ALIGNLOOP_CONFIG=str(home / "no-such-config.toml"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    env: dict[str, str]
+    home: Path
+    output: Path
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.env['ALIGNLOOP_GATEWAY_PORT']}"
+
+    @property
+    def kafka(self) -> str:
+        return f"127.0.0.1:{self.env['ALIGNLOOP_KAFKA_PORT']}"
+
+    @property
+    def policy(self) -> str:
+        return f"127.0.0.1:{self.env['ALIGNLOOP_POLICY_PORT']}"
+
+    @property
+    def mlflow(self) -> str:
+        return f"http://127.0.0.1:{self.env['ALIGNLOOP_MLFLOW_PORT']}"
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        return json.loads((self.home / "credentials.json").read_text())
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def stop(self, timeout: float = 90) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start_stack(home: Path, *, timeout: float = 600, **overrides: str) -> Stack:
+    """Runs `alignloop up` and returns once it reports it is up (or fails the test with its output)."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = stack_env(home, **overrides)
+    output = home / f"up-{env['ALIGNLOOP_GATEWAY_PORT']}.out"
+    with open(output, "wb") as out:
+        process = subprocess.Popen([ALIGNLOOP, "up"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    stack = Stack(process, env, home, output)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "alignloop is up" in stack.log():
+            return stack
+        if process.poll() is not None:
+            pytest.fail(f"alignloop up exited with {process.returncode}:\n{stack.log()}")
+        time.sleep(0.5)
+    stack.stop()
+    pytest.fail(f"alignloop up was not ready after {timeout} s:\n{stack.log()}")
+
+
+@pytest.fixture(scope="session")
+def stack_home(tmp_path_factory) -> Path:
+    """One ALIGNLOOP_HOME for the session's stacks: the tiny model is registered and downloaded once."""
+    return tmp_path_factory.mktemp("alignloop-home")
+
+
+@pytest.fixture(scope="session")
+def stack(stack_home: Path) -> Iterator[Stack]:
+    s = start_stack(stack_home)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_client(stack: Stack):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{stack.gateway}/v1", api_key=stack.credentials["app_key"], max_retries=0)

@@ -1,0 +1,315 @@
+"""The chat path end to end: official openai SDK -> gateway -> gRPC -> vLLM, and the records on Kafka."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from alignloop.credentials import key_hash
+from alignloop.topics import COMPLETIONS_V1, CompletionRecordV1
+from alignloop.v1 import policy_pb2 as pb
+from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from tests.conftest import TEST_MAX_MODEL_LEN, TEST_MAX_N
+
+pytestmark = pytest.mark.integration
+
+MODEL = "alignloop-policy"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def read_records(bootstrap: str, wanted: set[str], timeout: float = 30.0) -> dict[str, CompletionRecordV1]:
+    """Reads the completions topic from the beginning until every wanted completion id has a record."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    partitions = [TopicPartition(COMPLETIONS_V1, p) for p in consumer.partitions_for_topic(COMPLETIONS_V1)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    found: dict[str, list[CompletionRecordV1]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not wanted <= found.keys():
+            for message in consumer:
+                record = CompletionRecordV1.model_validate_json(message.value)
+                assert message.key.decode() == record.completion_id
+                found.setdefault(record.completion_id, []).append(record)
+    finally:
+        consumer.close()
+    for cid in wanted & found.keys():
+        assert len(found[cid]) == 1, f"{cid} was recorded {len(found[cid])} times"
+    return {cid: found[cid][0] for cid in wanted if cid in found}
+
+
+def test_non_streaming_chat(openai_client, stack):
+    resp = openai_client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+    assert resp.object == "chat.completion"
+    assert resp.model == MODEL
+    assert resp.system_fingerprint == f"{MODEL}/v1"
+    [choice] = resp.choices
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert choice.completion_id.startswith("cmpl-")
+    assert 0 < resp.usage.completion_tokens <= 8
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+    # Greedy decoding is deterministic: the same request gives the same answer.
+    again = openai_client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == choice.message.content
+    assert again.choices[0].completion_id != choice.completion_id
+
+
+def test_n_choices_each_with_its_own_id_and_record(openai_client, stack):
+    resp = openai_client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=6, n=2, temperature=1.0, seed=7
+    )
+    assert [c.index for c in resp.choices] == [0, 1]
+    ids = {c.completion_id for c in resp.choices}
+    assert len(ids) == 2
+
+    records = read_records(stack.kafka, ids)
+    assert records.keys() == ids
+    for choice in resp.choices:
+        rec = records[choice.completion_id]
+        assert rec.response_id == resp.id
+        assert rec.choice_index == choice.index
+        assert rec.response_text == choice.message.content
+        assert rec.messages[0].content == "Say hello." and rec.messages[0].role == "user"
+        assert rec.model_name == MODEL and rec.model_version == "1"
+        assert rec.sampling.n == 2 and rec.sampling.seed == 7 and rec.sampling.max_tokens == 6
+        assert rec.api_key_hash == key_hash(stack.credentials["app_key"])
+        assert rec.stream is False
+        assert rec.created_at <= rec.finished_at
+
+
+def test_streaming_chat_matches_the_openai_chunk_format(openai_client, stack):
+    stream = openai_client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    content_chunks = [c for c in chunks if c.choices]
+    assert content_chunks[-1].choices[0].finish_reason == "length"
+    completion_id = chunks[0].choices[0].completion_id
+    assert all(c.choices[0].completion_id == completion_id for c in content_chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    # The usage chunk comes last and has no choices.
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+    # Same greedy request, not streamed: the same text.
+    whole = openai_client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert whole.choices[0].message.content == text
+
+    rec = read_records(stack.kafka, {completion_id})[completion_id]
+    assert rec.stream is True and rec.response_text == text and rec.completion_tokens == 10
+
+
+def test_streaming_n2_interleaves_choices(openai_client, stack):
+    chunks = list(openai_client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=5, n=2, stream=True, extra_body={"ignore_eos": True}
+    ))
+    by_index: dict[int, list] = {0: [], 1: []}
+    for c in chunks:
+        for ch in c.choices:
+            by_index[ch.index].append(ch)
+    for index, choice_chunks in by_index.items():
+        assert choice_chunks[0].delta.role == "assistant"
+        assert choice_chunks[-1].finish_reason == "length"
+        assert len({ch.completion_id for ch in choice_chunks}) == 1
+    assert by_index[0][0].completion_id != by_index[1][0].completion_id
+
+
+def test_the_sse_wire_format_ends_with_done(stack):
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "stream": True}
+    headers = {"Authorization": f"Bearer {stack.credentials['app_key']}"}
+    with httpx.stream("POST", f"{stack.gateway}/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert all(json.loads(d)["object"] == "chat.completion.chunk" for d in data[:-1])
+
+
+def test_logprobs(openai_client, stack):
+    resp = openai_client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)
+
+
+def test_models_route(openai_client):
+    models = openai_client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].model_extra["version"] == "1"
+    assert models.data[0].model_extra["max_model_len"] == TEST_MAX_MODEL_LEN
+
+
+# ---- auth --------------------------------------------------------------------------------------------------
+
+
+def test_missing_or_wrong_key_is_401_in_openai_format(stack):
+    url = f"{stack.gateway}/v1/chat/completions"
+    body = {"model": MODEL, "messages": HELLO}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{stack.gateway}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+
+
+def test_sdk_with_a_wrong_key_raises_authentication_error(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.gateway}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+
+
+def test_operator_key_also_chats_and_metrics_need_it(stack):
+    creds = stack.credentials
+    r = httpx.post(f"{stack.gateway}/v1/chat/completions",
+                   json={"model": MODEL, "messages": HELLO, "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {creds['operator_key']}"}, timeout=60)
+    assert r.status_code == 200
+    assert httpx.get(f"{stack.gateway}/metrics").status_code == 401
+    r = httpx.get(f"{stack.gateway}/metrics", headers={"Authorization": f"Bearer {creds['app_key']}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "operator_key_required"
+    r = httpx.get(f"{stack.gateway}/metrics", headers={"Authorization": f"Bearer {creds['operator_key']}"})
+    assert r.status_code == 200
+    assert 'alignloop_gateway_requests_total{route="/v1/chat/completions",status="200"}' in r.text
+    assert 'alignloop_completion_records_total{outcome="produced"}' in r.text
+
+
+def test_health_and_readiness(stack):
+    assert httpx.get(f"{stack.gateway}/healthz").json() == {"status": "ok"}
+    r = httpx.get(f"{stack.gateway}/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"kafka": True, "policy": True}
+
+
+# ---- bad input: 400 naming the field, never 500 -------------------------------------------------------------
+
+LONG = "word " * (TEST_MAX_MODEL_LEN * 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": TEST_MAX_MODEL_LEN + 1}, "max_tokens"),
+        ({"n": TEST_MAX_N + 1}, "n"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": LONG}]}, "messages"),
+        ({"messages": [{"role": "user", "content": LONG}], "stream": True}, "messages"),
+        ({"max_tokens": TEST_MAX_MODEL_LEN + 1, "stream": True}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": None}, "model"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(stack, body, param):
+    payload = {"model": MODEL, "messages": HELLO, **body}
+    r = httpx.post(f"{stack.gateway}/v1/chat/completions", json=payload, timeout=60,
+                   headers={"Authorization": f"Bearer {stack.credentials['app_key']}"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert error["message"]
+
+
+def test_malformed_json_is_400(stack):
+    r = httpx.post(f"{stack.gateway}/v1/chat/completions", content=b'{"model": "alignloop-policy", "messa',
+                   headers={"Authorization": f"Bearer {stack.credentials['app_key']}",
+                            "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "body"
+
+
+def test_unknown_model_is_404(openai_client):
+    with pytest.raises(openai.NotFoundError) as err:
+        openai_client.chat.completions.create(model="gpt-4", messages=HELLO, max_tokens=2)
+    assert err.value.body["param"] == "model"
+
+
+# ---- cancellation --------------------------------------------------------------------------------------------
+
+
+def _policy_info(stack) -> pb.GetInfoResponse:
+    with grpc.insecure_channel(stack.policy) as channel:
+        return pb_grpc.PolicyServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+
+
+def _wait_idle_with_aborts(stack, at_least: int) -> pb.GetInfoResponse:
+    deadline = time.monotonic() + 10
+    while True:
+        info = _policy_info(stack)
+        if (info.aborted_requests >= at_least and info.active_requests == 0) or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
+def test_cancelled_grpc_stream_aborts_the_engine_request(stack):
+    before = _policy_info(stack).aborted_requests
+    request = pb.GenerateRequest(
+        prompt="Once upon a time",
+        sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0),
+    )
+    with grpc.insecure_channel(stack.policy) as channel:
+        call = pb_grpc.PolicyServiceStub(channel).GenerateStream(request)
+        first = next(call)
+        assert first.model.name == MODEL
+        call.cancel()
+    info = _wait_idle_with_aborts(stack, before + 1)
+    assert info.aborted_requests == before + 1
+    assert info.active_requests == 0
+
+
+def test_client_leaving_an_sse_stream_aborts_the_engine_request(stack):
+    before = _policy_info(stack).aborted_requests
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {stack.credentials['app_key']}"}
+    with httpx.stream("POST", f"{stack.gateway}/v1/chat/completions", json=body, headers=headers) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    # The connection is closed here, long before 200 tokens.
+    info = _wait_idle_with_aborts(stack, before + 1)
+    assert info.aborted_requests == before + 1
+    assert info.active_requests == 0
+
+
+def test_unary_generate_returns_token_ids_and_logprobs(stack):
+    request = pb.GenerateRequest(
+        chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
+        sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True, logprobs=True, n=2, seed=1),
+    )
+    with grpc.insecure_channel(stack.policy) as channel:
+        resp = pb_grpc.PolicyServiceStub(channel).Generate(request, timeout=60)
+    assert [c.index for c in resp.completions] == [0, 1]
+    for c in resp.completions:
+        assert len(c.token_ids) == 5 and len(c.logprobs) == 5
+        assert [lp.token_id for lp in c.logprobs] == list(c.token_ids)
+        assert all(lp.logprob <= 0 for lp in c.logprobs)
+        assert c.finish_reason == "length"
+    assert resp.model.version == "1" and resp.prompt_tokens > 0
