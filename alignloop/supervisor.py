@@ -37,7 +37,9 @@ def _die_with_parent() -> None:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on the port (TIME_WAIT leftovers of closed connections do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

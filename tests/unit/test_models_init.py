@@ -150,9 +150,9 @@ def test_init_models_registers_once(
     assert mv.tags["source"] == "tiny" and mv.tags["kind"] == "base"
     assert not [p for p in settings.cache_dir.iterdir() if p.name.startswith("policy-build-")]
 
-    # MLflow 3.17 resolves models:/ URIs against the process-wide registry (default ./mlflow.db), whatever
-    # tracking_uri/registry_uri download_artifacts is given.
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+    # MLflow 3.17 resolves models:/NAME@ALIAS against the process-wide tracking/registry URI (by default
+    # sqlite:///mlflow.db in the working directory), whatever tracking_uri download_artifacts is given.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     got = Path(mlflow.artifacts.download_artifacts(
         f"models:/{ref.name}@champion", tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl")))
     assert (got / "config.json").exists() and (got / "tokenizer_config.json").exists()

@@ -1,0 +1,125 @@
+"""`alignloop up / status / down`: readiness, credentials, refusals, and a shutdown that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from alignloop.supervisor import port_in_use
+
+from tests.conftest import ALIGNLOOP, REPO, free_port, stack_env, start_stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """Its own ALIGNLOOP_HOME: the session's chat stack may still be running on the shared one."""
+    return tmp_path_factory.mktemp("lifecycle-home")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_up_status_then_sigterm_leaves_no_process_behind(home):
+    stack = start_stack(home)
+    try:
+        creds_path = home / "credentials.json"
+        assert stat.S_IMODE(creds_path.stat().st_mode) == 0o600
+        creds = json.loads(creds_path.read_text())
+        assert set(creds) == {"app_key", "operator_key"} and creds["app_key"] != creds["operator_key"]
+
+        out = stack.log()
+        for name in ("kafka", "mlflow", "policy", "gateway"):
+            assert f"✓ {name}" in out
+            assert (home / "logs" / f"{name}.log").exists()
+        assert str(creds_path) in out
+
+        status = subprocess.run([ALIGNLOOP, "status"], env=stack.env, capture_output=True, text=True, cwd=REPO)
+        assert status.returncode == 0, status.stdout + status.stderr
+        for name in ("kafka", "mlflow", "policy", "gateway"):
+            assert name in status.stdout
+
+        # A second `up` on the same home refuses instead of fighting over ports.
+        second = subprocess.run([ALIGNLOOP, "up"], env=stack.env, capture_output=True, text=True, cwd=REPO,
+                                timeout=60)
+        assert second.returncode == 1 and "already running" in second.stdout
+
+        processes = _descendants(stack.process.pid)
+        # broker, MLflow (+ its uvicorn worker), policy (+ vLLM engine core), gateway at the least
+        assert len(processes) >= 4
+    finally:
+        rc = stack.stop()
+    assert rc == 0, stack.log()
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    assert alive == [], f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    assert "stopped kafka" in stack.log()
+    assert not (home / "run" / "stack.json").exists()
+
+    # Credentials are reused, not regenerated, by later starts.
+    assert json.loads((home / "credentials.json").read_text()) == creds
+
+
+def test_down_stops_a_running_stack(home):
+    stack = start_stack(home)
+    processes = _descendants(stack.process.pid)
+    down = subprocess.run([ALIGNLOOP, "down"], env=stack.env, capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert stack.process.wait(30) == 0
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert alive == []
+    status = subprocess.run([ALIGNLOOP, "status"], env=stack.env, capture_output=True, text=True, cwd=REPO)
+    assert status.returncode == 3 and "not running" in status.stdout
+
+
+def test_up_refuses_a_taken_port_naming_the_component(tmp_path):
+    env = stack_env(tmp_path / "home")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["ALIGNLOOP_GATEWAY_PORT"])))
+        taken.listen()
+        started = time.monotonic()
+        result = subprocess.run([ALIGNLOOP, "up"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "gateway" in result.stdout and env["ALIGNLOOP_GATEWAY_PORT"] in result.stdout
+    assert "already in use" in result.stdout
+    # Refused before anything was started.
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "home" / "logs" / "kafka.log").exists()
+
+
+def test_a_component_that_fails_to_start_is_named_with_its_log(home):
+    # An alias nobody set: the policy service cannot find its model and exits.
+    env = stack_env(home, ALIGNLOOP_POLICY_MODEL_ALIAS="no-such-alias")
+    process = subprocess.Popen([ALIGNLOOP, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=REPO)
+    try:
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    assert process.returncode == 1
+    assert "policy exited with code" in out
+    assert str(home / "logs" / "policy.log") in out
+    assert "stopped mlflow" in out and "stopped kafka" in out
+    assert "no-such-alias" in (home / "logs" / "policy.log").read_text()
+
+
+def test_models_init_is_idempotent(home):
+    env = stack_env(home)
+    result = subprocess.run([ALIGNLOOP, "models", "init", "--tiny"], env=env, capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "version 1 is @champion and @reference" in result.stdout
+    # It started the tracking server for itself and stopped it again.
+    assert "stopped mlflow" in result.stdout
+    assert not port_in_use("127.0.0.1", int(env["ALIGNLOOP_MLFLOW_PORT"]))
