@@ -1,0 +1,107 @@
+"""Settings, credentials, the supervisor's port check and the policy's request preparation."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from alignloop import credentials
+from alignloop.config import Settings
+from alignloop.supervisor import port_in_use
+
+
+def test_settings_precedence_env_over_toml(tmp_path, monkeypatch):
+    config = tmp_path / "alignloop.toml"
+    config.write_text('gateway_port = 9100\nmax_n = 3\nhome = "%s"\n' % (tmp_path / "state"))
+    monkeypatch.setenv("ALIGNLOOP_CONFIG", str(config))
+    monkeypatch.setenv("ALIGNLOOP_MAX_N", "5")
+    s = Settings()
+    assert s.gateway_port == 9100 and s.max_n == 5
+    assert s.home == (tmp_path / "state").resolve()
+    assert s.gateway_url == "http://127.0.0.1:9100"
+    # What children receive reproduces the same settings.
+    env = s.to_env()
+    assert env["ALIGNLOOP_GATEWAY_PORT"] == "9100" and env["ALIGNLOOP_MAX_N"] == "5"
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("ALIGNLOOP_CONFIG", str(tmp_path / "none.toml"))
+    assert Settings() == s
+
+
+def test_external_services_replace_the_embedded_ones(monkeypatch):
+    monkeypatch.setenv("ALIGNLOOP_KAFKA_BOOTSTRAP_SERVERS", "kafka-0:9092,kafka-1:9092")
+    monkeypatch.setenv("ALIGNLOOP_MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    s = Settings()
+    assert not s.embedded_kafka and s.kafka_bootstrap == "kafka-0:9092,kafka-1:9092"
+    assert not s.embedded_mlflow and s.tracking_uri == "http://mlflow:5000"
+
+
+def test_credentials_created_0600_then_reused(tmp_path: Path):
+    path = tmp_path / "home" / "credentials.json"
+    first = credentials.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert first.app_key != first.operator_key and len(first.app_key) > 40
+    assert credentials.load_or_create(path) == first
+    assert credentials.key_hash(first.app_key) != credentials.key_hash(first.operator_key)
+
+
+def test_port_in_use_sees_listeners_only():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.listen()
+        assert port_in_use("127.0.0.1", port)
+    assert not port_in_use("127.0.0.1", port)
+
+
+# ---- the policy service's request preparation, against a real (tiny) tokenizer ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from pipelines.models_init import build_tiny_policy
+
+    folder = build_tiny_policy(tmp_path_factory.mktemp("tiny") / "m", max_position_embeddings=64)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _req(**sampling):
+    from alignloop.v1 import policy_pb2 as pb
+
+    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
+                              sampling=pb.SamplingParams(**sampling))
+
+
+def test_prepare_defaults_max_tokens_to_the_rest_of_the_context(tokenizer):
+    from services.policy.engine import prepare
+
+    p = prepare(_req(), tokenizer, 64, stream=True)
+    assert p.sampling_params.max_tokens == 64 - len(p.prompt_token_ids)
+    assert p.sampling_params.n == 1 and p.sampling_params.logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("sampling", "param"),
+    [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 64}, "max_tokens"), ({"temperature": -1}, "temperature"),
+     ({"top_p": 1.5}, "top_p")],
+)
+def test_prepare_names_the_bad_field(tokenizer, sampling, param):
+    from services.policy.engine import InvalidRequest, prepare
+
+    with pytest.raises(InvalidRequest) as e:
+        prepare(_req(**sampling), tokenizer, 64, stream=False)
+    assert e.value.param == param
+
+
+def test_prepare_rejects_a_prompt_longer_than_the_context(tokenizer):
+    from alignloop.v1 import policy_pb2 as pb
+    from services.policy.engine import InvalidRequest, prepare
+
+    with pytest.raises(InvalidRequest) as e:
+        prepare(pb.GenerateRequest(prompt="word " * 200), tokenizer, 64, stream=False)
+    assert e.value.param == "prompt" and "context" in str(e.value)

@@ -1,0 +1,200 @@
+"""Gateway logic without the network: a fake policy stub stands in for the gRPC service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from pydantic import ValidationError
+
+from alignloop.credentials import Credentials, key_hash
+from alignloop.v1 import policy_pb2 as pb
+from services.gateway.auth import KeyRing, Role
+from services.gateway.chat import ChatService, to_policy_request
+from services.gateway.errors import PARAM_METADATA_KEY, ApiError, from_rpc_error
+from services.gateway.protocol import ChatCompletionRequest
+
+MODEL = pb.ModelRef(name="alignloop-policy", version="3")
+
+
+def request(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="alignloop-policy", messages=[{"role": "user", "content": "hi"}], **kw)
+
+
+class FakeLog:
+    def __init__(self) -> None:
+        self.records = []
+
+    def submit(self, record) -> None:
+        self.records.append(record)
+
+
+class FakeStreamCall:
+    def __init__(self, messages) -> None:
+        self.messages = list(messages)
+        self.cancelled = False
+
+    async def read(self):
+        return self.messages.pop(0) if self.messages else grpc.aio.EOF
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeStub:
+    def __init__(self, unary=None, stream=None) -> None:
+        self.unary, self.stream, self.sent = unary, stream, []
+
+    async def Generate(self, req, timeout=None):
+        self.sent.append(req)
+        if isinstance(self.unary, Exception):
+            raise self.unary
+        return self.unary
+
+    def GenerateStream(self, req, timeout=None):
+        self.sent.append(req)
+        return self.stream
+
+
+def rpc_error(code, details, param=None) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata((PARAM_METADATA_KEY, param)) if param else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+
+
+# ---- protocol -------------------------------------------------------------------------------------------
+
+
+def test_stop_accepts_a_string_or_a_list_and_defaults_to_empty():
+    assert request().stop == []
+    assert request(stop="###").stop == ["###"]
+    assert request(stop=["a", "b"]).stop == ["a", "b"]
+    with pytest.raises(ValidationError):
+        request(stop=["a"] * 5)
+
+
+def test_content_parts_and_developer_role():
+    req = ChatCompletionRequest(model="m", messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+    ])
+    msg = to_policy_request(req, "r1").chat.messages[0]
+    assert (msg.role, msg.content) == ("system", "Be brief.")
+
+
+def test_policy_request_carries_sampling_only_when_given():
+    sent = to_policy_request(request(), "r1")
+    assert not sent.sampling.HasField("temperature") and not sent.sampling.HasField("max_tokens")
+    sent = to_policy_request(request(temperature=0, max_completion_tokens=9, max_tokens=3, seed=5, n=2), "r2")
+    assert sent.sampling.temperature == 0 and sent.sampling.HasField("temperature")
+    assert sent.sampling.max_tokens == 9  # the newer name wins
+    assert sent.sampling.seed == 5 and sent.sampling.n == 2 and sent.request_id == "r2"
+
+
+# ---- errors and auth ------------------------------------------------------------------------------------
+
+
+def test_rpc_errors_map_to_http_with_the_param():
+    err = from_rpc_error(rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "too long", "messages"))
+    assert (err.status_code, err.param, err.type) == (400, "messages", "invalid_request_error")
+    assert from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, "down")).status_code == 503
+    assert from_rpc_error(rpc_error(grpc.StatusCode.INTERNAL, "boom")).status_code == 502
+
+
+def test_keyring_roles():
+    ring = KeyRing(Credentials(app_key="a-key", operator_key="o-key"))
+    assert ring.authenticate("Bearer a-key").role is Role.APP
+    op = ring.authenticate("bearer o-key")
+    assert op.role is Role.OPERATOR and op.key_hash == key_hash("o-key")
+    assert ring.require_operator(op) is op
+    with pytest.raises(ApiError) as e:
+        ring.require_operator(ring.authenticate("Bearer a-key"))
+    assert e.value.status_code == 403
+    for bad in (None, "", "Bearer", "Bearer wrong", "Basic a-key", "a-key"):
+        with pytest.raises(ApiError) as e:
+            ring.authenticate(bad)
+        assert e.value.status_code == 401
+
+
+# ---- serving --------------------------------------------------------------------------------------------
+
+
+def test_complete_builds_choices_usage_and_one_record_per_choice():
+    resp = pb.GenerateResponse(
+        completions=[pb.Completion(index=0, text="Hi!", token_ids=[5, 6], finish_reason="stop"),
+                     pb.Completion(index=1, text="Yo", token_ids=[7], finish_reason="length")],
+        prompt_tokens=4, model=MODEL,
+    )
+    log = FakeLog()
+    out = asyncio.run(ChatService(FakeStub(unary=resp), log, 10).complete(request(n=2), "h"))
+    assert [c.message.content for c in out.choices] == ["Hi!", "Yo"]
+    assert out.usage.model_dump() == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert out.system_fingerprint == "alignloop-policy/v3"
+    assert [r.completion_id for r in log.records] == [c.completion_id for c in out.choices]
+    assert [r.completion_tokens for r in log.records] == [2, 1]
+    assert all(r.model_version == "3" and r.api_key_hash == "h" for r in log.records)
+
+
+def test_complete_turns_invalid_argument_into_a_400():
+    stub = FakeStub(unary=rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens too big", "max_tokens"))
+    with pytest.raises(ApiError) as e:
+        asyncio.run(ChatService(stub, FakeLog(), 10).complete(request(), "h"))
+    assert (e.value.status_code, e.value.param) == (400, "max_tokens")
+
+
+async def _collect(service, req):
+    events = await service.stream(req, "h")
+    return [e async for e in events]
+
+
+def test_stream_emits_role_chunks_deltas_finish_usage_and_done():
+    call = FakeStreamCall([
+        pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="He", token_ids=[1])],
+                                  prompt_tokens=3, model=MODEL),
+        pb.GenerateStreamResponse(deltas=[pb.Completion(index=1, text="Yo", token_ids=[2])]),
+        pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="llo", token_ids=[3], finish_reason="stop"),
+                                          pb.Completion(index=1, text="", token_ids=[4], finish_reason="length")]),
+    ])
+    log = FakeLog()
+    req = request(n=2, stream=True, stream_options={"include_usage": True})
+    events = asyncio.run(_collect(ChatService(FakeStub(stream=call), log, 10), req))
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert [c["choices"][0]["index"] for c in chunks[:2]] == [0, 1]
+    body = chunks[2:-1]
+    assert [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content"),
+             c["choices"][0].get("finish_reason")) for c in body] == [
+        (0, "He", None), (1, "Yo", None), (0, "llo", "stop"), (1, "", "length")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert [(r.choice_index, r.response_text, r.finish_reason) for r in log.records] == [
+        (0, "Hello", "stop"), (1, "Yo", "length")]
+    assert call.cancelled  # the call is always released
+
+
+def test_stream_error_before_first_message_is_an_http_error():
+    class Failing(FakeStreamCall):
+        async def read(self):
+            raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long", "messages")
+
+    with pytest.raises(ApiError) as e:
+        asyncio.run(_collect(ChatService(FakeStub(stream=Failing([])), FakeLog(), 10), request(stream=True)))
+    assert (e.value.status_code, e.value.param) == (400, "messages")
+
+
+def test_stream_error_midway_is_reported_in_band_then_done():
+    class Breaks(FakeStreamCall):
+        async def read(self):
+            if self.messages:
+                return self.messages.pop(0)
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "engine died")
+
+    call = Breaks([pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="a", token_ids=[1])],
+                                             prompt_tokens=1, model=MODEL)])
+    log = FakeLog()
+    events = asyncio.run(_collect(ChatService(FakeStub(stream=call), log, 10), request(stream=True)))
+    assert json.loads(events[-2])["error"]["message"].startswith("policy service: engine died")
+    assert events[-1] == "[DONE]"
+    assert log.records == []  # an unfinished choice is not recorded as served
