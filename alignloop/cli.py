@@ -105,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     probes = {c.name: c.probe for c in components.infrastructure(settings) + components.services(settings)}
     table = Table(title=f"alignloop (supervisor pid {state['supervisor_pid']}, home {state['home']})")
     for col in ("component", "pid", "process", "ready", "address", "log"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     healthy = True
     for c in state["components"]:
         alive = pid_alive(c["pid"])
