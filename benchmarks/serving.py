@@ -1,8 +1,9 @@
 """Serving benchmark: alignloop's gateway vs vLLM's own OpenAI server vs the raw vLLM engine.
 
-Same model, same engine settings (services/policy/engine.py: build_engine), same prompts, greedy decoding, the
-same number of concurrent streaming clients. The targets run one after another, never together (a 2-core
-machine cannot hold two engines fairly), each stopped before the next starts:
+Same model, same engine settings (services/policy/engine.py: build_engine), same prompts, greedy decoding with
+ignore_eos (every request generates exactly --max-tokens), the same number of concurrent streaming clients.
+The targets run one after another, never together (a 2-core machine cannot hold two engines fairly), each
+stopped before the next starts:
 
   alignloop    `alignloop up` (broker, MLflow, policy service, gateway); OpenAI SDK over the gateway's SSE
   vllm-server  `python -m vllm.entrypoints.openai.api_server` with the same engine flags; same client code
@@ -163,6 +164,9 @@ async def bench_openai(target: str, base_url: str, api_key: str, args: argparse.
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            # vLLM's extension, which the gateway passes on too: every request generates exactly max_tokens,
+            # so all targets do the same work whatever the model says.
+            extra_body={"ignore_eos": True},
         )
         async for chunk in stream:
             # Both servers open with a role-only chunk whose content is "": that is not a token yet.
@@ -193,7 +197,7 @@ async def bench_raw(settings: Settings, model_dir: Path, args: argparse.Namespac
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        params = SamplingParams(temperature=0, max_tokens=args.max_tokens,
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True,
                                 output_kind=RequestOutputKind.DELTA)
 
         def prompt_ids(round_no: int, c: int) -> list[int]:
@@ -220,6 +224,9 @@ async def bench_raw(settings: Settings, model_dir: Path, args: argparse.Namespac
         return await run_rounds("raw", one_request, args.concurrency, args.rounds)
     finally:
         engine.shutdown()
+        # Drop the last reference now (the closure's cell included): a leftover frame keeps it to interpreter
+        # exit otherwise, where AsyncLLM.__del__ calls shutdown() again on half-torn-down modules (TypeError).
+        del engine
 
 
 # ---- servers -----------------------------------------------------------------------------------------------
@@ -337,12 +344,13 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     """Prints the table and the ratios; returns the JSON summary."""
     table = Table(title=f"{args.model}: {args.concurrency} streaming clients, max_tokens={args.max_tokens}, "
                         f"{args.rounds} round(s)")
-    for col in ("target", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "tokens", "wall s", "requests"):
-        table.add_column(col, justify="left" if col == "target" else "right")
+    # Requests per target (rounds × concurrency) are in the title and the JSON: the table must fit 80 columns.
+    for col in ("target", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "tokens", "wall s"):
+        table.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
     for name, r in results.items():
         s = r.summary()
         table.add_row(name, f"{s['tokens_per_s']:.1f}", f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
-                      str(s["completion_tokens"]), f"{s['wall_s']:.2f}", str(s["requests"]))
+                      str(s["completion_tokens"]), f"{s['wall_s']:.2f}")
     out.print(table)
 
     def p50(name: str) -> float | None:

@@ -159,8 +159,8 @@ class ChatService:
         )
 
     async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[str]:
-        """Opens the stream and waits for its first message, so that a bad request still gets a 4xx status;
-        returns the SSE data payloads that follow."""
+        """Opens the stream and waits for the policy to accept the request (its first message comes before any
+        token), so that a bad request still gets a 4xx status; returns the SSE data payloads that follow."""
         turn = _Turn(req, key_hash)
         call = self.stub.GenerateStream(to_policy_request(req, turn.response_id), timeout=self.timeout_s)
         try:
@@ -203,7 +203,9 @@ class ChatService:
                     texts[d.index] += d.text
                     tokens[d.index] += len(d.token_ids)
                     finish = d.finish_reason or None
-                    if not d.text and not finish:
+                    # Empty text with tokens happens mid-way through a multi-byte character: nothing to show,
+                    # unless the client wants those tokens' logprobs.
+                    if not d.text and not finish and not (req.logprobs and d.logprobs):
                         continue
                     yield chunk([ChunkChoice(
                         index=d.index,

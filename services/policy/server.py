@@ -72,16 +72,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         prepared = await self._prepare(request, context, stream=True)
         s = request.sampling
-        first = True
+        # The request is valid: say so at once (callers can answer their own clients before the first token).
+        yield pb.GenerateStreamResponse(prompt_tokens=len(prepared.prompt_token_ids), model=self.model)
         async for out in self._outputs(request, prepared):
-            msg = pb.GenerateStreamResponse(
+            yield pb.GenerateStreamResponse(
                 deltas=[completion_message(o, with_logprobs=s.logprobs, top_k=s.top_logprobs) for o in out.outputs]
             )
-            if first:
-                msg.prompt_tokens = len(prepared.prompt_token_ids)
-                msg.model.CopyFrom(self.model)
-                first = False
-            yield msg
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
         return pb.GetInfoResponse(

@@ -63,6 +63,26 @@ def test_non_streaming_chat(openai_client, stack):
     assert again.choices[0].completion_id != choice.completion_id
 
 
+def test_stop_sequence_ends_the_answer_before_it(openai_client):
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = openai_client.chat.completions.create(**kw).choices[0].message.content
+    # A stop string taken from inside the greedy answer: the same request must now end just before it.
+    cut = next(i for i in range(1, len(full)) if full[i:i + 2].strip() and full[:i].strip())
+    stop = full[cut:cut + 2]
+    stopped = openai_client.chat.completions.create(**kw, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.message.content == full[:full.index(stop)]
+
+
+def test_seed_makes_sampling_repeatable(openai_client):
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=8, temperature=1.0, n=2, extra_body={"ignore_eos": True})
+    a = [c.message.content for c in openai_client.chat.completions.create(**kw, seed=123).choices]
+    b = [c.message.content for c in openai_client.chat.completions.create(**kw, seed=123).choices]
+    c = [c.message.content for c in openai_client.chat.completions.create(**kw, seed=124).choices]
+    assert a == b
+    assert a != c
+
+
 def test_n_choices_each_with_its_own_id_and_record(openai_client, stack):
     resp = openai_client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=6, n=2, temperature=1.0, seed=7

@@ -198,3 +198,20 @@ def test_stream_error_midway_is_reported_in_band_then_done():
     assert json.loads(events[-2])["error"]["message"].startswith("policy service: engine died")
     assert events[-1] == "[DONE]"
     assert log.records == []  # an unfinished choice is not recorded as served
+
+
+def test_stream_keeps_logprobs_of_tokens_that_complete_no_character_yet():
+    # vLLM holds back the text of a partial multi-byte character; its token still has a logprob.
+    lp = pb.TokenLogprob(token_id=9, token="\ufffd", logprob=-0.5)
+    call = FakeStreamCall([
+        pb.GenerateStreamResponse(prompt_tokens=2, model=MODEL),  # the policy's "accepted" message
+        pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="", token_ids=[9], logprobs=[lp])]),
+        pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="é", token_ids=[10], finish_reason="stop",
+                                                        logprobs=[pb.TokenLogprob(token_id=10, token="é")])]),
+    ])
+    events = asyncio.run(_collect(ChatService(FakeStub(stream=call), FakeLog(), 10),
+                                  request(stream=True, logprobs=True)))
+    chunks = [json.loads(e) for e in events[:-1]]
+    streamed = [entry for c in chunks for entry in (c["choices"][0].get("logprobs") or {}).get("content", [])]
+    assert [e["logprob"] for e in streamed] == [-0.5, 0.0]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "é"
