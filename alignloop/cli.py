@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -26,8 +27,8 @@ def _ensure_policy_registered(settings: Settings) -> None:
     except ModelNotRegistered:
         from pipelines.models_init import init_models
 
-        console.print(f"no {settings.policy_model_name} registered yet: running `alignloop models init`"
-                      + (" --tiny" if settings.bootstrap_model == "tiny" else ""))
+        flag = " --tiny" if settings.bootstrap_model == "tiny" else ""
+        console.print(f"no {settings.policy_model_name} registered yet: running `alignloop models init{flag}`")
         init_models(settings, tiny=settings.bootstrap_model == "tiny")
 
 
@@ -125,8 +126,6 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     sup_pid = state["supervisor_pid"]
     if pid_alive(sup_pid):
-        import os
-
         os.kill(sup_pid, signal.SIGTERM)
         with console.status("stopping alignloop"):
             deadline = time.monotonic() + args.timeout
