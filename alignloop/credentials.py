@@ -23,8 +23,7 @@ def _new_key(prefix: str) -> str:
 def load_or_create(path: Path) -> Credentials:
     """Reads `path`, or writes fresh keys there with mode 0600 when it does not exist yet."""
     if path.exists():
-        data = json.loads(path.read_text())
-        return Credentials(app_key=data["app_key"], operator_key=data["operator_key"])
+        return load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     creds = Credentials(app_key=_new_key("al-app"), operator_key=_new_key("al-op"))
     # O_EXCL + 0600 at creation: the keys are never readable by others, not even for an instant.
@@ -35,6 +34,7 @@ def load_or_create(path: Path) -> Credentials:
 
 
 def load(path: Path) -> Credentials:
+    """Reads existing keys (the gateway does this; only `alignloop up` creates them)."""
     data = json.loads(path.read_text())
     return Credentials(app_key=data["app_key"], operator_key=data["operator_key"])
 

@@ -90,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         chat: ChatService = request.app.state.chat
         if body.stream:
             events = await chat.stream(body, who.key_hash)
-            return EventSourceResponse(_as_sse(events), ping=15)
+            return EventSourceResponse(events, ping=15)
         return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash))
 
     @app.get("/v1/models", response_model=ModelList)
@@ -121,11 +121,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.state.started_at = time.time()
     return app
-
-
-async def _as_sse(events):
-    async for data in events:
-        yield {"data": data}
 
 
 async def _cancel_on_disconnect(request: Request, work):

@@ -80,7 +80,7 @@ class _Turn:
     key_hash: str
     response_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     received_at: float = field(default_factory=time.time)
-    completion_ids: list[str] = field(default_factory=list)
+    completion_ids: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.completion_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(self.req.n)]

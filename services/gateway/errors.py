@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from alignloop.contracts import PARAM_METADATA_KEY
 from services.gateway.protocol import ErrorInfo, ErrorResponse
-
-# Must match the policy service's trailing-metadata key (a proto-level convention, not a shared import).
-PARAM_METADATA_KEY = "alignloop-param"
 
 
 class ApiError(Exception):

@@ -11,16 +11,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from alignloop.config import Settings
+from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.registry import fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare
 
 log = logging.getLogger("alignloop.policy")
-
-# Trailing-metadata key naming the request field an INVALID_ARGUMENT is about (read by the gateway).
-PARAM_METADATA_KEY = "alignloop-param"
-
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def __init__(self, engine, tokenizer, model: pb.ModelRef, max_model_len: int) -> None:

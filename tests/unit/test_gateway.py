@@ -13,7 +13,8 @@ from alignloop.credentials import Credentials, key_hash
 from alignloop.v1 import policy_pb2 as pb
 from services.gateway.auth import KeyRing, Role
 from services.gateway.chat import ChatService, to_policy_request
-from services.gateway.errors import PARAM_METADATA_KEY, ApiError, from_rpc_error
+from alignloop.contracts import PARAM_METADATA_KEY
+from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.protocol import ChatCompletionRequest
 
 MODEL = pb.ModelRef(name="alignloop-policy", version="3")
