@@ -11,7 +11,9 @@ stopped before the next starts:
 
 Per target: a warm-up round, then --rounds measured rounds of --concurrency requests each. Throughput is the
 completion tokens the target reports (usage / token ids) over the rounds' wall time; TTFT is the time from
-sending a request to its first non-empty content delta.
+sending a request to its first non-empty content delta. Under 16 simultaneous requests, TTFT is mostly queueing
+for the engine's first batches; so --solo requests are then sent one at a time, whose TTFT is the latency the
+serving path itself adds.
 
     .venv/bin/python benchmarks/serving.py            # SmolLM2-135M, 16 clients, 64 tokens, 3 rounds
     .venv/bin/python benchmarks/serving.py --model tiny --rounds 1 --max-tokens 16    # quick check
@@ -83,6 +85,7 @@ class Result:
     wall_s: float = 0.0
     ttft_ms: list[float] = field(default_factory=list)
     requests: int = 0
+    solo_ttft_ms: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -96,6 +99,7 @@ class Result:
             "completion_tokens": self.tokens,
             "wall_s": round(self.wall_s, 3),
             "requests": self.requests,
+            "solo_ttft_p50_ms": round(percentile(self.solo_ttft_ms, 50), 2),
         }
 
 
@@ -127,8 +131,9 @@ def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
 RequestFn = Callable[[int, int], Awaitable[tuple[int, float | None]]]
 
 
-async def run_rounds(target: str, one_request: RequestFn, concurrency: int, rounds: int) -> Result:
-    """A warm-up round (not counted), then `rounds` rounds of `concurrency` simultaneous requests."""
+async def run_rounds(target: str, one_request: RequestFn, concurrency: int, rounds: int, solo: int) -> Result:
+    """A warm-up round (not counted), then `rounds` rounds of `concurrency` simultaneous requests, then `solo`
+    requests one at a time."""
     result = Result(target)
     for round_no in range(rounds + 1):
         started = time.perf_counter()
@@ -144,6 +149,12 @@ async def run_rounds(target: str, one_request: RequestFn, concurrency: int, roun
             result.tokens += tokens
             if ttft is not None:
                 result.ttft_ms.append(ttft * 1000)
+    for i in range(solo):
+        # Rounds past the measured ones: prompts no earlier request has cached.
+        _, ttft = await one_request(rounds + 1 + i, i)
+        if ttft is not None:
+            result.solo_ttft_ms.append(ttft * 1000)
+    err.print(f"  {target} solo: TTFT p50 {percentile(result.solo_ttft_ms, 50):.1f} ms over {solo} requests")
     return result
 
 
@@ -179,7 +190,7 @@ async def bench_openai(target: str, base_url: str, api_key: str, args: argparse.
         return usage_tokens, ttft
 
     try:
-        return await run_rounds(target, one_request, args.concurrency, args.rounds)
+        return await run_rounds(target, one_request, args.concurrency, args.rounds, args.solo)
     finally:
         await client.close()
 
@@ -208,6 +219,7 @@ async def bench_raw(settings: Settings, model_dir: Path, args: argparse.Namespac
 
         # Tokenised beforehand: this target measures the engine, not the tokenizer.
         prompts = {(r, c): prompt_ids(r, c) for r in range(args.rounds + 1) for c in range(args.concurrency)}
+        prompts |= {(args.rounds + 1 + i, i): prompt_ids(args.rounds + 1 + i, i) for i in range(args.solo)}
 
         async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
             sent = time.perf_counter()
@@ -221,7 +233,7 @@ async def bench_raw(settings: Settings, model_dir: Path, args: argparse.Namespac
                     ttft = time.perf_counter() - sent
             return tokens, ttft
 
-        return await run_rounds("raw", one_request, args.concurrency, args.rounds)
+        return await run_rounds("raw", one_request, args.concurrency, args.rounds, args.solo)
     finally:
         engine.shutdown()
         # Drop the last reference now (the closure's cell included): a leftover frame keeps it to interpreter
@@ -345,25 +357,30 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     table = Table(title=f"{args.model}: {args.concurrency} streaming clients, max_tokens={args.max_tokens}, "
                         f"{args.rounds} round(s)")
     # Requests per target (rounds × concurrency) are in the title and the JSON: the table must fit 80 columns.
-    for col in ("target", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "tokens", "wall s"):
+    # TTFT columns are in ms; "solo" is one request at a time.
+    for col in ("target", "tok/s", "TTFT p50", "TTFT p95", "solo p50", "tokens", "wall s"):
         table.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
     for name, r in results.items():
         s = r.summary()
         table.add_row(name, f"{s['tokens_per_s']:.1f}", f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
-                      str(s["completion_tokens"]), f"{s['wall_s']:.2f}")
+                      f"{s['solo_ttft_p50_ms']:.1f}", str(s["completion_tokens"]), f"{s['wall_s']:.2f}")
     out.print(table)
 
-    def p50(name: str) -> float | None:
-        return percentile(results[name].ttft_ms, 50) if name in results else None
+    def p50(name: str, solo: bool = False) -> float | None:
+        if name not in results:
+            return None
+        return percentile(results[name].solo_ttft_ms if solo else results[name].ttft_ms, 50)
 
-    ratio = added = vllm_added = None
+    ratio = added = vllm_added = solo_added = vllm_solo_added = None
     if "alignloop" in results and "vllm-server" in results and results["vllm-server"].tokens_per_s:
         ratio = results["alignloop"].tokens_per_s / results["vllm-server"].tokens_per_s
     if "raw" in results:
         if "alignloop" in results:
             added = p50("alignloop") - p50("raw")
+            solo_added = p50("alignloop", solo=True) - p50("raw", solo=True)
         if "vllm-server" in results:
             vllm_added = p50("vllm-server") - p50("raw")
+            vllm_solo_added = p50("vllm-server", solo=True) - p50("raw", solo=True)
 
     def verdict(ok: bool | None) -> str:
         return "[dim]n/a[/]" if ok is None else ("[green]met[/]" if ok else "[red]NOT met[/]")
@@ -376,12 +393,16 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     out.print(f"added TTFT p50, alignloop − raw:    {fmt(added, ' ms')}  "
               f"(target ≤ {MAX_ADDED_TTFT_MS:.0f} ms: {verdict(added_ok)})")
     out.print(f"added TTFT p50, vllm-server − raw:  {fmt(vllm_added, ' ms')}  (for reference)")
+    out.print(f"one request at a time, added TTFT p50: alignloop {fmt(solo_added, ' ms')}, "
+              f"vllm-server {fmt(vllm_solo_added, ' ms')}")
 
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {
         "throughput_ratio_vs_vllm_server": rounded(ratio),
         "added_ttft_p50_ms": rounded(added),
         "vllm_server_added_ttft_p50_ms": rounded(vllm_added),
+        "solo_added_ttft_p50_ms": rounded(solo_added),
+        "vllm_server_solo_added_ttft_p50_ms": rounded(vllm_solo_added),
         "throughput_target_met": ratio_ok,
         "ttft_target_met": added_ok,
         "targets": {name: r.summary() for name, r in results.items()},
@@ -401,6 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="measured rounds, after one warm-up round")
+    p.add_argument("--solo", type=int, default=10, help="requests sent one at a time after the rounds")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs, in every target")
