@@ -44,7 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.keys = KeyRing(credentials.load(settings.credentials_path))
         await asyncio.to_thread(ensure_topics, settings.kafka_bootstrap)
         app.state.completion_log = await asyncio.to_thread(
-            CompletionLog, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
+            CompletionLog.connect, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
         )
         channel = grpc.aio.insecure_channel(settings.policy_target)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)

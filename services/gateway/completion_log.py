@@ -27,10 +27,18 @@ _STOP = object()
 
 
 class CompletionLog:
-    def __init__(self, bootstrap_servers: str, *, max_queue: int = 10_000, topic: str = COMPLETIONS_V1) -> None:
+    def __init__(self, producer: KafkaProducer, *, max_queue: int = 10_000, topic: str = COMPLETIONS_V1) -> None:
         self.topic = topic
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._producer = KafkaProducer(
+        self._producer = producer
+        self._healthy = True
+        self._thread = threading.Thread(target=self._run, name="completion-log", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def connect(cls, bootstrap_servers: str, *, max_queue: int = 10_000) -> CompletionLog:
+        """A log with its own idempotent, acks=all producer, ready to send (topic metadata fetched)."""
+        producer = KafkaProducer(
             bootstrap_servers=bootstrap_servers,
             acks="all",
             enable_idempotence=True,
@@ -39,10 +47,8 @@ class CompletionLog:
             value_serializer=lambda r: r.model_dump_json().encode(),
         )
         # Blocks until the topic's metadata is known, so the first request never waits for it.
-        self._producer.partitions_for(topic)
-        self._healthy = True
-        self._thread = threading.Thread(target=self._run, name="completion-log", daemon=True)
-        self._thread.start()
+        producer.partitions_for(COMPLETIONS_V1)
+        return cls(producer, max_queue=max_queue)
 
     def submit(self, record: CompletionRecordV1) -> None:
         """Never blocks."""

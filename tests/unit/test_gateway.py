@@ -216,3 +216,63 @@ def test_stream_keeps_logprobs_of_tokens_that_complete_no_character_yet():
     streamed = [entry for c in chunks for entry in (c["choices"][0].get("logprobs") or {}).get("content", [])]
     assert [e["logprob"] for e in streamed] == [-0.5, 0.0]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "é"
+
+
+# ---- the completion log never makes a request wait --------------------------------------------------------
+
+
+class StuckProducer:
+    """Stands in for a producer whose broker is gone: send() blocks until released."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.sent = []
+
+    def send(self, topic, key, value):
+        self.release.wait()
+        self.sent.append(key)
+
+        class Future:
+            def add_callback(self, fn, *a):
+                fn(None, *a)
+                return self
+
+            def add_errback(self, fn, *a):
+                return self
+
+        return Future()
+
+    def flush(self, timeout=None):
+        pass
+
+    def close(self, timeout=None):
+        pass
+
+
+def _record(i: int):
+    from alignloop.topics import CompletionRecordV1, SamplingV1
+
+    return CompletionRecordV1(
+        completion_id=f"cmpl-{i}", response_id="r", choice_index=0, messages=[], response_text="", finish_reason="stop",
+        prompt_tokens=1, completion_tokens=1, model_name="m", model_version="1", sampling=SamplingV1(),
+        api_key_hash="h", stream=False, created_at=0.0, finished_at=0.0,
+    )
+
+
+def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
+    from services.gateway.completion_log import RECORDS, CompletionLog
+
+    dropped_before = RECORDS.labels("dropped")._value.get()
+    producer = StuckProducer()
+    log = CompletionLog(producer, max_queue=2)
+    # The sender thread takes one record and blocks in send(); two more fill the queue; the rest are dropped.
+    for i in range(6):
+        log.submit(_record(i))  # returns although the producer is stuck
+    assert producer.sent == []
+    dropped = RECORDS.labels("dropped")._value.get() - dropped_before
+    assert dropped in (3, 4)  # 4 if the sender thread had not yet taken the first record off the queue
+    producer.release.set()
+    log.close()
+    assert producer.sent == [f"cmpl-{i}" for i in range(6 - int(dropped))]
