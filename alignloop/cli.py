@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -104,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(f"alignloop is not running (home: {settings.home})")
         return 3
     probes = {c.name: c.probe for c in components.infrastructure(settings) + components.services(settings)}
-    table = Table(title=f"alignloop (supervisor pid {state['supervisor_pid']}, home {state['home']})")
+    table = Table(title=f"alignloop (supervisor pid {state['supervisor_pid']}); logs in {settings.logs_dir}/")
     for col in ("component", "pid", "process", "ready", "address", "log"):
         table.add_column(col, overflow="fold")
     healthy = True
@@ -113,7 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ready = alive and probes.get(c["name"], lambda: False)()
         healthy &= ready
         table.add_row(c["name"], str(c["pid"]), "[green]running[/]" if alive else "[red]gone[/]",
-                      "[green]yes[/]" if ready else "[red]no[/]", c["url"], c["log"])
+                      "[green]yes[/]" if ready else "[red]no[/]", c["url"], Path(c["log"]).name)
     console.print(table)
     return 0 if healthy else 1
 
