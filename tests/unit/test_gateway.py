@@ -228,9 +228,11 @@ class StuckProducer:
         import threading
 
         self.release = threading.Event()
+        self.stuck = threading.Event()
         self.sent = []
 
     def send(self, topic, key, value):
+        self.stuck.set()
         self.release.wait()
         self.sent.append(key)
 
@@ -267,12 +269,13 @@ def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
     dropped_before = RECORDS.labels("dropped")._value.get()
     producer = StuckProducer()
     log = CompletionLog(producer, max_queue=2)
-    # The sender thread takes one record and blocks in send(); two more fill the queue; the rest are dropped.
-    for i in range(6):
-        log.submit(_record(i))  # returns although the producer is stuck
+    log.submit(_record(0))
+    assert producer.stuck.wait(10), "the sender thread never called send()"
+    # The sender is stuck on record 0: records 1 and 2 fill the queue, 3 to 5 are dropped, and no call blocks.
+    for i in range(1, 6):
+        log.submit(_record(i))
     assert producer.sent == []
-    dropped = RECORDS.labels("dropped")._value.get() - dropped_before
-    assert dropped in (3, 4)  # 4 if the sender thread had not yet taken the first record off the queue
+    assert RECORDS.labels("dropped")._value.get() - dropped_before == 3
     producer.release.set()
     log.close()
-    assert producer.sent == [f"cmpl-{i}" for i in range(6 - int(dropped))]
+    assert producer.sent == ["cmpl-0", "cmpl-1", "cmpl-2"]
