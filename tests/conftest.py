@@ -42,6 +42,9 @@ def stack_env(home: Path, **overrides: str) -> dict[str, str]:
         ALIGNLOOP_MAX_MODEL_LEN=str(TEST_MAX_MODEL_LEN),
         ALIGNLOOP_MAX_N=str(TEST_MAX_N),
         ALIGNLOOP_MAX_NUM_SEQS="16",
+        # float32: the random tiny model's logits are nearly flat, and tests compare greedy and seeded answers
+        # across requests (one from the prefix cache, one recomputed); bf16 rounding would flip near-ties.
+        ALIGNLOOP_DTYPE="float32",
         ALIGNLOOP_CONFIG=str(home / "no-such-config.toml"),
         PYTHONUNBUFFERED="1",
     )

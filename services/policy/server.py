@@ -49,7 +49,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             # A cancelled RPC raises CancelledError inside the loop: tell the engine to stop working on it.
             if not finished:
                 self.aborted_requests += 1
-                await self.engine.abort(request_id)
+                # Shielded: a second cancellation (the RPC's, arriving while we unwind) must not cut it short.
+                await asyncio.shield(self.engine.abort(request_id))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         prepared = await self._prepare(request, context, stream=False)
