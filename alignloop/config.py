@@ -155,8 +155,13 @@ class Settings(BaseSettings):
 
 
 def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
-    """Variables vLLM needs on this platform (see ../shared/PLATFORM.md); harmless on CUDA machines."""
+    """Variables vLLM needs on this platform (see ../shared/PLATFORM.md); harmless on CUDA machines.
+
+    Creates the folders they point to: vLLM expects them to exist.
+    """
     cache = settings.cache_dir
+    for sub in ("vllm", "inductor", "rpc", "tmp"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",

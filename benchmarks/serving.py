@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,14 +35,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` and `services` importable
 
+from alignloop.components import http_ok  # noqa: E402
 from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_cpu_environment  # noqa: E402
+from alignloop.supervisor import stop_group  # noqa: E402
 
 TARGETS = ("alignloop", "vllm-server", "raw")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
@@ -258,21 +258,9 @@ def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
 
 
 def stop(proc: subprocess.Popen, name: str, timeout_s: float = 60.0) -> None:
-    """SIGTERM to the process group, then wait; SIGKILL to the group if it has not ended in time."""
-    if proc.poll() is None:
-        with err.status(f"stopping {name}"):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout_s)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                err.print(f"[yellow]{name} did not stop within {timeout_s:.0f} s: killing it[/]")
-    # Whatever is left in the group (the leader may be gone while a child lingers) goes now.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGTERM to the process group, SIGKILL once `timeout_s` has passed (the supervisor's own routine)."""
+    with err.status(f"stopping {name}"):
+        stop_group(proc.pid, timeout_s, lambda: proc.poll() is not None)
     proc.wait()
 
 
@@ -291,13 +279,6 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, name: str, log
             status.update(f"starting {name}: {elapsed:.0f} s (log: {log_path})")
             time.sleep(0.5)
     err.print(f"[green]✓[/] {name} ready in {time.monotonic() - started:.0f} s")
-
-
-def http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def run_alignloop(settings: Settings, args: argparse.Namespace) -> Result:
@@ -339,8 +320,6 @@ def run_vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespac
     if settings.enforce_eager:
         argv.append("--enforce-eager")
     env = vllm_cpu_environment(settings)
-    for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH", "TMPDIR"):
-        Path(env[k]).mkdir(parents=True, exist_ok=True)
     log_path = settings.home / "logs" / "bench-vllm-server.log"
     proc = start(argv, env, log_path)
     try:

@@ -29,8 +29,6 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
     if not cuda_available():
         for k, v in vllm_cpu_environment(settings).items():
             os.environ.setdefault(k, v)
-        for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH", "TMPDIR"):
-            Path(os.environ[k]).mkdir(parents=True, exist_ok=True)
 
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
