@@ -33,6 +33,19 @@ def _ensure_policy_registered(settings: Settings) -> None:
         init_models(settings, tiny=settings.bootstrap_model == "tiny")
 
 
+def _upgrade_store(settings: Settings) -> None:
+    from alignloop import store
+
+    revision = store.upgrade(settings.store)
+    console.print(f"[green]✓[/] store    {_redacted(settings.store)} (schema {revision})")
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = Settings()
     settings.ensure_dirs()
@@ -67,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             ensure_topics(settings.kafka_bootstrap)
         _ensure_policy_registered(settings)
+        _upgrade_store(settings)
         sup.bring_up(svcs)
         _print_ready(settings, creds_existed, time.monotonic() - started)
         rc = sup.watch()
@@ -88,6 +102,7 @@ def _print_ready(settings: Settings, creds_existed: bool, seconds: float) -> Non
         f"  chat API      {settings.gateway_url}/v1  (OpenAI-compatible, model '{settings.policy_model_name}')\n"
         f"  MLflow        {settings.tracking_uri}\n"
         f"  Kafka         {settings.kafka_bootstrap}\n"
+        f"  feedback      {settings.gateway_url}/v1/feedback  (store: {_redacted(settings.store)})\n"
         f"  credentials   {settings.credentials_path} ({creds_note}): app_key for /v1, operator_key for operators\n"
         f"  logs          {settings.logs_dir}/\n\n"
         f"  try: curl {settings.gateway_url}/v1/chat/completions -H \"Authorization: Bearer $(python3 -c "
@@ -166,6 +181,23 @@ def cmd_models_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_upgrade(args: argparse.Namespace) -> int:
+    settings = Settings()
+    settings.ensure_dirs()
+    _upgrade_store(settings)
+    return 0
+
+
+def cmd_keys_add_app(args: argparse.Namespace) -> int:
+    settings = Settings()
+    settings.ensure_dirs()
+    credentials.load_or_create(settings.credentials_path)
+    key = credentials.add_app(settings.credentials_path, args.name)
+    console.print(f"application key '{args.name}' (in {settings.credentials_path}):")
+    print(key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--tiny", action="store_true", help="a tiny random model, for tests (seconds)")
     init.add_argument("--force", action="store_true", help="register a new version even if one exists")
     init.set_defaults(func=cmd_models_init)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
+    add_app.add_argument("name")
+    add_app.set_defaults(func=cmd_keys_add_app)
+    store = sub.add_parser("store", help="feedback store commands").add_subparsers(dest="store_command",
+                                                                                  required=True)
+    store.add_parser("upgrade", help="apply the store's migrations (ALIGNLOOP_STORE_URL, default SQLite)"
+                     ).set_defaults(func=cmd_store_upgrade)
     return parser
 
 

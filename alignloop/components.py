@@ -111,6 +111,42 @@ def policy(settings: Settings) -> Component:
     )
 
 
+def feedback_ready(target: str) -> bool:
+    import grpc
+
+    from alignloop.v1 import feedback_pb2 as pb
+    from alignloop.v1 import feedback_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return pb_grpc.FeedbackServiceStub(channel).Health(pb.HealthRequest(), timeout=2).ready
+        except grpc.RpcError:
+            return False
+
+
+def feedback_materializer(settings: Settings) -> Component:
+    port = settings.materializer_port
+    return Component(
+        name="materializer",
+        argv=[sys.executable, "-m", "services.feedback", "materializer"],
+        port=port,
+        url=f"http://{settings.host}:{port}/metrics",
+        probe=lambda: http_ok(f"http://{settings.host}:{port}/metrics"),
+        start_timeout_s=60,
+    )
+
+
+def feedback_collector(settings: Settings) -> Component:
+    return Component(
+        name="feedback",
+        argv=[sys.executable, "-m", "services.feedback", "collector"],
+        port=settings.feedback_port,
+        url=f"grpc://{settings.feedback_target}",
+        probe=lambda: feedback_ready(settings.feedback_target),
+        start_timeout_s=60,
+    )
+
+
 def gateway(settings: Settings) -> Component:
     return Component(
         name="gateway",
@@ -133,4 +169,4 @@ def infrastructure(settings: Settings) -> list[Component]:
 
 
 def services(settings: Settings) -> list[Component]:
-    return [policy(settings), gateway(settings)]
+    return [feedback_materializer(settings), feedback_collector(settings), policy(settings), gateway(settings)]

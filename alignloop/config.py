@@ -39,9 +39,14 @@ class Settings(BaseSettings):
     mlflow_port: int = 5000
     policy_port: int = 50051
     gateway_port: int = 8000
+    feedback_port: int = 50052
+    materializer_port: int = 9464  # the materializer's /metrics
     # Set to reach an external broker / tracking server instead of the embedded ones.
     kafka_bootstrap_servers: str | None = None
     mlflow_tracking_uri: str | None = None
+    # SQLAlchemy URL of the feedback store; unset: SQLite at ALIGNLOOP_HOME/feedback.db.
+    # PostgreSQL: postgresql+psycopg://USER@HOST:5432/DB
+    store_url: str | None = None
 
     policy_model_name: str = POLICY_MODEL_NAME
     policy_model_alias: str = "champion"
@@ -60,6 +65,16 @@ class Settings(BaseSettings):
     max_n: int = 8
     grpc_timeout_s: float = 600.0
     completion_queue_size: int = 10_000
+
+    # feedback
+    feedback_batch_max: int = 1000
+    feedback_max_body_bytes: int = 1 << 20
+    feedback_max_ranking: int = 16
+    feedback_max_text_chars: int = 20_000
+    # A completion record reaches the store a few ms after its answer; feedback on it may come sooner.
+    feedback_completion_wait_s: float = 5.0
+    feedback_consumer_group: str = "alignloop-store"
+    kafka_session_timeout_ms: int = 10_000
 
     # readiness waits of the supervisor, per component
     start_timeout_s: float = 300.0
@@ -128,6 +143,15 @@ class Settings(BaseSettings):
     @property
     def policy_target(self) -> str:
         return f"{self.host}:{self.policy_port}"
+
+    @property
+    def feedback_target(self) -> str:
+        return f"{self.host}:{self.feedback_port}"
+
+    @property
+    def store(self) -> str:
+        """The feedback store's SQLAlchemy URL."""
+        return self.store_url or f"sqlite:///{self.home / 'feedback.db'}"
 
     @property
     def gateway_url(self) -> str:

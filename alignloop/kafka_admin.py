@@ -5,10 +5,10 @@ from __future__ import annotations
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from alignloop.topics import COMPLETIONS_V1
+from alignloop.topics import COMPLETIONS_V1, FEEDBACK_V1
 
-# topic -> partitions. Keys (completion ids) spread records; 3 partitions leave room for consumer groups.
-TOPICS: dict[str, int] = {COMPLETIONS_V1: 3}
+# topic -> partitions. Keys (entity ids) spread records; 3 partitions let a consumer group scale to 3 members.
+TOPICS: dict[str, int] = {COMPLETIONS_V1: 3, FEEDBACK_V1: 3}
 
 
 def ensure_topics(bootstrap_servers: str, topics: dict[str, int] = TOPICS, replication_factor: int = 1) -> None:

@@ -5,9 +5,16 @@ A breaking change to a schema gets a new topic (`...v2`); additive, optional fie
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 COMPLETIONS_V1 = "alignloop.completions.v1"
+FEEDBACK_V1 = "alignloop.feedback.v1"
+
+FeedbackKindV1 = Literal["thumbs", "rating", "ranking", "comparison"]
 
 
 class ChatMessageV1(BaseModel):
@@ -22,6 +29,12 @@ class SamplingV1(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     n: int = 1
+
+
+def prompt_hash(messages: list[ChatMessageV1]) -> str:
+    """Identifies a prompt: two completions answer the same prompt when their messages are equal."""
+    canonical = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 class CompletionRecordV1(BaseModel):
@@ -43,3 +56,30 @@ class CompletionRecordV1(BaseModel):
     stream: bool
     created_at: float = Field(description="Unix seconds when the gateway received the request.")
     finished_at: float = Field(description="Unix seconds when the choice finished.")
+
+
+class FeedbackRecordV1(BaseModel):
+    """One accepted piece of feedback, after the collector validated it. Keyed by `feedback_id`, so retries of
+    the same feedback land on the same partition and the store's unique key drops the redelivered copies."""
+
+    schema_name: str = FEEDBACK_V1
+    feedback_id: str
+    client_feedback_id: str | None = None
+    request_hash: str = Field(description="Hash of what the client sent; tells a replay from a conflict.")
+    api_key_hash: str
+    kind: FeedbackKindV1
+    completion_ids: list[str] = Field(description="thumbs/rating: one; ranking: best first; comparison: as shown.")
+    thumbs_up: bool | None = None
+    rating: int | None = None
+    preferred_completion_id: str | None = None
+    comment: str | None = None
+    correction: str | None = None
+    fails_instruction: bool = False
+    hallucination: bool = False
+    inappropriate: bool = False
+    # Copied from the completion records at validation time, so analytics need no join.
+    prompt_hash: str
+    model_name: str
+    model_versions: list[str] = Field(description="The model version of each completion, in the same order.")
+    created_at: float = Field(description="Unix seconds when the gateway received the feedback.")
+    accepted_at: float = Field(description="Unix seconds when the collector validated it.")

@@ -14,9 +14,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 
-from alignloop import credentials
 from alignloop.config import Settings
 from alignloop.kafka_admin import ensure_topics
+from alignloop.v1 import feedback_pb2 as feedback_pb
+from alignloop.v1 import feedback_pb2_grpc as feedback_grpc
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from services.gateway import metrics
@@ -24,6 +25,8 @@ from services.gateway.auth import Caller, KeyRing
 from services.gateway.chat import ChatService
 from services.gateway.completion_log import CompletionLog
 from services.gateway.errors import ApiError, from_rpc_error
+from services.gateway.feedback import IDEMPOTENCY_HEADER, FeedbackApi
+from services.gateway.feedback_protocol import FeedbackBatchResult, FeedbackResult, FeedbackStats
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
 
 log = logging.getLogger("alignloop.gateway")
@@ -31,7 +34,7 @@ log = logging.getLogger("alignloop.gateway")
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
     if err.get("type") == "json_invalid":
         return ApiError(400, f"The request body is not valid JSON: {err.get('msg')}", param="body")
     param = ".".join(loc) or "body"
@@ -41,7 +44,7 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.keys = KeyRing(credentials.load(settings.credentials_path))
+        app.state.keys = KeyRing.from_file(settings.credentials_path)
         await asyncio.to_thread(ensure_topics, settings.kafka_bootstrap)
         app.state.completion_log = await asyncio.to_thread(
             CompletionLog.connect, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
@@ -49,8 +52,12 @@ def create_app(settings: Settings) -> FastAPI:
         channel = grpc.aio.insecure_channel(settings.policy_target)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
         app.state.chat = ChatService(app.state.policy, app.state.completion_log, settings.grpc_timeout_s)
+        feedback_channel = grpc.aio.insecure_channel(settings.feedback_target)
+        app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
+        app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
         yield
         await channel.close()
+        await feedback_channel.close()
         await asyncio.to_thread(app.state.completion_log.close)
 
     app = FastAPI(title="alignloop gateway", version="0.1.0", lifespan=lifespan)
@@ -99,6 +106,28 @@ def create_app(settings: Settings) -> FastAPI:
         return ModelList(data=[ModelCard(id=settings.policy_model_name, created=int(app.state.started_at),
                                          version=info.model.version, max_model_len=info.max_model_len)])
 
+    @app.post("/v1/feedback", response_model=FeedbackResult)
+    async def feedback(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+        api: FeedbackApi = request.app.state.feedback
+        item = api.parse_single(await _read_capped(request, settings.feedback_max_body_bytes))
+        results, replayed = await api.submit([item], who.key_hash, request.headers.get(IDEMPOTENCY_HEADER),
+                                             batch=False)
+        return _idempotent_response(results[0].model_dump(), replayed)
+
+    @app.post("/v1/feedback/batch", response_model=FeedbackBatchResult)
+    async def feedback_batch(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+        api: FeedbackApi = request.app.state.feedback
+        items = api.parse_batch(await _read_capped(request, settings.feedback_max_body_bytes))
+        results, replayed = await api.submit(items, who.key_hash, request.headers.get(IDEMPOTENCY_HEADER),
+                                             batch=True)
+        return _idempotent_response(FeedbackBatchResult(data=results).model_dump(), replayed)
+
+    @app.get("/v1/admin/feedback/stats", response_model=FeedbackStats)
+    async def feedback_stats(request: Request, days: int = 30, _: Caller = Depends(operator)) -> FeedbackStats:
+        if not 0 <= days <= 3660:
+            raise ApiError(400, "days: from 0 (all) to 3660", param="days")
+        return await request.app.state.feedback.stats(days)
+
     @app.get("/healthz")
     async def healthz() -> dict:
         # Liveness only, deliberately unauthenticated (probes), and it reveals nothing.
@@ -107,6 +136,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         checks = {"kafka": request.app.state.completion_log.healthy()}
+        try:
+            health = await request.app.state.feedback_stub.Health(feedback_pb.HealthRequest(), timeout=2)
+            checks["feedback"] = health.ready
+        except grpc.aio.AioRpcError:
+            checks["feedback"] = False
         try:
             info = await request.app.state.policy.GetInfo(pb.GetInfoRequest(), timeout=2)
             checks["policy"] = info.ready
@@ -121,6 +155,25 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.state.started_at = time.time()
     return app
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.", param="body", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"The request body is larger than {limit} bytes.", param="body",
+                           code="body_too_large")
+    return bytes(body)
+
+
+def _idempotent_response(body: dict, replayed: bool) -> JSONResponse:
+    # As Stripe does: a replay answers exactly what the first request got, and says that it is a replay.
+    return JSONResponse(body, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 async def _cancel_on_disconnect(request: Request, work):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
-from alignloop.credentials import Credentials, key_hash
+from alignloop.credentials import Credentials, key_hash, load
 from services.gateway.errors import ApiError
 
 
@@ -22,11 +24,38 @@ class Caller:
 
 
 class KeyRing:
-    def __init__(self, creds: Credentials) -> None:
-        self._keys = [(creds.app_key, Role.APP), (creds.operator_key, Role.OPERATOR)]
-        self._hashes = {k: key_hash(k) for k, _ in self._keys}
+    def __init__(self, creds: Credentials, path: Path | None = None) -> None:
+        self._path = path
+        self._mtime = path.stat().st_mtime_ns if path else 0
+        self._checked_at = time.monotonic()
+        self._use(creds)
+
+    @classmethod
+    def from_file(cls, path: Path) -> KeyRing:
+        """Keys from the credentials file, re-read when it changes (checked at most once a second)."""
+        return cls(load(path), path)
+
+    def _use(self, creds: Credentials) -> None:
+        keys = [(creds.app_key, Role.APP), (creds.operator_key, Role.OPERATOR)]
+        keys += [(k, Role.APP) for k in creds.apps.values()]
+        self._keys = keys
+        self._hashes = {k: key_hash(k) for k, _ in keys}
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if self._path is None or now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            mtime = self._path.stat().st_mtime_ns
+            if mtime != self._mtime:
+                self._use(load(self._path))
+                self._mtime = mtime
+        except (OSError, ValueError, KeyError):
+            pass  # keep the keys we have rather than lock everyone out over a bad edit
 
     def authenticate(self, authorization: str | None) -> Caller:
+        self._maybe_reload()
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")

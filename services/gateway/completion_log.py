@@ -43,8 +43,6 @@ class CompletionLog:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
-            key_serializer=str.encode,
-            value_serializer=lambda r: r.model_dump_json().encode(),
         )
         # Blocks until the topic's metadata is known, so the first request never waits for it.
         producer.partitions_for(COMPLETIONS_V1)
@@ -65,7 +63,8 @@ class CompletionLog:
     def _run(self) -> None:
         while (record := self._queue.get()) is not _STOP:
             try:
-                future = self._producer.send(self.topic, key=record.completion_id, value=record)
+                future = self._producer.send(self.topic, key=record.completion_id.encode(),
+                                             value=record.model_dump_json().encode())
                 future.add_callback(self._produced)
                 future.add_errback(self._failed, record.completion_id)
             except Exception:  # a send that cannot even be queued (e.g. metadata timeout)

@@ -1,0 +1,98 @@
+"""`python -m services.feedback collector` (gRPC Submit → Kafka) or `... materializer` (Kafka → store)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from alignloop import store
+from alignloop.config import Settings
+
+log = logging.getLogger("alignloop.feedback")
+
+
+def _store_engine(settings: Settings):
+    engine = store.connect(settings.store)
+    current, head = store.current_revision(engine), store.head_revision()
+    if current != head:
+        raise SystemExit(f"the feedback store {engine.url!r} is at revision {current}, not {head}: "
+                         "run `alignloop store upgrade`")
+    return engine
+
+
+async def serve_collector(settings: Settings) -> None:
+    import grpc
+
+    from alignloop.v1 import feedback_pb2_grpc as pb_grpc
+    from services.feedback.collector import FeedbackServicer
+    from services.feedback.producer import FeedbackProducer
+
+    engine = _store_engine(settings)
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
+    producer = await asyncio.to_thread(FeedbackProducer, settings.kafka_bootstrap)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_FeedbackServiceServicer_to_server(
+        FeedbackServicer(engine, executor, producer, completion_wait_s=settings.feedback_completion_wait_s,
+                         max_ranking=settings.feedback_max_ranking),
+        server,
+    )
+    server.add_insecure_port(settings.feedback_target)
+    await server.start()
+    log.info("feedback collector listening on %s; store %s", settings.feedback_target, engine.url)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing in-flight submissions (5 s grace)")
+    await server.stop(grace=5)
+    await asyncio.to_thread(producer.close)
+    executor.shutdown()
+    engine.dispose()
+
+
+def run_materializer(settings: Settings) -> None:
+    from prometheus_client import start_http_server
+
+    from services.feedback.materializer import Materializer, build_consumer
+
+    engine = _store_engine(settings)
+    start_http_server(settings.materializer_port, addr=settings.host)
+    consumer = build_consumer(settings.kafka_bootstrap, settings.feedback_consumer_group,
+                              settings.kafka_session_timeout_ms)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("materializing into %s as consumer group %s; metrics on :%d", engine.url,
+             settings.feedback_consumer_group, settings.materializer_port)
+    try:
+        Materializer(consumer, engine).run(stop)
+    finally:
+        consumer.close(autocommit=False)
+        engine.dispose()
+    log.info("stopped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.feedback")
+    parser.add_argument("role", choices=["collector", "materializer"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = Settings()
+    if args.role == "collector":
+        import uvloop
+
+        uvloop.run(serve_collector(settings))
+    else:
+        run_materializer(settings)
+
+
+if __name__ == "__main__":
+    main()

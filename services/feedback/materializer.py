@@ -1,0 +1,188 @@
+"""The collector's consumer side: materialises `alignloop.completions.v1` and `alignloop.feedback.v1` into the store.
+
+Exactly once in the store, at-least-once from Kafka: a polled batch is written in one database transaction,
+and only after that commit are its offsets committed to Kafka. A crash in between redelivers records whose
+primary keys already exist, and `ON CONFLICT DO NOTHING` drops them. Feedback needs no completion row to be
+stored (no foreign key), so feedback consumed before its completion record is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from kafka import KafkaConsumer
+from kafka.errors import CommitFailedError, KafkaError
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from alignloop.store import insert_ignoring_duplicates
+from alignloop.store.schema import Completion, DeadLetter, Feedback
+from alignloop.topics import COMPLETIONS_V1, FEEDBACK_V1, CompletionRecordV1, FeedbackRecordV1, prompt_hash
+
+log = logging.getLogger("alignloop.feedback.materializer")
+
+RECORDS = Counter("alignloop_store_records_total", "Records consumed, by topic and outcome "
+                  "(inserted; duplicate: already stored, a redelivery or retry; dead_letter: unparsable).",
+                  ["topic", "outcome"])
+BATCH_SECONDS = Histogram("alignloop_store_batch_seconds", "Database transaction time per polled batch.")
+LAST_COMMIT = Gauge("alignloop_store_last_commit_timestamp_seconds", "When offsets were last committed.")
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def completion_row(rec: CompletionRecordV1, now: datetime) -> dict:
+    return {
+        "completion_id": rec.completion_id,
+        "response_id": rec.response_id,
+        "choice_index": rec.choice_index,
+        "api_key_hash": rec.api_key_hash,
+        "prompt_hash": prompt_hash(rec.messages),
+        "messages": [m.model_dump() for m in rec.messages],
+        "response_text": rec.response_text,
+        "finish_reason": rec.finish_reason,
+        "prompt_tokens": rec.prompt_tokens,
+        "completion_tokens": rec.completion_tokens,
+        "model_name": rec.model_name,
+        "model_version": rec.model_version,
+        "sampling": rec.sampling.model_dump(),
+        "stream": rec.stream,
+        "created_at": _ts(rec.created_at),
+        "finished_at": _ts(rec.finished_at),
+        "ingested_at": now,
+    }
+
+
+def feedback_row(rec: FeedbackRecordV1, partition: int, offset: int, now: datetime) -> dict:
+    created = _ts(rec.created_at)
+    return {
+        "feedback_id": rec.feedback_id,
+        "client_feedback_id": rec.client_feedback_id,
+        "request_hash": rec.request_hash,
+        "api_key_hash": rec.api_key_hash,
+        "kind": rec.kind,
+        "completion_id": rec.completion_ids[0],
+        "completion_ids": rec.completion_ids,
+        "thumbs_up": rec.thumbs_up,
+        "rating": rec.rating,
+        "preferred_completion_id": rec.preferred_completion_id,
+        "comment": rec.comment,
+        "correction": rec.correction,
+        "fails_instruction": rec.fails_instruction,
+        "hallucination": rec.hallucination,
+        "inappropriate": rec.inappropriate,
+        "prompt_hash": rec.prompt_hash,
+        "model_name": rec.model_name,
+        "model_version": rec.model_versions[0] if rec.model_versions else "",
+        "model_versions": rec.model_versions,
+        "day": created.strftime("%Y-%m-%d"),
+        "created_at": created,
+        "accepted_at": _ts(rec.accepted_at),
+        "ingested_at": now,
+        "kafka_partition": partition,
+        "kafka_offset": offset,
+    }
+
+
+def _first_by_key(rows: Iterable[dict], key: str) -> list[dict]:
+    # Within one batch, keep the first copy (lowest offset: same key, same partition) so that "first wins"
+    # holds inside a batch exactly as it does across batches.
+    seen: dict[str, dict] = {}
+    for row in rows:
+        seen.setdefault(row[key], row)
+    return list(seen.values())
+
+
+class Materializer:
+    """Poll → one transaction → commit offsets, until `stop` is set."""
+
+    def __init__(self, consumer: KafkaConsumer, engine: Engine, *, max_records: int = 2000) -> None:
+        self.consumer = consumer
+        self.engine = engine
+        self.max_records = max_records
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            batch = self.consumer.poll(timeout_ms=250, max_records=self.max_records)
+            if not batch:
+                continue
+            self._write_until_stored(batch, stop)
+            try:
+                self.consumer.commit()
+                LAST_COMMIT.set_to_current_time()
+            except (CommitFailedError, KafkaError) as exc:
+                # The group rebalanced while we wrote: the records will be redelivered and found stored.
+                log.warning("offset commit failed (%r); the batch will be redelivered and deduplicated", exc)
+
+    def _write_until_stored(self, batch: dict, stop: threading.Event) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self.write(batch)
+                return
+            except SQLAlchemyError as exc:
+                # Never skip a batch: its offsets stay uncommitted until the store takes it.
+                log.error("store write failed (%r); retrying in %.1f s", exc, delay)
+                if stop.wait(delay):
+                    raise SystemExit(1) from exc  # stop asked while the store is down: leave offsets as they are
+                delay = min(delay * 2, 10.0)
+
+    def write(self, batch: dict) -> None:
+        """Writes one polled batch ({TopicPartition: [ConsumerRecord]}) in a single transaction."""
+        now = datetime.now(UTC)
+        completions, feedback, dead = [], [], []
+        for tp, records in batch.items():
+            for r in records:
+                try:
+                    if tp.topic == COMPLETIONS_V1:
+                        completions.append(completion_row(CompletionRecordV1.model_validate_json(r.value), now))
+                    elif tp.topic == FEEDBACK_V1:
+                        rec = FeedbackRecordV1.model_validate_json(r.value)
+                        feedback.append(feedback_row(rec, r.partition, r.offset, now))
+                    else:
+                        raise ValueError(f"unexpected topic {tp.topic}")
+                except (ValidationError, ValueError) as exc:
+                    log.error("dead letter %s[%d]@%d: %s", tp.topic, r.partition, r.offset, exc)
+                    dead.append({"topic": tp.topic, "kafka_partition": r.partition, "kafka_offset": r.offset,
+                                 "key": r.key, "value": r.value, "error": str(exc)[:4000], "ingested_at": now})
+        completions = _first_by_key(completions, "completion_id")
+        feedback = _first_by_key(feedback, "feedback_id")
+        started = time.perf_counter()
+        with self.engine.begin() as conn:
+            new_c = insert_ignoring_duplicates(conn, Completion.__table__, completions, ["completion_id"])
+            new_f = insert_ignoring_duplicates(conn, Feedback.__table__, feedback, ["feedback_id"])
+            insert_ignoring_duplicates(conn, DeadLetter.__table__, dead, ["topic", "kafka_partition", "kafka_offset"])
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        n_c = sum(len(rs) for tp, rs in batch.items() if tp.topic == COMPLETIONS_V1)
+        n_f = sum(len(rs) for tp, rs in batch.items() if tp.topic == FEEDBACK_V1)
+        dead_c = sum(1 for d in dead if d["topic"] == COMPLETIONS_V1)
+        dead_f = sum(1 for d in dead if d["topic"] == FEEDBACK_V1)
+        RECORDS.labels(COMPLETIONS_V1, "inserted").inc(new_c)
+        RECORDS.labels(COMPLETIONS_V1, "duplicate").inc(n_c - dead_c - new_c)
+        RECORDS.labels(FEEDBACK_V1, "inserted").inc(new_f)
+        RECORDS.labels(FEEDBACK_V1, "duplicate").inc(n_f - dead_f - new_f)
+        if dead:
+            RECORDS.labels(COMPLETIONS_V1, "dead_letter").inc(dead_c)
+            RECORDS.labels(FEEDBACK_V1, "dead_letter").inc(dead_f)
+
+
+def build_consumer(bootstrap_servers: str, group_id: str, session_timeout_ms: int) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        client_id="alignloop-store",
+        enable_auto_commit=False,  # offsets follow the database commit, never precede it
+        auto_offset_reset="earliest",  # a new group must read everything: nothing acknowledged is skipped
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=max(session_timeout_ms // 3, 100),
+        max_poll_records=2000,
+    )
+    consumer.subscribe([COMPLETIONS_V1, FEEDBACK_V1])
+    return consumer
