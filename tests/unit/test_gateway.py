@@ -234,7 +234,7 @@ class StuckProducer:
     def send(self, topic, key, value):
         self.stuck.set()
         self.release.wait()
-        self.sent.append(key)
+        self.sent.append(key.decode())
 
         class Future:
             def add_callback(self, fn, *a):
