@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,3 +126,43 @@ def openai_client(stack: Stack):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{stack.gateway}/v1", api_key=stack.credentials["app_key"], max_retries=0)
+
+
+# ---- feedback stacks (no vLLM) ----------------------------------------------------------------------------
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one stack (dropped afterwards), so runs never see each other's rows."""
+    import uuid
+
+    import psycopg
+
+    name = f"alignloop_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def feedback_stack(tmp_path: Path, backend: str, **overrides) -> Iterator:
+    from tests.integration.feedback_stack import FeedbackStack, feedback_settings
+
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database()) if backend == "postgresql" else None
+        fs = FeedbackStack(feedback_settings(tmp_path, url, **overrides))
+        stack.callback(fs.down)
+        fs.up()
+        yield fs
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fstack(request, tmp_path_factory):
+    """A feedback stack per store backend, shared by a module's tests."""
+    with feedback_stack(tmp_path_factory.mktemp(f"feedback-{request.param}"), request.param) as fs:
+        yield fs
