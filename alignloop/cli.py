@@ -1,12 +1,15 @@
-"""The `alignloop` command: up, status, down, models init."""
+"""The `alignloop` command: up, status, down, models init, feedback export."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 from rich.console import Console
@@ -156,12 +159,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_init(args: argparse.Namespace) -> int:
-    from pipelines.models_init import init_models
-
-    settings = Settings()
-    settings.ensure_dirs()
-    # With the embedded tracking server not running, start it for the duration of the command.
+@contextlib.contextmanager
+def _tracking_server(settings: Settings) -> Iterator[None]:
+    """With the embedded tracking server not running, starts it for the duration of the block."""
     temporary = None
     if settings.embedded_mlflow and not components.http_ok(f"{settings.tracking_uri}/health"):
         temporary = Supervisor(settings, console)
@@ -170,14 +170,50 @@ def cmd_models_init(args: argparse.Namespace) -> int:
             mlflow = components.mlflow_server(settings)
             temporary.check_ports([mlflow])
             temporary.bring_up([mlflow])
-        ref = init_models(settings, tiny=args.tiny, force=args.force)
-        console.print(f"{ref.name} version {ref.version} is @champion and @reference")
-    except StackError as exc:
-        console.print(f"[red]✗ {exc}[/]")
-        return 1
+        yield
     finally:
         if temporary:
             temporary.stop_all()
+
+
+def cmd_models_init(args: argparse.Namespace) -> int:
+    from pipelines.models_init import init_models
+
+    settings = Settings()
+    settings.ensure_dirs()
+    try:
+        with _tracking_server(settings):
+            ref = init_models(settings, tiny=args.tiny, force=args.force)
+            console.print(f"{ref.name} version {ref.version} is @champion and @reference")
+    except StackError as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        return 1
+    return 0
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from pipelines.feedback_export import StoreNotReady, export_feedback
+
+    settings = Settings()
+    settings.ensure_dirs()
+    try:
+        with contextlib.nullcontext() if args.no_mlflow else _tracking_server(settings):
+            result = export_feedback(settings, out=args.out, since=args.since, log_mlflow=not args.no_mlflow,
+                                     console=console)
+    except (StackError, StoreNotReady, FileExistsError) as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        return 1
+    c = result.counts
+    console.print(
+        f"[green]✓[/] feedback export {result.hash}\n"
+        f"  folder          {result.folder}/\n"
+        f"  pairs           {c['pairs']}\n"
+        f"  pointwise       {c['pointwise']}\n"
+        f"  demonstrations  {c['demonstrations']}\n"
+        f"  feedback        {c['feedback']} read, {c['skipped']} skipped (completion not in the store), "
+        f"{c['invalid']} invalid\n"
+        f"  MLflow run      {result.mlflow_run_id or '- (--no-mlflow)'}"
+    )
     return 0
 
 
@@ -220,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                   required=True)
     store.add_parser("upgrade", help="apply the store's migrations (ALIGNLOOP_STORE_URL, default SQLite)"
                      ).set_defaults(func=cmd_store_upgrade)
+    feedback = sub.add_parser("feedback", help="feedback commands").add_subparsers(dest="feedback_command",
+                                                                                  required=True)
+    export = feedback.add_parser("export", help="snapshot the store as training data (pairs, pointwise "
+                                 "labels, demonstrations) in Parquet, logged to MLflow as a dataset")
+    export.add_argument("--out", type=Path,
+                        help="output folder (default ALIGNLOOP_HOME/datasets/feedback-TS-HASH/)")
+    export.add_argument("--no-mlflow", action="store_true",
+                        help="write the folder only, log nothing to MLflow")
+    export.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD",
+                        help="only feedback created on or after this UTC day")
+    export.set_defaults(func=cmd_feedback_export)
     return parser
 
 
