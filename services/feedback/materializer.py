@@ -108,18 +108,27 @@ class Materializer:
         self.engine = engine
         self.max_records = max_records
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, drain_s: float = 10.0) -> None:
+        """Until `stop`; then keeps going until a poll comes back empty (at most `drain_s`), because the
+        embedded broker keeps records in memory only: what is not stored before it stops would be gone."""
         while not stop.is_set():
-            batch = self.consumer.poll(timeout_ms=250, max_records=self.max_records)
-            if not batch:
-                continue
-            self._write_until_stored(batch, stop)
-            try:
-                self.consumer.commit()
-                LAST_COMMIT.set_to_current_time()
-            except (CommitFailedError, KafkaError) as exc:
-                # The group rebalanced while we wrote: the records will be redelivered and found stored.
-                log.warning("offset commit failed (%r); the batch will be redelivered and deduplicated", exc)
+            self._step(stop)
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and self._step(stop):  # a store failure now ends it at once
+            pass
+
+    def _step(self, stop: threading.Event) -> bool:
+        batch = self.consumer.poll(timeout_ms=250, max_records=self.max_records)
+        if not batch:
+            return False
+        self._write_until_stored(batch, stop)
+        try:
+            self.consumer.commit()
+            LAST_COMMIT.set_to_current_time()
+        except (CommitFailedError, KafkaError) as exc:
+            # The group rebalanced while we wrote: the records will be redelivered and found stored.
+            log.warning("offset commit failed (%r); the batch will be redelivered and deduplicated", exc)
+        return True
 
     def _write_until_stored(self, batch: dict, stop: threading.Event) -> None:
         delay = 0.5

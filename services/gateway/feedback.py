@@ -30,6 +30,7 @@ from services.gateway.feedback_protocol import (
     ThumbsFeedback,
     stable_hash,
 )
+from services.gateway.submit_coalescer import SubmitCoalescer
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -72,6 +73,9 @@ class FeedbackApi:
     def __init__(self, stub: pb_grpc.FeedbackServiceStub, settings: Settings) -> None:
         self.stub = stub
         self.settings = settings
+        # Lookups may wait feedback_completion_wait_s for a completion record; Kafka acks take up to ~20 s.
+        self.timeout_s = settings.feedback_completion_wait_s + 30
+        self.coalescer = SubmitCoalescer(stub, timeout_s=self.timeout_s)
 
     # ---- parsing ----------------------------------------------------------------------------------------
     def _check_body(self, body: bytes) -> None:
@@ -161,25 +165,27 @@ class FeedbackApi:
         batch_hash = stable_hash([i.model_dump(mode="json") for i in items]) if idempotency_key else None
         messages = [self._to_pb(it, key_hash, now, idempotency_key, i, batch_hash) for i, it in enumerate(items)]
         try:
-            response = await self.stub.Submit(
-                pb.SubmitRequest(api_key_hash=key_hash, items=messages, all_or_nothing=True),
-                timeout=self.settings.feedback_completion_wait_s + 30,
-                # A collector restarting for a moment delays requests instead of failing them.
-                wait_for_ready=True,
-            )
+            if batch:
+                response = await self.stub.Submit(
+                    pb.SubmitRequest(api_key_hash=key_hash, items=messages, all_or_nothing=True),
+                    timeout=self.timeout_s,
+                    wait_for_ready=True,  # a collector restarting for a moment delays requests, not fails them
+                )
+                results = list(response.results)
+            else:
+                results = [await self.coalescer.submit(key_hash, messages[0])]
         except grpc.aio.AioRpcError as exc:
             status = 504 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 503
             raise ApiError(status, f"feedback collector: {exc.details() or exc.code().name}; nothing was stored "
                                    "unless a retry with the same idempotency key says so.",
                            "service_unavailable") from None
-        self._raise_first_error(response.results, items, batch, idempotency_key)
-        results = [
+        self._raise_first_error(results, items, batch, idempotency_key)
+        replayed = all(r.outcome == pb.REPLAYED for r in results)
+        return [
             FeedbackResult(feedback_id=r.feedback_id, client_feedback_id=it.feedback_id, kind=it.kind,
                            completion_ids=list(m.completion_ids), created=int(r.accepted_at))
-            for r, it, m in zip(response.results, items, messages)
-        ]
-        replayed = all(r.outcome == pb.REPLAYED for r in response.results)
-        return results, replayed
+            for r, it, m in zip(results, items, messages)
+        ], replayed
 
     @staticmethod
     def _raise_first_error(results, items: list[Item], batch: bool, idempotency_key: str | None) -> None:

@@ -221,7 +221,7 @@ def test_operator_key_also_chats_and_metrics_need_it(stack):
 def test_health_and_readiness(stack):
     assert httpx.get(f"{stack.gateway}/healthz").json() == {"status": "ok"}
     r = httpx.get(f"{stack.gateway}/readyz")
-    assert r.status_code == 200 and r.json()["checks"] == {"kafka": True, "policy": True}
+    assert r.status_code == 200 and r.json()["checks"] == {"kafka": True, "policy": True, "feedback": True}
 
 
 # ---- bad input: 400 naming the field, never 500 -------------------------------------------------------------

@@ -321,3 +321,33 @@ def test_ranked_answers_to_different_prompts_are_refused(fstack, answers):
     a, b = answers
     r = fstack.post("/v1/feedback", {"kind": "ranking", "completion_ids": [a[0], b[0]]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "completion_ids", r.text
+
+
+def test_a_training_snapshot_of_the_live_store(fstack, tmp_path):
+    """`alignloop feedback export` on the store the services write (SQLite and PostgreSQL's JSONB alike)."""
+    import pandas as pd
+
+    from pipelines.feedback_export import export_feedback
+
+    (a, b, c, d), = fstack.produce_completions(fstack.key(), [f"export {uuid.uuid4()}"], n=4)
+    fstack.wait_stored_completions([a, b, c, d])
+    items = [{"kind": "ranking", "completion_ids": [c, a, d, b]},
+             {"kind": "thumbs", "completion_id": a, "value": "up"},
+             {"kind": "thumbs", "completion_id": b, "value": "down", "correction": "Say it better."}]
+    r = fstack.post("/v1/feedback/batch", {"items": items})
+    assert r.status_code == 200, r.text
+    stored(fstack, [x["feedback_id"] for x in r.json()["data"]])
+
+    first = export_feedback(fstack.settings, out=tmp_path / "one", log_mlflow=False)
+    again = export_feedback(fstack.settings, out=tmp_path / "two", log_mlflow=False)
+    assert first.hash == again.hash  # same store contents, same snapshot
+    pairs = pd.read_parquet(first.folder / "pairs.parquet")
+    with fstack.engine.connect() as conn:
+        prompt = conn.execute(select(Completion.prompt_hash).where(Completion.completion_id == a)).scalar_one()
+    mine = pairs[pairs.prompt_hash == prompt]
+    ranked = {(p.chosen_completion_id, p.rejected_completion_id) for p in mine[mine.source == "ranking"].itertuples()}
+    assert ranked == {(c, a), (c, d), (c, b), (a, d), (a, b), (d, b)}  # all C(4,2), better one chosen
+    thumbs = mine[mine.source == "thumbs"]
+    assert list(zip(thumbs.chosen_completion_id, thumbs.rejected_completion_id)) == [(a, b)]
+    demos = pd.read_parquet(first.folder / "demonstrations.parquet")
+    assert demos[demos.completion_id == b].demonstration.tolist() == ["Say it better."]
