@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from sqlalchemy import Engine, select, text
 
+from alignloop.store import key_in
 from alignloop.store.schema import Feedback
 from alignloop.topics import FeedbackRecordV1
 from alignloop.v1 import feedback_pb2 as pb
@@ -146,8 +147,11 @@ class IdempotencyLedger:
 
     def _query(self, ids: list[str]) -> dict[str, tuple[str, float]]:
         stmt = select(Feedback.feedback_id, Feedback.request_hash, Feedback.accepted_at)
+        rows = []
         with self.engine.connect() as conn:
-            rows = conn.execute(stmt.where(Feedback.feedback_id.in_(ids))).all()
+            for start in range(0, len(ids), 1000):
+                cond = key_in(self.engine.dialect.name, Feedback.feedback_id, ids[start:start + 1000])
+                rows += conn.execute(stmt.where(cond)).all()
         return {fid: (h, at.timestamp()) for fid, h, at in rows}
 
     def _trim(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select
 
+from alignloop.store import key_in
 from alignloop.store.schema import Completion
 
 
@@ -65,7 +66,8 @@ class CompletionIndex:
         stmt = select(c.completion_id, c.api_key_hash, c.prompt_hash, c.model_name, c.model_version)
         out = []
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), 500):
-                rows = conn.execute(stmt.where(c.completion_id.in_(ids[start:start + 500])))
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start:start + 1000]
+                rows = conn.execute(stmt.where(key_in(self.engine.dialect.name, c.completion_id, chunk)))
                 out.extend(CompletionRef(*row) for row in rows)
         return out
