@@ -7,7 +7,7 @@ PROTOS  := $(wildcard proto/alignloop/v1/*.proto)
 STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: setup proto run test test-unit bench clean-state
+.PHONY: setup proto run test test-unit bench bench-feedback clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -33,3 +33,6 @@ test-unit: setup
 
 bench: setup
 	$(PY) benchmarks/serving.py
+
+bench-feedback: setup
+	$(PY) benchmarks/feedback_ingest.py

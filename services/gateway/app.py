@@ -73,10 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(metrics.RequestMetrics)
 
-    def caller(request: Request) -> Caller:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request.
+    async def caller(request: Request) -> Caller:
         return request.app.state.keys.authenticate(request.headers.get("authorization"))
 
-    def operator(request: Request, who: Caller = Depends(caller)) -> Caller:
+    async def operator(request: Request, who: Caller = Depends(caller)) -> Caller:
         return request.app.state.keys.require_operator(who)
 
     async def policy_info(request: Request) -> pb.GetInfoResponse:
