@@ -157,3 +157,30 @@ def test_kill_9_of_the_collector_while_clients_retry_loses_and_duplicates_nothin
         fs.start("feedback")
         clients.join(180)
         _assert_exactly_once(fs, clients, marker)
+
+
+def test_materializers_in_one_group_share_the_partitions_and_store_each_event_once(tmp_path):
+    """The consumer side scales by partitions: a second materializer joins the group, takes some of the three
+    partitions, and between them every event is stored exactly once."""
+    import dataclasses
+
+    from tests.conftest import free_port
+
+    with feedback_stack(tmp_path, "sqlite") as fs:
+        second = dataclasses.replace(fs, settings=fs.settings.model_copy(update={"materializer_port": free_port()}),
+                                     procs={}, _producer=None, _engine=None)
+        second.start("materializer")
+        try:
+            marker = f"group-{uuid.uuid4().hex[:8]}"
+            time.sleep(6)  # let the group settle with two members (Tansu joins in about half a session timeout)
+            clients = Clients(fs, _answers(fs), marker).start()
+            clients.join(120)
+            _assert_exactly_once(fs, clients, marker)
+            first_share = _metric(fs, "alignloop_store_records_total", topic="alignloop.feedback.v1",
+                                  outcome="inserted")
+            second_share = _metric(second, "alignloop_store_records_total", topic="alignloop.feedback.v1",
+                                   outcome="inserted")
+            assert first_share > 0 and second_share > 0, (first_share, second_share)
+            assert first_share + second_share == EVENTS
+        finally:
+            second.kill("materializer", 15)
