@@ -183,8 +183,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         owned: list[int] = []  # idempotent items whose id this attempt claimed
         try:
             await self._check_idempotency(items, verdicts, owned)
+            wait_s = request.completion_wait_s if request.HasField("completion_wait_s") else None
             refs = await self.completions.get_many(
-                [cid for it, v in zip(items, verdicts) if v is None for cid in it.completion_ids])
+                [cid for it, v in zip(items, verdicts) if v is None for cid in it.completion_ids], wait_s)
             for i, it in enumerate(items):
                 if verdicts[i] is None:
                     verdicts[i] = check_completions(it, request.api_key_hash, refs)

@@ -37,10 +37,12 @@ class CompletionIndex:
         self.max_cached = max_cached
         self._cache: dict[str, CompletionRef] = {}
 
-    async def get_many(self, ids: list[str]) -> dict[str, CompletionRef]:
+    async def get_many(self, ids: list[str], wait_s: float | None = None) -> dict[str, CompletionRef]:
+        """The stored completions among `ids`; missing ones are polled for up to `wait_s` (default: the
+        configured wait)."""
         found = {i: self._cache[i] for i in ids if i in self._cache}
         missing = [i for i in dict.fromkeys(ids) if i not in found]
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + (self.wait_s if wait_s is None else min(wait_s, self.wait_s))
         delay = 0.02
         loop = asyncio.get_running_loop()
         while missing:

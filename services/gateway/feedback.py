@@ -174,6 +174,13 @@ class FeedbackApi:
                 results = list(response.results)
             else:
                 results = [await self.coalescer.submit(key_hash, messages[0])]
+                if results[0].outcome == pb.NOT_FOUND:
+                    # Perhaps its completion record is still on its way to the store: ask again, alone and
+                    # willing to wait for it (feedback_completion_wait_s).
+                    response = await self.stub.Submit(
+                        pb.SubmitRequest(api_key_hash=key_hash, items=messages, all_or_nothing=True),
+                        timeout=self.timeout_s, wait_for_ready=True)
+                    results = list(response.results)
         except grpc.aio.AioRpcError as exc:
             status = 504 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 503
             raise ApiError(status, f"feedback collector: {exc.details() or exc.code().name}; nothing was stored "

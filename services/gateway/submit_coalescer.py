@@ -56,8 +56,10 @@ class SubmitCoalescer:
     async def _send(self, api_key_hash: str, entries: list[tuple[pb.FeedbackItem, asyncio.Future]]) -> None:
         try:
             response = await self.stub.Submit(
+                # No waiting for completion records here: an item whose completion is not stored yet comes back
+                # NOT_FOUND at once, and the caller retries it alone, so it never delays its neighbours.
                 pb.SubmitRequest(api_key_hash=api_key_hash, items=[item for item, _ in entries],
-                                 all_or_nothing=False),
+                                 all_or_nothing=False, completion_wait_s=0),
                 timeout=self.timeout_s,
                 wait_for_ready=True,  # a collector restarting for a moment delays requests instead of failing them
             )

@@ -26,7 +26,7 @@ from tests.conftest import REPO, free_port
 
 
 def feedback_settings(home: Path, store_url: str | None = None, **overrides) -> Settings:
-    return Settings(
+    values = dict(
         home=home,
         kafka_port=free_port(),
         mlflow_port=free_port(),
@@ -37,8 +37,8 @@ def feedback_settings(home: Path, store_url: str | None = None, **overrides) -> 
         store_url=store_url,
         kafka_session_timeout_ms=6000,  # Tansu joins a group in about half of it
         feedback_completion_wait_s=1.0,
-        **overrides,
     )
+    return Settings(**{**values, **overrides})
 
 
 @dataclass

@@ -184,3 +184,21 @@ def test_materializers_in_one_group_share_the_partitions_and_store_each_event_on
             assert first_share + second_share == EVENTS
         finally:
             second.kill("materializer", 15)
+
+
+def test_feedback_waiting_for_an_unknown_completion_holds_up_no_one_else(tmp_path):
+    """Single requests share collector calls; one naming a completion that is not stored (yet) waits on its
+    own, so everybody else's feedback goes through meanwhile."""
+    import concurrent.futures
+
+    with feedback_stack(tmp_path, "sqlite", feedback_completion_wait_s=30.0) as fs:
+        answers = _answers(fs, 20)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(fs.post, "/v1/feedback", {"kind": "thumbs", "completion_id": "cmpl-unknown",
+                                                          "value": "up"})
+            time.sleep(0.5)  # it is inside the collector now, waiting for a record that will not come
+            for cid in answers:
+                r = fs.post("/v1/feedback", {"kind": "thumbs", "completion_id": cid, "value": "up"})
+                assert r.status_code == 200, r.text
+            assert not stuck.done(), "the unknown id was answered before the 30 s wait: nothing was proven"
+            assert stuck.result(60).status_code == 404
