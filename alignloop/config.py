@@ -21,6 +21,7 @@ from pydantic_settings import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = REPO_ROOT / ".alignloop"
 POLICY_MODEL_NAME = "alignloop-policy"
+REWARD_MODEL_NAME = "alignloop-reward"
 
 
 def _config_file() -> Path:
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     feedback_port: int = 50052
     materializer_port: int = 9464  # the materializer's /metrics
+    reward_port: int = 50053
+    reward_metrics_port: int = 9465  # the reward service's /metrics
     # Set to reach an external broker / tracking server instead of the embedded ones.
     kafka_bootstrap_servers: str | None = None
     mlflow_tracking_uri: str | None = None
@@ -75,6 +78,17 @@ class Settings(BaseSettings):
     feedback_completion_wait_s: float = 5.0
     feedback_consumer_group: str = "alignloop-store"
     kafka_session_timeout_ms: int = 10_000
+
+    # reward model and service
+    reward_model_name: str = REWARD_MODEL_NAME
+    reward_model_alias: str = "champion"
+    reward_device: str = "auto"  # "auto": cuda when available, else cpu
+    reward_max_batch: int = 64  # pairs per forward pass, across concurrent requests
+    reward_max_wait_ms: float = 2.0  # how long a forward pass waits to fill up
+    reward_max_items: int = 256  # pairs per Score request
+    reward_poll_s: float = 5.0  # how often the service checks the registry for a new champion
+    # The gate: a new RM becomes champion only if its held-out accuracy >= the champion's - this.
+    reward_gate_tolerance: float = 0.0
 
     # readiness waits of the supervisor, per component
     start_timeout_s: float = 300.0
