@@ -65,8 +65,10 @@ def fetch_version(tracking_uri: str, ref: ModelVersionRef, cache_dir: Path) -> P
     got = Path(
         mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial), tracking_uri=tracking_uri)
     )
-    # The source is a folder logged under a run (runs:/RUN/model): find where config.json landed.
-    root = next((p.parent for p in sorted(got.rglob("config.json"), key=lambda p: len(p.parts))), got)
+    # The source is a folder logged under a run (runs:/RUN/model): find its root, the shallowest folder holding
+    # a config.json (a policy) or a reward_config.json (a reward model, whose config.json is in backbone/).
+    markers = [*got.rglob("config.json"), *got.rglob("reward_config.json")]
+    root = next((p.parent for p in sorted(markers, key=lambda p: len(p.parts))), got)
     shutil.rmtree(dest, ignore_errors=True)
     root.rename(dest)
     shutil.rmtree(partial, ignore_errors=True)
