@@ -36,6 +36,20 @@ def _ensure_policy_registered(settings: Settings) -> None:
         init_models(settings, tiny=settings.bootstrap_model == "tiny")
 
 
+def _ensure_reward_registered(settings: Settings) -> None:
+    """The reward service needs a champion RM to start: before any RM is trained, a placeholder (untrained)."""
+    from alignloop.registry import ModelNotRegistered, resolve_alias
+
+    try:
+        ref = resolve_alias(settings.tracking_uri, settings.reward_model_name, settings.reward_model_alias)
+        console.print(f"[green]✓[/] model    {ref.name}@{settings.reward_model_alias} = version {ref.version}")
+    except ModelNotRegistered:
+        from pipelines.models_init import init_reward_model
+
+        console.print(f"no {settings.reward_model_name} registered yet: registering an untrained placeholder")
+        init_reward_model(settings, tiny=settings.bootstrap_model == "tiny", console=console)
+
+
 def _upgrade_store(settings: Settings) -> None:
     from alignloop import store
 
@@ -83,6 +97,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             ensure_topics(settings.kafka_bootstrap)
         _ensure_policy_registered(settings)
+        _ensure_reward_registered(settings)
         _upgrade_store(settings)
         sup.bring_up(svcs)
         _print_ready(settings, creds_existed, time.monotonic() - started)

@@ -28,6 +28,8 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     # Seconds after which a component that never became ready is declared failed.
     start_timeout_s: float = 60.0
+    # A second port it listens on (its /metrics), checked before the start like `port`.
+    metrics_port: int | None = None
 
 
 def tansu_binary() -> Path:
@@ -147,6 +149,31 @@ def feedback_collector(settings: Settings) -> Component:
     )
 
 
+def reward_ready(target: str) -> bool:
+    import grpc
+
+    from alignloop.v1 import reward_pb2 as pb
+    from alignloop.v1 import reward_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return pb_grpc.RewardServiceStub(channel).GetInfo(pb.GetRewardInfoRequest(), timeout=2).ready
+        except grpc.RpcError:
+            return False
+
+
+def reward(settings: Settings) -> Component:
+    return Component(
+        name="reward",
+        argv=[sys.executable, "-m", "services.reward"],
+        port=settings.reward_port,
+        url=f"grpc://{settings.reward_target}",
+        probe=lambda: reward_ready(settings.reward_target),
+        metrics_port=settings.reward_metrics_port,
+        start_timeout_s=settings.start_timeout_s,
+    )
+
+
 def gateway(settings: Settings) -> Component:
     return Component(
         name="gateway",
@@ -169,4 +196,5 @@ def infrastructure(settings: Settings) -> list[Component]:
 
 
 def services(settings: Settings) -> list[Component]:
-    return [feedback_materializer(settings), feedback_collector(settings), policy(settings), gateway(settings)]
+    return [feedback_materializer(settings), feedback_collector(settings), reward(settings), policy(settings),
+            gateway(settings)]

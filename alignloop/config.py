@@ -163,6 +163,10 @@ class Settings(BaseSettings):
         return f"{self.host}:{self.feedback_port}"
 
     @property
+    def reward_target(self) -> str:
+        return f"{self.host}:{self.reward_port}"
+
+    @property
     def store(self) -> str:
         """The feedback store's SQLAlchemy URL."""
         return self.store_url or f"sqlite:///{self.home / 'feedback.db'}"

@@ -74,11 +74,13 @@ class Supervisor:
     # ---- starting ----------------------------------------------------------------------------------------
     def check_ports(self, components: list[Component]) -> None:
         for c in components:
-            if port_in_use(self.settings.host, c.port):
-                raise StackError(
-                    f"{c.name}: port {self.settings.host}:{c.port} is already in use. Stop what holds it, or "
-                    f"choose another port (ALIGNLOOP_{c.name.upper()}_PORT)."
-                )
+            ports = [(c.port, "PORT")] + ([(c.metrics_port, "METRICS_PORT")] if c.metrics_port else [])
+            for port, var in ports:
+                if port_in_use(self.settings.host, port):
+                    raise StackError(
+                        f"{c.name}: port {self.settings.host}:{port} is already in use. Stop what holds it, or "
+                        f"choose another port (ALIGNLOOP_{c.name.upper()}_{var})."
+                    )
 
     def start(self, component: Component) -> Running:
         log_path = self.settings.logs_dir / f"{component.name}.log"
