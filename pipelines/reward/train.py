@@ -1,0 +1,443 @@
+"""Reward-model training (InstructGPT §3.5), in one file in the manner of CleanRL's ppo.py.
+
+The RM maps a rendered (prompt, answer) to a scalar r_θ. For a prompt whose K answers a labeler ranked,
+InstructGPT's loss is
+
+    loss(θ) = − 1/C(K,2) · E_{(x, y_w, y_l) ~ D} [ log σ( r_θ(x, y_w) − r_θ(x, y_l) ) ]
+
+with all C(K,2) comparisons of one ranking kept together as ONE batch element: each of the K answers is
+forwarded once (K forward passes, not 2·C(K,2)), and the ranking is not counted C(K,2) times, which the paper
+found to overfit. Here a batch is `batch_size` such groups; its loss is the mean over groups of the mean
+over each group's pairs. A comparison, a thumbs pair or an HH-RLHF line is a group of one pair.
+
+Optionally, unpaired thumbs and ratings add a pointwise logistic term,
+    pointwise_weight · BCE(σ(r_θ(x, y)), label),    label ∈ [0, 1],
+so feedback on a prompt with a single answer is not wasted (see Args.pointwise_weight).
+
+After training the reward is shifted so that the training answers score 0 on average (InstructGPT
+normalises its RM before RL so that labeler demonstrations average 0), and the model is saved with
+`RewardModel.save`, the format the reward service loads. `run` then hands it to `publish` for MLflow and the
+champion gate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from alignloop.config import Settings
+from alignloop.reward_model import DEFAULT_BACKBONE, RewardModel, default_backbone_path
+from pipelines.reward import publish
+from pipelines.reward.datasets import PointwiseExample, PreferenceGroup, RewardData
+
+
+@dataclass
+class Args:
+    """Every hyper-parameter of a reward-model training run (logged to MLflow as params)."""
+
+    # model
+    backbone: str | None = None  # a transformers folder, a saved RM folder, or "@ALIAS" of the registered RM
+    max_length: int = 512  # tokens per answer (prompt + response, truncated on the left: the response stays)
+    disable_dropout: bool = True  # as TRL's RewardTrainer: the K answers of a group see the same network
+    # optimisation (AdamW, linear warmup then linear decay to 0)
+    lr: float = 2e-5
+    batch_size: int = 8  # preference groups (a whole ranking each) + pointwise rows per optimizer step
+    epochs: int = 1  # InstructGPT trains its RM for one epoch: more overfits
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    # 0.1: pairs (what the gate measures) dominate, yet a thumb or a rating with nothing to pair it with still
+    # teaches something; 0 trains on pairs alone, exactly InstructGPT's loss.
+    pointwise_weight: float = 0.1
+    # data
+    eval_fraction: float = 0.1  # snapshots: share of groups held out (by a hash of the group id)
+    limit: int | None = None  # at most this many training pairs (whole groups) and pointwise rows
+    eval_limit: int | None = None  # at most this many held-out pairs
+    # engineering
+    seed: int = 0
+    # Answers of one step are sorted by length and forwarded in chunks of at most this many padded tokens;
+    # the loss and gradient are those of one big forward pass, with far less padding.
+    forward_tokens: int = 8192
+    eval_batch_size: int = 32
+    shift_sample: int = 4096  # training answers scored to set reward_shift (a seeded sample when more)
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    threads: int | None = None  # torch intra-op threads on CPU; None: the cores this process may use
+
+
+# ---- setup -----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(threads: int | None) -> int:
+    """One intra-op thread per usable core; inter-op parallelism only oversubscribes a small machine."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op; a second run in-process keeps it
+        pass
+    return n
+
+
+def load_start(backbone: str | Path, args: Args, device: torch.device) -> tuple[RewardModel, object]:
+    """The model training starts from: a fresh head on a transformers backbone, or a saved RM (fine-tuning,
+    head included). Returns (model in train mode on `device`, tokenizer)."""
+    path = Path(backbone)
+    if (path / "reward_config.json").exists():
+        model, tokenizer = RewardModel.load(path, device=device)
+    else:
+        model, tokenizer = RewardModel.from_backbone(path)
+        model.config.backbone = DEFAULT_BACKBONE if path == default_backbone_path() else path.name
+    limits = [args.max_length, getattr(model.backbone.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    model.config.max_length = min(x for x in limits if x)
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return model.to(device).train(), tokenizer
+
+
+# ---- batches -----------------------------------------------------------------------------------------------
+class TokenTable:
+    """Every distinct text, tokenized once up front (as the reward service will: same tokenizer, same
+    max_length, truncated on the left)."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int, chunk: int = 1024) -> None:
+        self.index: dict[str, int] = {}
+        for t in texts:
+            self.index.setdefault(t, len(self.index))
+        unique = list(self.index)
+        self.ids: list[list[int]] = []
+        for start in range(0, len(unique), chunk):
+            enc = tokenizer(unique[start:start + chunk], truncation=True, max_length=max_length)
+            self.ids.extend(enc["input_ids"])
+        self.pad_id = tokenizer.pad_token_id
+        self.pad_left = tokenizer.padding_side == "left"
+
+
+@dataclass
+class Batch:
+    """The distinct answers of a step (rows) and what the loss needs to know about them."""
+
+    rows: list[int]  # TokenTable ids, one forward row each
+    winners: torch.Tensor  # [pairs] row of the preferred answer
+    losers: torch.Tensor  # [pairs] row of the other one
+    pair_group: torch.Tensor  # [pairs] which group (0..n_groups-1) the pair belongs to
+    n_groups: int
+    point_rows: torch.Tensor  # [points] rows of pointwise answers
+    point_labels: torch.Tensor  # [points] their labels in [0, 1]
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.winners.numel())
+
+
+def make_batch(items: Sequence[PreferenceGroup | PointwiseExample], table: TokenTable) -> Batch:
+    """Collects the distinct answers of `items` (each forwarded once, however many pairs it is in)."""
+    rows: dict[int, int] = {}  # TokenTable id -> row
+
+    def row(text: str) -> int:
+        return rows.setdefault(table.index[text], len(rows))
+
+    winners, losers, pair_group, point_rows, labels = [], [], [], [], []
+    n_groups = 0
+    for item in items:
+        if isinstance(item, PreferenceGroup):
+            local = [row(t) for t in item.texts]
+            for w, lo in item.pairs:
+                winners.append(local[w])
+                losers.append(local[lo])
+                pair_group.append(n_groups)
+            n_groups += 1
+        else:
+            point_rows.append(row(item.text))
+            labels.append(item.label)
+    long = dict(dtype=torch.long)
+    return Batch(list(rows), torch.tensor(winners, **long), torch.tensor(losers, **long),
+                 torch.tensor(pair_group, **long), n_groups, torch.tensor(point_rows, **long),
+                 torch.tensor(labels, dtype=torch.float32))
+
+
+def chunks_by_length(rows: Sequence[int], table: TokenTable, forward_tokens: int) -> list[list[int]]:
+    """Positions into `rows`, sorted by length and cut so that each chunk pads to at most `forward_tokens`."""
+    order = sorted(range(len(rows)), key=lambda i: len(table.ids[rows[i]]))
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = len(table.ids[rows[i]])  # sorted: the newcomer is the longest
+        if current and (len(current) + 1) * longest > forward_tokens:
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    return out
+
+
+def pad(ids: Sequence[Sequence[int]], table: TokenTable, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), table.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        sl = slice(width - len(x), width) if table.pad_left else slice(0, len(x))
+        input_ids[i, sl] = torch.tensor(x)
+        mask[i, sl] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def forward_rows(model: RewardModel, rows: Sequence[int], table: TokenTable, forward_tokens: int,
+                 device: torch.device) -> torch.Tensor:
+    """Raw rewards of the answers `rows`, in that order, as one differentiable tensor."""
+    rewards = torch.empty(len(rows), device=device)
+    parts, where = [], []
+    for chunk in chunks_by_length(rows, table, forward_tokens):
+        parts.append(model(*pad([table.ids[rows[i]] for i in chunk], table, device)))
+        where.append(torch.tensor(chunk, device=device))
+    return rewards.index_copy(0, torch.cat(where), torch.cat(parts).float())
+
+
+# ---- losses --------------------------------------------------------------------------------------------
+def preference_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+                    pair_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """−mean over groups of mean over the group's pairs of log σ(r_w − r_l) (InstructGPT eq. 1)."""
+    if n_groups == 0:
+        return rewards.sum() * 0.0
+    per_pair = -F.logsigmoid(rewards[winners] - rewards[losers])
+    sums = torch.zeros(n_groups, device=rewards.device, dtype=per_pair.dtype).index_add(0, pair_group, per_pair)
+    counts = torch.bincount(pair_group, minlength=n_groups).to(per_pair.dtype)
+    return (sums / counts).mean()
+
+
+def pointwise_loss(rewards: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE(σ(r), label): thumbs and ratings as calibrated probabilities of "good"."""
+    if rows.numel() == 0:
+        return rewards.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(rewards[rows], labels.to(rewards.device))
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: 0 → 1 over `warmup` steps, then linearly down to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def score_texts(model: RewardModel, tokenizer, texts: Sequence[str], batch_size: int = 32) -> list[float]:
+    """`RewardModel.score` (what serving computes: normalised rewards), shortest texts batched together."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    scores = model.score(tokenizer, [texts[i] for i in order], batch_size=batch_size)
+    model.train(was_training)
+    out = [0.0] * len(texts)
+    for i, s in zip(order, scores, strict=True):
+        out[i] = s
+    return out
+
+
+def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup],
+                  batch_size: int = 32) -> tuple[float | None, float | None]:
+    """(share of held-out pairs with r_chosen > r_rejected, mean pair loss); (None, None) without pairs.
+    A tie counts as wrong: a constant model scores 0, not 0.5."""
+    texts = list(dict.fromkeys(t for g in groups for t in g.texts))
+    if not any(g.pairs for g in groups):
+        return None, None
+    scores = dict(zip(texts, score_texts(model, tokenizer, texts, batch_size), strict=True))
+    right, losses = 0, []
+    for g in groups:
+        for w, lo in g.pairs:
+            margin = scores[g.texts[w]] - scores[g.texts[lo]]
+            right += margin > 0
+            losses.append(-F.logsigmoid(torch.tensor(margin)).item())
+    return right / len(losses), sum(losses) / len(losses)
+
+
+def mean_raw_reward(model: RewardModel, tokenizer, texts: Sequence[str], sample: int, seed: int,
+                    batch_size: int = 32) -> float:
+    """Mean raw reward (reward_shift not applied) over `texts`, or over a seeded sample of `sample` of them."""
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        return 0.0
+    if len(texts) > sample:
+        texts = random.Random(seed).sample(texts, sample)
+    shift, model.config.reward_shift = model.config.reward_shift, 0.0
+    try:
+        return sum(score_texts(model, tokenizer, texts, batch_size)) / len(texts)
+    finally:
+        model.config.reward_shift = shift
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainStats:
+    steps: int
+    pairs: int  # training pairs seen (all epochs)
+    seconds: float
+    last_loss: float | None
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else 0.0
+
+
+def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: torch.device, *,
+          on_step: Callable[[int, dict[str, float]], None] | None = None,
+          console: Console | None = None) -> TrainStats:
+    """`args.epochs` passes over the training groups (and pointwise rows, if pointwise_weight > 0)."""
+    items: list[PreferenceGroup | PointwiseExample] = list(data.train_groups)
+    if args.pointwise_weight > 0:
+        items += data.train_pointwise
+    table = TokenTable(tokenizer, [t for g in data.train_groups for t in g.texts]
+                       + [p.text for p in data.train_pointwise if args.pointwise_weight > 0],
+                       model.config.max_length)
+    steps_per_epoch = math.ceil(len(items) / args.batch_size) if items else 0
+    total = steps_per_epoch * args.epochs
+    warmup = max(1, round(args.warmup_ratio * total)) if args.warmup_ratio > 0 else 0
+
+    # No weight decay on biases and LayerNorm weights (as BERT, and TRL through transformers' Trainer).
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=args.adam_betas, eps=args.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
+    rng = random.Random(args.seed)
+
+    step, pairs_seen, last_loss = 0, 0, None
+    progress = Progress(TextColumn("training the RM"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} pairs/s"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
+                        transient=False)
+    model.train()
+    started = time.perf_counter()
+    with progress:
+        task = progress.add_task("train", total=total, loss="-", rate="-")
+        for epoch in range(args.epochs):
+            order = list(items)
+            rng.shuffle(order)
+            for start in range(0, len(order), args.batch_size):
+                batch = make_batch(order[start:start + args.batch_size], table)
+                rewards = forward_rows(model, batch.rows, table, args.forward_tokens, device)
+                pref = preference_loss(rewards, batch.winners.to(device), batch.losers.to(device),
+                                       batch.pair_group.to(device), batch.n_groups)
+                point = pointwise_loss(rewards, batch.point_rows.to(device), batch.point_labels)
+                loss = pref + args.pointwise_weight * point
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+
+                step += 1
+                pairs_seen += batch.n_pairs
+                last_loss = loss.item()
+                rate = pairs_seen / (time.perf_counter() - started)
+                progress.update(task, advance=1, loss=f"{last_loss:.4f}", rate=f"{rate:.1f}")
+                if on_step:
+                    on_step(step, {"loss": last_loss, "preference_loss": pref.item(),
+                                   "pointwise_loss": point.item(), "grad_norm": float(grad_norm),
+                                   "lr": scheduler.get_last_lr()[0], "epoch": epoch, "pairs_per_s": rate})
+    return TrainStats(step, pairs_seen, time.perf_counter() - started, last_loss)
+
+
+# ---- the whole job -------------------------------------------------------------------------------------------
+def run(settings: Settings, data: RewardData, args: Args, *, register: bool = True,
+        gate_tolerance: float | None = None, out: Path | None = None,
+        console: Console | None = None) -> dict:
+    """Trains on `data`, evaluates on its held-out pairs, sets reward_shift and saves the model; with
+    `register`, logs the run to MLflow (experiment "alignloop-reward"), registers a new version of
+    settings.reward_model_name and moves @champion to it if it passes the gate. Returns the summary the CLI
+    prints as its last line."""
+    console = console or Console(stderr=True)
+    seed_everything(args.seed)
+    device = pick_device(settings.reward_device if args.device == "auto" else args.device)
+    threads = configure_threads(args.threads) if device.type == "cpu" else None
+    tolerance = settings.reward_gate_tolerance if gate_tolerance is None else gate_tolerance
+
+    base_version = None
+    backbone = args.backbone or str(default_backbone_path())
+    if backbone.startswith("@"):
+        base_ref, backbone = publish.fetch_alias(settings, backbone[1:])
+        base_version = base_ref.version
+    model, tokenizer = load_start(backbone, args, device)
+    console.print(f"RM on {model.config.backbone} ({device}{f', {threads} threads' if threads else ''}): "
+                  f"{data.train_pairs} training pairs in {len(data.train_groups)} groups, "
+                  f"{len(data.train_pointwise)} pointwise rows, {data.eval_pairs} held-out pairs"
+                  + (f"; dropped {data.dropped}" if any(data.dropped.values()) else ""))
+
+    keep = out is not None or not register
+    folder = Path(out) if out else settings.home / "runs" / f"reward-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    scratch = None if keep else tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix="reward-")
+    if scratch:
+        folder = Path(scratch.name) / "model"
+
+    params = {k: v for k, v in asdict(args).items()} | {
+        "backbone": backbone, "base_reward_version": base_version, "dataset": data.name,
+        "dataset_hash": data.hash, "train_pairs": data.train_pairs, "train_groups": len(data.train_groups),
+        "eval_pairs": data.eval_pairs, "pointwise_rows": len(data.train_pointwise), "device": str(device),
+        "threads": threads, "gate_tolerance": tolerance}
+    tracker = publish.Tracker(settings.tracking_uri, enabled=register)
+    with tracker.run(run_name=f"reward-{data.digest}", params=params, data=data):
+        stats = train(model, tokenizer, data, args, device, on_step=tracker.log_step, console=console)
+        with console.status("evaluating on the held-out pairs"):
+            eval_accuracy, eval_loss = pair_accuracy(model, tokenizer, data.eval_groups, args.eval_batch_size)
+        with console.status("setting reward_shift"):
+            train_texts = [t for g in data.train_groups for t in g.texts] + \
+                          [p.text for p in data.train_pointwise]
+            model.config.reward_shift = mean_raw_reward(model, tokenizer, train_texts, args.shift_sample,
+                                                        args.seed, args.eval_batch_size)
+        model.config.extra = {**model.config.extra, "dataset_hash": data.hash, "eval_accuracy": eval_accuracy,
+                              "base_reward_version": base_version}
+        model.save(folder, tokenizer)
+        summary = {
+            "eval_accuracy": eval_accuracy, "eval_loss": eval_loss, "model_version": None, "promoted": False,
+            "champion_eval_accuracy": None, "champion_version": None, "gate": "not registered (--no-register)",
+            "pairs_per_s": round(stats.pairs_per_s, 3), "train_pairs": data.train_pairs,
+            "eval_pairs": data.eval_pairs, "train_groups": len(data.train_groups),
+            "eval_groups": len(data.eval_groups), "pointwise_rows": len(data.train_pointwise),
+            "steps": stats.steps, "train_seconds": round(stats.seconds, 3), "final_loss": stats.last_loss,
+            "reward_shift": model.config.reward_shift, "dataset_hash": data.hash,
+            "model_dir": str(folder) if keep else None, "run_id": tracker.run_id,
+        }
+        tracker.log_metrics({"eval_accuracy": eval_accuracy, "eval_loss": eval_loss,
+                             "pairs_per_s": stats.pairs_per_s, "reward_shift": model.config.reward_shift,
+                             "train_seconds": stats.seconds})
+        if register:
+            summary |= publish.register_and_gate(
+                settings, tracker, folder, data=data, eval_accuracy=eval_accuracy,
+                score=lambda m, tok: pair_accuracy(m, tok, data.eval_groups, args.eval_batch_size)[0],
+                tolerance=tolerance, untrained=stats.steps == 0, base_version=base_version,
+                backbone=model.config.backbone, reward_shift=model.config.reward_shift, device=device,
+                console=console)
+    if scratch:
+        scratch.cleanup()
+    return summary
