@@ -38,14 +38,14 @@ def test_up_status_then_sigterm_leaves_no_process_behind(home):
         assert set(creds) == {"app_key", "operator_key"} and creds["app_key"] != creds["operator_key"]
 
         out = stack.log()
-        for name in ("kafka", "mlflow", "policy", "gateway"):
+        for name in ("kafka", "mlflow", "reward", "policy", "gateway"):
             assert f"✓ {name}" in out
             assert (home / "logs" / f"{name}.log").exists()
         assert str(creds_path) in out
 
         status = subprocess.run([ALIGNLOOP, "status"], env=stack.env, capture_output=True, text=True, cwd=REPO)
         assert status.returncode == 0, status.stdout + status.stderr
-        for name in ("kafka", "mlflow", "policy", "gateway"):
+        for name in ("kafka", "mlflow", "reward", "policy", "gateway"):
             assert name in status.stdout
 
         # A second `up` on the same home refuses instead of fighting over ports.
@@ -94,6 +94,16 @@ def test_up_refuses_a_taken_port_naming_the_component(tmp_path):
     # Refused before anything was started.
     assert time.monotonic() - started < 30
     assert not (tmp_path / "home" / "logs" / "kafka.log").exists()
+
+
+def test_up_refuses_a_taken_metrics_port_naming_its_variable(tmp_path):
+    env = stack_env(tmp_path / "home")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["ALIGNLOOP_REWARD_METRICS_PORT"])))
+        taken.listen()
+        result = subprocess.run([ALIGNLOOP, "up"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "ALIGNLOOP_REWARD_METRICS_PORT" in result.stdout and "already in use" in result.stdout
 
 
 def test_a_component_that_fails_to_start_is_named_with_its_log(home):

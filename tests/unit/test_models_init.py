@@ -160,3 +160,22 @@ def test_init_models_registers_once(
     # Second call: nothing new is registered.
     assert init_models(settings, tiny=True) == ref
     assert [v.version for v in client.search_model_versions(f"name='{ref.name}'")] == ["1"]
+
+
+# ---- the placeholder reward model -------------------------------------------------------------------------
+def test_tiny_reward_model_loads_and_is_reproducible(tmp_path: Path) -> None:
+    from alignloop.reward_model import RewardModel, render
+    from pipelines.models_init import build_tiny_reward_model
+
+    texts = [render([{"role": "user", "content": "hi"}], "hello"), render([{"role": "user", "content": "hi"}], "bye")]
+    scores = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        folder = build_tiny_reward_model(tmp_path / name, seed=seed)
+        assert {p.name for p in folder.iterdir()} >= {"backbone", "head.safetensors", "reward_config.json"}
+        model, tokenizer = RewardModel.load(folder)
+        assert model.config.pooling == "mean"
+        assert sum(p.numel() for p in model.parameters()) < 200_000
+        scores[name] = model.score(tokenizer, texts)
+    assert scores["a"] == scores["b"]
+    assert scores["a"] != scores["c"]
+    assert scores["a"][0] != scores["a"][1]
