@@ -29,6 +29,7 @@ class SamplingV1(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    best_of: int | None = None  # best-of-n serving: this many were sampled, the n best by reward returned
 
 
 def prompt_hash(messages: list[ChatMessageV1]) -> str:
@@ -56,6 +57,11 @@ class CompletionRecordV1(BaseModel):
     stream: bool
     created_at: float = Field(description="Unix seconds when the gateway received the request.")
     finished_at: float = Field(description="Unix seconds when the choice finished.")
+    # Best-of-n serving only: the reward model's score, which version gave it, and whether the user was shown
+    # this answer. The answers not shown are recorded too: with their rewards they make ready ranking tasks.
+    reward: float | None = None
+    reward_model_version: str | None = None
+    shown: bool = True
 
 
 class FeedbackRecordV1(BaseModel):

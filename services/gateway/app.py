@@ -20,6 +20,7 @@ from alignloop.v1 import feedback_pb2 as feedback_pb
 from alignloop.v1 import feedback_pb2_grpc as feedback_grpc
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from alignloop.v1 import reward_pb2_grpc as reward_grpc
 from services.gateway import metrics
 from services.gateway.auth import Caller, KeyRing
 from services.gateway.chat import ChatService
@@ -51,13 +52,16 @@ def create_app(settings: Settings) -> FastAPI:
         )
         channel = grpc.aio.insecure_channel(settings.policy_target)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
-        app.state.chat = ChatService(app.state.policy, app.state.completion_log, settings.grpc_timeout_s)
+        reward_channel = grpc.aio.insecure_channel(settings.reward_target)
+        app.state.chat = ChatService(app.state.policy, app.state.completion_log, settings.grpc_timeout_s,
+                                     reward_grpc.RewardServiceStub(reward_channel))
         feedback_channel = grpc.aio.insecure_channel(settings.feedback_target)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
         app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
         yield
         await channel.close()
         await feedback_channel.close()
+        await reward_channel.close()
         await asyncio.to_thread(app.state.completion_log.close)
 
     app = FastAPI(title="alignloop gateway", version="0.1.0", lifespan=lifespan)
@@ -95,6 +99,14 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(400, f"n must be at most {settings.max_n}", param="n")
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if body.best_of is not None:
+            if body.stream:
+                raise ApiError(400, "best_of cannot be used with stream: the answers are ranked once all are "
+                                    "complete", param="best_of")
+            if body.best_of < body.n:
+                raise ApiError(400, f"best_of must be at least n ({body.n})", param="best_of")
+            if body.best_of > settings.max_n:
+                raise ApiError(400, f"best_of must be at most {settings.max_n}", param="best_of")
         chat: ChatService = request.app.state.chat
         if body.stream:
             events = await chat.stream(body, who.key_hash)

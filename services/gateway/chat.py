@@ -14,11 +14,14 @@ import grpc
 from alignloop.topics import ChatMessageV1, CompletionRecordV1, SamplingV1
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from alignloop.v1 import reward_pb2
+from alignloop.v1 import reward_pb2_grpc
 from services.gateway import metrics
 from services.gateway.completion_log import CompletionLog
 from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.protocol import (
     AssistantMessage,
+    Candidate,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -83,9 +86,10 @@ class _Turn:
     completion_ids: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.completion_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(self.req.n)]
+        self.completion_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(max(self.req.n, self.req.best_of or 0))]
 
-    def record(self, index: int, text: str, finish: str | None, prompt_tokens: int, tokens: int, model: pb.ModelRef):
+    def record(self, index: int, text: str, finish: str | None, prompt_tokens: int, tokens: int, model: pb.ModelRef,
+               *, reward: float | None = None, reward_model_version: str | None = None, shown: bool = True):
         req = self.req
         return CompletionRecordV1(
             completion_id=self.completion_ids[index],
@@ -105,11 +109,15 @@ class _Turn:
                 stop=req.stop,
                 seed=req.seed,
                 n=req.n,
+                best_of=req.best_of,
             ),
             api_key_hash=self.key_hash,
             stream=req.stream,
             created_at=self.received_at,
             finished_at=time.time(),
+            reward=reward,
+            reward_model_version=reward_model_version,
+            shown=shown,
         )
 
 
@@ -118,12 +126,16 @@ def fingerprint(model: pb.ModelRef) -> str:
 
 
 class ChatService:
-    def __init__(self, stub: pb_grpc.PolicyServiceStub, completion_log: CompletionLog, timeout_s: float) -> None:
+    def __init__(self, stub: pb_grpc.PolicyServiceStub, completion_log: CompletionLog, timeout_s: float,
+                 reward: reward_pb2_grpc.RewardServiceStub | None = None) -> None:
         self.stub = stub
         self.completion_log = completion_log
         self.timeout_s = timeout_s
+        self.reward = reward
 
     async def complete(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
+        if req.best_of:
+            return await self._best_of(req, key_hash)
         turn = _Turn(req, key_hash)
         try:
             resp = await self.stub.Generate(to_policy_request(req, turn.response_id), timeout=self.timeout_s)
@@ -156,6 +168,64 @@ class ChatService:
                 completion_tokens=completion_tokens,
                 total_tokens=resp.prompt_tokens + completion_tokens,
             ),
+        )
+
+    async def _best_of(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
+        """Best-of-n: sample best_of answers in one policy call, score them with the reward service, return the n
+        best. Every sampled answer is recorded, with its reward and whether it was shown."""
+        if self.reward is None:
+            raise ApiError(503, "best_of needs the reward service, which this gateway is not connected to",
+                           "service_unavailable", param="best_of")
+        turn = _Turn(req, key_hash)
+        generate = to_policy_request(req, turn.response_id)
+        generate.sampling.n = req.best_of
+        try:
+            resp = await self.stub.Generate(generate, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        conversation = [pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]
+        # An empty answer cannot be scored (the reward service refuses it); it is ranked last instead.
+        scorable = [c for c in resp.completions if c.text]
+        rewards: dict[int, float] = {}
+        reward_version = None
+        if scorable:
+            try:
+                scored = await self.reward.Score(
+                    reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(messages=conversation, response=c.text)
+                                                   for c in scorable]),
+                    timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                err = from_rpc_error(exc)
+                raise ApiError(err.status_code, f"reward service: {exc.details() or exc.code().name}", err.type,
+                               param="best_of") from None
+            rewards = {c.index: r for c, r in zip(scorable, scored.rewards)}
+            reward_version = scored.model.version
+        ranked = sorted(resp.completions, key=lambda c: (c.index not in rewards, -rewards.get(c.index, 0.0)))
+        shown = {c.index for c in ranked[:req.n]}
+        for c in resp.completions:
+            self.completion_log.submit(turn.record(
+                c.index, c.text, c.finish_reason or None, resp.prompt_tokens, len(c.token_ids), resp.model,
+                reward=rewards.get(c.index), reward_model_version=reward_version, shown=c.index in shown))
+        completion_tokens = sum(len(c.token_ids) for c in resp.completions)
+        metrics.GENERATED_TOKENS.inc(completion_tokens)
+        return ChatCompletionResponse(
+            id=turn.response_id,
+            created=int(turn.received_at),
+            model=resp.model.name,
+            system_fingerprint=fingerprint(resp.model),
+            choices=[
+                Choice(index=rank, message=AssistantMessage(content=c.text),
+                       logprobs=to_openai_logprobs(c.logprobs) if req.logprobs else None,
+                       finish_reason=c.finish_reason or None, completion_id=turn.completion_ids[c.index],
+                       reward=rewards.get(c.index))
+                for rank, c in enumerate(ranked[:req.n])
+            ],
+            # Every sampled answer cost tokens, so all of them count.
+            usage=Usage(prompt_tokens=resp.prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=resp.prompt_tokens + completion_tokens),
+            reward_model=f"{scored.model.name}/v{reward_version}" if reward_version else None,
+            candidates=[Candidate(completion_id=turn.completion_ids[c.index], reward=rewards.get(c.index),
+                                  shown=c.index in shown) for c in ranked],
         )
 
     async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[str]:

@@ -69,6 +69,8 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's extensions, for fixed-length generation (benchmarks, tests).
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    # alignloop: best-of-n serving. Sample best_of answers, score each with the reward model, return the n best.
+    best_of: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -117,6 +119,16 @@ class Choice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
     completion_id: str = Field(description="alignloop: what feedback on this choice refers to.")
+    reward: float | None = Field(None, description="alignloop, best_of only: the reward model's score.")
+
+
+class Candidate(BaseModel):
+    """best_of only: one sampled answer, shown or not, best first. Those not shown can be fetched by nobody but
+    are recorded, so the app can ask its user to rank them."""
+
+    completion_id: str
+    reward: float | None = Field(description="None: an empty answer, not scored (ranked last).")
+    shown: bool
 
 
 class Usage(BaseModel):
@@ -133,6 +145,9 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[Choice]
     usage: Usage
+    # alignloop, best_of only: the reward model that ranked the answers, and every sampled answer, best first.
+    reward_model: str | None = None
+    candidates: list[Candidate] | None = None
 
 
 class DeltaMessage(BaseModel):
