@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     reward_max_wait_ms: float = 2.0  # how long a forward pass waits to fill up
     reward_max_items: int = 256  # pairs per Score request
     reward_poll_s: float = 5.0  # how often the service checks the registry for a new champion
+    # torch threads of the reward service's forward passes on a CPU; 0: torch's default (one per core). On a
+    # machine shared with the vLLM engine, 1 avoids threads that spin waiting for a core the engine holds.
+    reward_threads: int = 0
     # The gate: a new RM becomes champion only if its held-out accuracy >= the champion's - this.
     reward_gate_tolerance: float = 0.0
 

@@ -143,6 +143,10 @@ async def follow_alias(settings: Settings, slot: ModelSlot, stop: asyncio.Event)
 async def serve(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
+    if settings.reward_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.reward_threads)
     name, alias = settings.reward_model_name, settings.reward_model_alias
     try:
         ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
