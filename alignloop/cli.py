@@ -1,4 +1,4 @@
-"""The `alignloop` command: up, status, down, models init, feedback export."""
+"""The `alignloop` command: up, status, down, models init, feedback export, reward train."""
 
 from __future__ import annotations
 
@@ -232,6 +232,59 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _newest_snapshot(settings: Settings) -> Path | None:
+    """The newest complete `feedback export` folder under ALIGNLOOP_HOME/datasets/ (names sort by time)."""
+    root = settings.home / "datasets"
+    found = sorted(p for p in root.glob("feedback-*") if (p / "manifest.json").exists()) if root.exists() else []
+    return found[-1] if found else None
+
+
+def cmd_reward_train(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from pipelines.reward.datasets import load_hh, load_snapshot
+    from pipelines.reward.train import Args, run
+
+    settings = Settings()
+    settings.ensure_dirs()
+    err = Console(stderr=True, soft_wrap=True)  # progress and notes; stdout ends with the JSON summary
+    hf_logging.disable_progress_bar()
+    if (args.train is None) != (args.eval is None) or (args.train and args.snapshot):
+        err.print("[red]✗ give either --snapshot DIR, or both --train and --eval (HH-RLHF files)[/]")
+        return 2
+    # Unset flags keep Args' defaults (pipelines/reward/train.py), which are documented there, once.
+    given = {k: getattr(args, k) for k in ("backbone", "epochs", "lr", "batch_size", "max_length",
+                                           "pointwise_weight", "seed", "eval_fraction", "limit", "eval_limit")}
+    hyper = Args(**{k: v for k, v in given.items() if v is not None})
+    if args.train:
+        data = load_hh(args.train, args.eval, limit=args.limit, eval_limit=args.eval_limit)
+    else:
+        folder = args.snapshot or _newest_snapshot(settings)
+        if folder is None:
+            err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback export`, "
+                      "or give --snapshot DIR or --train/--eval files[/]")
+            return 1
+        if not args.snapshot:
+            err.print(f"no --snapshot given: using the newest, {folder}")
+        data = load_snapshot(folder, eval_fraction=hyper.eval_fraction, limit=args.limit,
+                             eval_limit=args.eval_limit)
+    if not data.train_groups and not (data.train_pointwise and hyper.pointwise_weight > 0):
+        err.print(f"[red]✗ nothing to train on in {data.source} (no preference pairs"
+                  f"{'' if hyper.pointwise_weight > 0 else ', and --pointwise-weight is 0'})[/]")
+        return 1
+    try:
+        with contextlib.nullcontext() if args.no_register else _tracking_server(settings):
+            summary = run(settings, data, hyper, register=not args.no_register,
+                          gate_tolerance=args.gate_tolerance, out=args.out, console=err)
+    except StackError as exc:
+        err.print(f"[red]✗ {exc}[/]")
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_store_upgrade(args: argparse.Namespace) -> int:
     settings = Settings()
     settings.ensure_dirs()
@@ -282,6 +335,40 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD",
                         help="only feedback created on or after this UTC day")
     export.set_defaults(func=cmd_feedback_export)
+    reward = sub.add_parser("reward", help="reward model commands").add_subparsers(dest="reward_command",
+                                                                                  required=True)
+    rtrain = reward.add_parser(
+        "train", help="train a reward model on a feedback snapshot (default: the newest) or HH-RLHF files, "
+        "register it and make it @champion if it is at least as accurate on the held-out pairs",
+        description="Hyper-parameters left out take the defaults of Args in pipelines/reward/train.py. The last "
+        "line on stdout is a JSON summary.")
+    data = rtrain.add_mutually_exclusive_group()
+    data.add_argument("--snapshot", type=Path, metavar="DIR", help="an `alignloop feedback export` folder")
+    data.add_argument("--train", type=Path, nargs="+", metavar="PATH",
+                      help="HH-RLHF-format .jsonl[.gz] files to train on (with --eval)")
+    rtrain.add_argument("--eval", type=Path, nargs="+", metavar="PATH", help="HH-RLHF-format held-out files")
+    rtrain.add_argument("--backbone", metavar="PATH|@ALIAS",
+                        help="a transformers folder, a saved reward model (fine-tune it), or @ALIAS of the "
+                             "registered RM (default: all-MiniLM-L6-v2 from its wheel)")
+    rtrain.add_argument("--epochs", type=int)
+    rtrain.add_argument("--lr", type=float)
+    rtrain.add_argument("--batch-size", type=int,
+                        help="preference groups (a whole ranking each) per step")
+    rtrain.add_argument("--max-length", type=int, help="tokens per answer")
+    rtrain.add_argument("--pointwise-weight", type=float,
+                        help="weight of the logistic loss on unpaired thumbs and ratings (0: pairs only)")
+    rtrain.add_argument("--eval-fraction", type=float,
+                        help="snapshots: share of groups held out")
+    rtrain.add_argument("--seed", type=int)
+    rtrain.add_argument("--limit", type=int, help="at most N training pairs (whole groups)")
+    rtrain.add_argument("--eval-limit", type=int, help="at most N held-out pairs")
+    rtrain.add_argument("--gate-tolerance", type=float,
+                        help="promote if new accuracy >= champion's - this (default ALIGNLOOP_REWARD_GATE_TOLERANCE)")
+    rtrain.add_argument("--no-register", action="store_true",
+                        help="train and save the folder only: nothing is logged to MLflow, no gate")
+    rtrain.add_argument("--out", type=Path, help="keep the model folder here (default with --no-register: "
+                        "ALIGNLOOP_HOME/runs/reward-TS/)")
+    rtrain.set_defaults(func=cmd_reward_train)
     return parser
 
 

@@ -29,7 +29,6 @@ from pipelines.reward.datasets import RewardData
 
 EXPERIMENT_NAME = "alignloop-reward"
 ARTIFACT_PATH = "model"
-CHAMPION = "champion"
 UNTRAINED_TAG = "alignloop.untrained"
 
 
@@ -174,7 +173,8 @@ def register_and_gate(
     import mlflow
 
     console = console or Console(stderr=True)
-    client, name = _client(settings.tracking_uri), settings.reward_model_name
+    # The alias the reward service serves (settings.reward_model_alias, "champion" by default).
+    client, name, alias = _client(settings.tracking_uri), settings.reward_model_name, settings.reward_model_alias
     with console.status(f"logging the model to MLflow at {settings.tracking_uri}"):
         mlflow.log_artifacts(str(folder), artifact_path=ARTIFACT_PATH)
     tags = {"alignloop.kind": "reward", "alignloop.dataset_hash": data.hash,
@@ -190,7 +190,7 @@ def register_and_gate(
     mv = _register(client, name, tracker.run_id, tags)
 
     try:
-        champion = resolve_alias(settings.tracking_uri, name, CHAMPION)
+        champion = resolve_alias(settings.tracking_uri, name, alias)
     except ModelNotRegistered:
         champion = None
     champion_untrained = champion is not None and _is_untrained(client, champion)
@@ -204,7 +204,7 @@ def register_and_gate(
     decision = decide(eval_accuracy, champion_accuracy, tolerance, has_champion=champion is not None,
                       champion_untrained=champion_untrained)
     if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
+        client.set_registered_model_alias(name, alias, mv.version)
 
     gate_tags = {"alignloop.promoted": str(decision.promoted).lower(), "alignloop.gate": decision.reason,
                  "alignloop.gate_tolerance": _str(tolerance),
@@ -215,7 +215,7 @@ def register_and_gate(
         client.set_model_version_tag(name, mv.version, key, value)
     tracker.set_tags(gate_tags | {"alignloop.model_version": str(mv.version)})
     tracker.log_metrics({"champion_eval_accuracy": champion_accuracy, "promoted": float(decision.promoted)})
-    verdict = "[green]promoted to @champion[/]" if decision.promoted else "[yellow]not promoted[/]"
+    verdict = f"[green]promoted to @{alias}[/]" if decision.promoted else "[yellow]not promoted[/]"
     console.print(f"{name} version {mv.version}: {verdict} ({decision.reason})")
     return {"model_version": str(mv.version), "promoted": decision.promoted,
             "champion_eval_accuracy": champion_accuracy, "champion_version": champion.version if champion else None,

@@ -71,8 +71,10 @@ class Args:
     # engineering
     seed: int = 0
     # Answers of one step are sorted by length and forwarded in chunks of at most this many padded tokens;
-    # the loss and gradient are those of one big forward pass, with far less padding.
-    forward_tokens: int = 8192
+    # the loss and gradient are those of one big forward pass, with far less padding (HH-RLHF, 8 pairs a step:
+    # 71% of the computed tokens are real at 2048, 43% when everything is padded to the longest).
+    # None: 2048 on CPU, where small chunks cost nothing extra; 16384 on CUDA, where big ones keep it busy.
+    forward_tokens: int | None = None
     eval_batch_size: int = 32
     shift_sample: int = 4096  # training answers scored to set reward_shift (a seeded sample when more)
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -329,6 +331,7 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
                                   lr=args.lr, betas=args.adam_betas, eps=args.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     rng = random.Random(args.seed)
+    forward_tokens = args.forward_tokens or (16384 if device.type == "cuda" else 2048)
 
     step, pairs_seen, last_loss = 0, 0, None
     progress = Progress(TextColumn("training the RM"), BarColumn(), MofNCompleteColumn(),
@@ -344,7 +347,7 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
             rng.shuffle(order)
             for start in range(0, len(order), args.batch_size):
                 batch = make_batch(order[start:start + args.batch_size], table)
-                rewards = forward_rows(model, batch.rows, table, args.forward_tokens, device)
+                rewards = forward_rows(model, batch.rows, table, forward_tokens, device)
                 pref = preference_loss(rewards, batch.winners.to(device), batch.losers.to(device),
                                        batch.pair_group.to(device), batch.n_groups)
                 point = pointwise_loss(rewards, batch.point_rows.to(device), batch.point_labels)

@@ -22,8 +22,8 @@ from pipelines.feedback_export import SCHEMAS
 from pipelines.reward import publish
 from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, RewardData, hh_groups, is_held_out,
                                        load_hh, load_snapshot, parse_hh, read_jsonl)
-from pipelines.reward.train import (Args, TokenTable, load_start, make_batch, pair_accuracy, preference_loss,
-                                    run, score_texts)
+from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, make_batch,
+                                    pair_accuracy, preference_loss, run, score_texts)
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
 TOPICS = ["cats", "dogs", "rain", "code", "tea", "maps", "jazz", "bread", "stars", "trains", "chess", "snow"]
@@ -117,6 +117,8 @@ def synthetic_snapshot(folder: Path, *, comparisons: int = 240, rankings: int = 
 
 
 def settings_for(tmp_path: Path) -> Settings:
+    """MLflow in a SQLite file in tmp_path; its default artifact root (./mlruns) lands in tmp_path too, since
+    the registry tests chdir there (the `in_tmp` fixture)."""
     return Settings(home=tmp_path / "home", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
@@ -124,6 +126,12 @@ def fast_args(folder: Path, **overrides) -> Args:
     values = dict(backbone=str(folder), lr=3e-3, batch_size=8, epochs=4, max_length=64, warmup_ratio=0.1,
                   pointwise_weight=0.0, eval_fraction=0.2, seed=0)
     return Args(**(values | overrides))
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 # ---- HH-RLHF -------------------------------------------------------------------------------------------------
@@ -192,6 +200,24 @@ def test_a_ranking_of_four_is_one_group_of_six_pairs_and_four_forwards(tmp_path:
     assert (batch.n_pairs, batch.n_groups) == (6, 1)
     both = make_batch(data.train_groups, table)
     assert (len(both.rows), both.n_pairs, both.n_groups) == (6, 7, 2)
+
+
+def test_length_sorted_chunks_give_the_rewards_of_one_padded_forward(tmp_path: Path, backbone: Path) -> None:
+    rng = random.Random(2)
+    texts = [render(_messages(rng.choice(TOPICS)), _answer(rng, rng.choice(QUALITY)) * rng.randint(1, 4))
+             for _ in range(12)]
+    model, tokenizer = load_start(backbone, Args(max_length=64), torch.device("cpu"))
+    table = TokenTable(tokenizer, texts, 64)
+    rows = list(range(len(texts)))
+    assert len(chunks_by_length(rows, table, 64)) > 3  # really cut up
+    chunked = forward_rows(model, rows, table, 64, torch.device("cpu"))
+    whole = forward_rows(model, rows, table, 10**9, torch.device("cpu"))
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+    chunked.sum().backward()
+    grad = model.head.weight.grad.clone()
+    model.zero_grad()
+    whole.sum().backward()
+    torch.testing.assert_close(grad, model.head.weight.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_the_loss_is_the_mean_over_groups_of_the_mean_over_pairs() -> None:
@@ -297,7 +323,8 @@ def test_gate_decisions() -> None:
     assert not publish.decide(None, 0.8, 0.0, has_champion=True).promoted
 
 
-def test_register_promote_and_refuse(tmp_path: Path, backbone: Path) -> None:
+def test_register_promote_and_refuse(in_tmp: Path, backbone: Path) -> None:
+    tmp_path = in_tmp
     from mlflow import MlflowClient
 
     settings = settings_for(tmp_path)
@@ -343,7 +370,8 @@ def test_register_promote_and_refuse(tmp_path: Path, backbone: Path) -> None:
     assert fifth["eval_accuracy"] >= 0.9
 
 
-def test_an_untrained_placeholder_champion_is_always_beaten(tmp_path: Path, backbone: Path) -> None:
+def test_an_untrained_placeholder_champion_is_always_beaten(in_tmp: Path, backbone: Path) -> None:
+    tmp_path = in_tmp
     from mlflow import MlflowClient
 
     settings = settings_for(tmp_path)
@@ -356,3 +384,30 @@ def test_an_untrained_placeholder_champion_is_always_beaten(tmp_path: Path, back
     assert broken["promoted"] and broken["champion_eval_accuracy"] is None
     assert str(client.get_model_version_by_alias(settings.reward_model_name, "champion").version) == \
         broken["model_version"]
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+def test_cli_trains_the_newest_snapshot_and_prints_a_json_summary(
+        tmp_path: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from alignloop import cli
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(home))
+    synthetic_snapshot(home / "datasets" / "feedback-20260101T000000Z-aaaaaaaaaaaa", comparisons=20, rankings=2,
+                       digest="aa" * 32)
+    synthetic_snapshot(home / "datasets" / "feedback-20260102T000000Z-bbbbbbbbbbbb", comparisons=60, rankings=5,
+                       digest="bb" * 32)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["reward", "train", "--backbone", str(backbone), "--no-register", "--epochs", "2", "--lr", "3e-3",
+                  "--max-length", "64", "--out", str(tmp_path / "rm")])
+    assert exit_.value.code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dataset_hash"] == "bb" * 32  # the newest snapshot
+    assert {"eval_accuracy", "model_version", "promoted", "champion_eval_accuracy", "pairs_per_s", "train_pairs",
+            "eval_pairs"} <= set(summary)
+    assert summary["train_pairs"] + summary["eval_pairs"] == 60 + 5 * 6
+    assert (tmp_path / "rm" / "reward_config.json").exists()
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["reward", "train", "--train", str(tmp_path / "x.jsonl")])  # --eval missing
+    assert exit_.value.code == 2
