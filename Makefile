@@ -7,7 +7,7 @@ PROTOS  := $(wildcard proto/alignloop/v1/*.proto)
 STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: setup proto run test test-unit bench bench-feedback clean-state
+.PHONY: setup proto run test test-unit bench bench-feedback bench-reward clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -36,3 +36,6 @@ bench: setup
 
 bench-feedback: setup
 	$(PY) benchmarks/feedback_ingest.py
+
+bench-reward: setup
+	$(PY) benchmarks/reward_scoring.py
