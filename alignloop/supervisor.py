@@ -78,8 +78,8 @@ class Supervisor:
             for port, var in ports:
                 if port_in_use(self.settings.host, port):
                     raise StackError(
-                        f"{c.name}: port {self.settings.host}:{port} is already in use. Stop what holds it, or "
-                        f"choose another port (ALIGNLOOP_{c.name.upper()}_{var})."
+                        f"{c.name}: port {self.settings.host}:{port} is already in use. Stop what holds it, "
+                        f"or choose another port (ALIGNLOOP_{c.name.upper()}_{var})."
                     )
 
     def start(self, component: Component) -> Running:

@@ -1,4 +1,4 @@
-"""Reward scoring: scores/s through the reward service (gRPC, concurrent clients) vs RewardModel.score in-process.
+"""Reward scoring: scores/s through the reward service (gRPC, concurrent clients) vs RewardModel.score here.
 
 Both score the same registered model version on the same inputs, in the same run:
 
@@ -11,9 +11,9 @@ Both score the same registered model version on the same inputs, in the same run
 
 The inputs are HH-style conversations of varied lengths (seeded). The service process and this one share the
 machine, so phases run one after another, --rounds times, alternating; the best round of each is reported
-(other users of a shared machine only ever slow a round down). Both sides use --threads torch threads (default
-1: with 2 threads on a 2-core machine that others also use, a forward pass can get 10× slower while its threads
-wait for each other). The scores of the two paths are compared too.
+(other users of a shared machine only ever slow a round down). Both sides use --threads torch threads
+(default 1: with 2 threads on a 2-core machine that others also use, a forward pass can get 10× slower while
+its threads wait for each other). The scores of the two paths are compared too.
 
     .venv/bin/python benchmarks/reward_scoring.py            # all-MiniLM-L6-v2 with a fresh head
     .venv/bin/python benchmarks/reward_scoring.py --tiny     # the tiny random BERT: a quick check
@@ -46,9 +46,9 @@ from alignloop.reward_model import render  # noqa: E402
 err = Console(stderr=True)
 out = Console(soft_wrap=True)
 
-WORDS = ("the model reads a prompt and writes an answer people rate answers reward learns their preferences "
-         "policy value token feedback quick brown fox jumps over lazy dog capital of France is Paris two plus "
-         "two is four please explain briefly and politely").split()
+WORDS = ("the model reads a prompt and writes an answer people rate answers reward learns their "
+         "preferences policy value token feedback quick brown fox jumps over lazy dog capital of France is "
+         "Paris two plus two is four please explain briefly and politely").split()
 
 
 def conversations(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
@@ -62,7 +62,8 @@ def conversations(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str
     for _ in range(n):
         messages = [{"role": "user", "content": text(5, 60)}]
         for _ in range(rng.randint(0, 2) // 2):
-            messages += [{"role": "assistant", "content": text(5, 40)}, {"role": "user", "content": text(3, 20)}]
+            messages += [{"role": "assistant", "content": text(5, 40)},
+                         {"role": "user", "content": text(3, 20)}]
         pairs.append((messages, text(5, 120)))
     return pairs
 
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     pairs = conversations(args.items, seed=args.seed)
     texts = [render(m, r) for m, r in pairs]
     requests = [
-        pb.ScoreRequest(items=[pb.ScoreItem(messages=[policy_pb2.ChatMessage(**m) for m in msgs], response=resp)
-                               for msgs, resp in pairs[i:i + args.per_call]])
+        pb.ScoreRequest(items=[
+            pb.ScoreItem(messages=[policy_pb2.ChatMessage(**m) for m in msgs], response=resp)
+            for msgs, resp in pairs[i:i + args.per_call]
+        ])
         for i in range(0, len(pairs), args.per_call)
     ]
     model_name = "tiny random BERT" if args.tiny else "all-MiniLM-L6-v2"
@@ -194,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(name, f"{best[name]:.1f}", f"{best[name] / best['in-process']:.2f}×",
                       ", ".join(f"{v:.1f}" for v in values))
     out.print(table)
-    out.print(f"gRPC call latency p50 {result['call_latency_p50_ms']} ms, p95 {result['call_latency_p95_ms']} ms; "
-              f"mean batch {result['mean_batch_size']} items; scores differ by at most {max_diff:.2e}")
+    out.print(f"gRPC call latency p50 {result['call_latency_p50_ms']} ms, "
+              f"p95 {result['call_latency_p95_ms']} ms; mean batch {result['mean_batch_size']} items; "
+              f"scores differ by at most {max_diff:.2e}")
     out.print(f"ratio gRPC / in-process: {result['ratio_grpc_vs_in_process']:.2f}× "
               f"(/ in-process sorted: {result['ratio_grpc_vs_in_process_sorted']:.2f}×)")
     print(json.dumps(result))
@@ -217,8 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, in the service and in-process alike (0: torch's default). 1 by default: "
-                        "on a small shared machine, spare threads spin waiting for cores others hold")
+                   help="torch threads, in the service and in-process alike (0: torch's default). 1 by "
+                        "default: on a small shared machine, spare threads spin waiting for busy cores")
     args = p.parse_args(argv)
     if args.items is None:
         args.items = 2048 if args.tiny else 192

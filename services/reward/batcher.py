@@ -166,7 +166,7 @@ class Batcher(Generic[M, T]):
                 return self._take()
 
     def _take(self) -> list[tuple[_Job, int, int]]:
-        """Up to max_batch items from the head of the queue, all for the head's model, as (job, start, end)."""
+        """Up to max_batch items from the head of the queue, all for the head's model: (job, start, end)s."""
         head = self._jobs[0].model
         parts: list[tuple[_Job, int, int]] = []
         size = 0
@@ -188,7 +188,8 @@ class Batcher(Generic[M, T]):
         jobs = [job for job, _, _ in parts]
         started = time.perf_counter()
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self.executor, self.forward, model, items)
+            loop = asyncio.get_running_loop()
+            scores = await loop.run_in_executor(self.executor, self.forward, model, items)
             if len(scores) != len(items):
                 raise RuntimeError(f"the forward pass returned {len(scores)} scores for {len(items)} items")
         except asyncio.CancelledError:

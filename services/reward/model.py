@@ -58,7 +58,8 @@ def version_tags(tracking_uri: str, ref: ModelVersionRef) -> dict[str, str]:
 
 def load_version(settings: Settings, ref: ModelVersionRef) -> ServedModel:
     """Fetches the version's folder (cached in ALIGNLOOP_HOME/models), loads it and runs one warm-up pass, so
-    that the first calls after a swap do not pay for lazy initialisation. Blocking: call it off the event loop."""
+    that the first calls after a swap do not pay for lazy initialisation. Blocking: call it off the event
+    loop."""
     started = time.monotonic()
     folder = fetch_version(settings.tracking_uri, ref, settings.models_dir)
     untrained = version_tags(settings.tracking_uri, ref).get(UNTRAINED_TAG, "false").lower() == "true"

@@ -1,10 +1,11 @@
-"""The reward service: gRPC Score over `alignloop-reward@champion`, dynamically batched, swapped without a restart.
+"""The reward service: gRPC Score over `alignloop-reward@champion`, batched across calls, swapped live.
 
 A background task asks the registry every `reward_poll_s` where the alias points. When it points at another
 version, that version is fetched, loaded and warmed up in a thread while the current one keeps serving; then
-one assignment on the event loop makes it the version new calls get. Calls already queued keep the version they
-were given (the batcher never mixes versions in a batch, nor splits a call across versions) and the old model
-is freed when the last of them is answered. If the new version cannot be loaded, the old one keeps serving.
+one assignment on the event loop makes it the version new calls get. Calls already queued keep the version
+they were given (the batcher never mixes versions in a batch, nor splits a call across versions) and the old
+model is freed when the last of them is answered. If the new version cannot be loaded, the old one keeps
+serving.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ RETRY_FAILED_S = 60.0
 
 
 class ModelSlot:
-    """The version new calls are scored by. Replaced by one assignment on the event loop, so a call sees either
-    the old or the new version, never a mix."""
+    """The version new calls are scored by. Replaced by one assignment on the event loop, so a call sees
+    either the old or the new version, never a mix."""
 
     def __init__(self, served: ServedModel, alias: str) -> None:
         self.alias = alias
@@ -88,7 +89,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         metrics.REQUESTS.labels("ok").inc()
         metrics.ITEMS.inc(len(texts))
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
-        return pb.ScoreResponse(rewards=rewards, model=policy_pb2.ModelRef(name=served.name, version=served.version))
+        return pb.ScoreResponse(rewards=rewards,
+                                model=policy_pb2.ModelRef(name=served.name, version=served.version))
 
     async def GetInfo(self, request: pb.GetRewardInfoRequest, context) -> pb.GetRewardInfoResponse:
         s = self.slot.current
@@ -151,7 +153,7 @@ async def serve(settings: Settings) -> None:
     try:
         ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
     except ModelNotRegistered as exc:
-        raise SystemExit(f"{exc}: `alignloop up` registers a placeholder (or run `alignloop models init`)") from exc
+        raise SystemExit(f"{exc}: `alignloop up` registers a placeholder reward model if none is") from exc
     log.info("serving %s version %s (alias %s)", ref.name, ref.version, alias)
     slot = ModelSlot(await asyncio.to_thread(load_version, settings, ref), alias)
 
@@ -167,7 +169,8 @@ async def serve(settings: Settings) -> None:
 
     # so_reuseport=0: a port that is already taken must fail loudly, not be shared silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_RewardServiceServicer_to_server(RewardServicer(slot, batcher, settings.reward_max_items), server)
+    servicer = RewardServicer(slot, batcher, settings.reward_max_items)
+    pb_grpc.add_RewardServiceServicer_to_server(servicer, server)
     address = f"{settings.host}:{settings.reward_port}"
     server.add_insecure_port(address)
     await server.start()

@@ -25,7 +25,8 @@ def check_request(request: pb.ScoreRequest, max_items: int) -> Problem | None:
         return Problem("items", f"at most {max_items} items per call (got {n}); split the request")
     for i, item in enumerate(request.items):
         if not item.messages:
-            return Problem(f"items[{i}].messages", "an item needs the conversation it answers (at least one message)")
+            return Problem(f"items[{i}].messages",
+                           "an item needs the conversation it answers (at least one message)")
         for j, m in enumerate(item.messages):
             if m.role not in ROLES:
                 return Problem(f"items[{i}].messages[{j}].role",

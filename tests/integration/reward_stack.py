@@ -1,5 +1,5 @@
-"""A reward-only stack for tests and benchmarks: an MLflow server and the reward service, each a real process on
-free ports, with a placeholder reward model registered as alignloop-reward@champion (no Kafka, no vLLM)."""
+"""A reward-only stack for tests and benchmarks: an MLflow server and the reward service, each a real process
+on free ports, with a placeholder reward model registered as alignloop-reward@champion (no Kafka, no vLLM)."""
 
 from __future__ import annotations
 

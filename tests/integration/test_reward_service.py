@@ -159,10 +159,10 @@ def test_bad_input_is_invalid_argument_naming_the_field(rstack: RewardStack, ite
 
 
 def test_hot_swap_under_load(rstack: RewardStack, tmp_path: Path) -> None:
-    """Concurrent calls, each spanning several forward passes (24 items, max_batch 8), keep running while a new
-    version is registered and @champion moves to it: every call succeeds, is scored entirely by the one version
-    it names (its rewards equal that version's in-process scores), and once a client has seen the new version it
-    never gets the old one again."""
+    """Concurrent calls, each spanning several forward passes (24 items, max_batch 8), keep running while a
+    new version is registered and @champion moves to it: every call succeeds, is scored entirely by the one
+    version it names (its rewards equal that version's in-process scores), and once a client has seen the new
+    version it never gets the old one again."""
     from pipelines.models_init import build_tiny_reward_model
 
     indices = list(range(24))
@@ -178,7 +178,8 @@ def test_hot_swap_under_load(rstack: RewardStack, tmp_path: Path) -> None:
         while True:
             response = await stub.Score(request_for(indices), timeout=60)
             seen.append((time.monotonic(), response.model.version, list(response.rewards)))
-            if swapped_at and time.monotonic() > swapped_at[0] + settle_s and response.model.version == v2.version:
+            settled = swapped_at and time.monotonic() > swapped_at[0] + settle_s
+            if settled and response.model.version == v2.version:
                 return
 
     async def main():
@@ -207,8 +208,8 @@ def test_hot_swap_under_load(rstack: RewardStack, tmp_path: Path) -> None:
     assert (info.model.version, info.swaps, info.untrained) == (v2.version, 1, False)
     m = rstack.metrics()
     assert m[("alignloop_reward_swaps_total", ())] == 1
-    assert m[("alignloop_reward_served_version", (("alias", "champion"), ("model", "alignloop-reward")))] == int(
-        v2.version)
+    served = ("alignloop_reward_served_version", (("alias", "champion"), ("model", "alignloop-reward")))
+    assert m[served] == int(v2.version)
     assert m.get(("alignloop_reward_requests_total", (("outcome", "error"),)), 0) == 0
     # New calls are scored by the new version.
     with grpc.insecure_channel(rstack.target) as channel:

@@ -167,7 +167,8 @@ def test_tiny_reward_model_loads_and_is_reproducible(tmp_path: Path) -> None:
     from alignloop.reward_model import RewardModel, render
     from pipelines.models_init import build_tiny_reward_model
 
-    texts = [render([{"role": "user", "content": "hi"}], "hello"), render([{"role": "user", "content": "hi"}], "bye")]
+    hi = [{"role": "user", "content": "hi"}]
+    texts = [render(hi, "hello"), render(hi, "bye")]
     scores = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         folder = build_tiny_reward_model(tmp_path / name, seed=seed)

@@ -1,4 +1,4 @@
-"""services.reward.batcher with a fake scorer: merging, order, model pinning, failure isolation, cancellation."""
+"""services.reward.batcher with a fake scorer: merging, order, model pinning, failures, cancellation."""
 
 from __future__ import annotations
 
