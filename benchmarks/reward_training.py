@@ -167,6 +167,7 @@ def main() -> None:
 
     import torch
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
 
     from alignloop.config import Settings
     from alignloop.reward_model import RewardModel, default_backbone_path
@@ -174,6 +175,7 @@ def main() -> None:
     from pipelines.reward.train import Args, configure_threads, run
 
     console = Console(stderr=True)
+    hf_logging.disable_progress_bar()
     backbone = cli.backbone or str(default_backbone_path())
     hyper = Args(backbone=backbone, lr=cli.lr, batch_size=cli.batch_size, epochs=cli.epochs,
                  max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0)

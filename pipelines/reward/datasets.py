@@ -56,6 +56,16 @@ class PointwiseExample:
     label: float
 
 
+@dataclass(frozen=True)
+class DatasetInput:
+    """One table a training run cites in MLflow (`mlflow.log_input`): name + digest identify it there."""
+
+    frame: pd.DataFrame
+    name: str
+    source: str
+    digest: str  # MLflow caps digests at 36 characters: the first 12 of a sha256
+
+
 @dataclass
 class RewardData:
     """Train and held-out examples, plus what MLflow needs to cite the dataset."""
@@ -67,7 +77,7 @@ class RewardData:
     hash: str  # sha256 of the data (snapshot: its manifest hash; files: their bytes)
     source: str  # the folder or the files, for MLflow and the model version's tags
     # MLflow dataset inputs by context ("training", "evaluation").
-    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    inputs: dict[str, DatasetInput] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # why examples were left out, and how many
 
     @property
@@ -178,7 +188,9 @@ def load_snapshot(folder: Path, *, eval_fraction: float = 0.1, limit: int | None
     return RewardData(
         train_groups=train, eval_groups=held_out, train_pointwise=points,
         name=f"feedback-{manifest['hash'][:12]}", hash=manifest["hash"], source=str(folder.resolve()),
-        frames={"training": pairs}, dropped={"identical_pairs": identical},
+        # The name and digest `alignloop feedback export` logged the same table under: one dataset in MLflow.
+        inputs={"training": DatasetInput(pairs, "feedback-pairs", str(folder.resolve()), manifest["hash"][:12])},
+        dropped={"identical_pairs": identical},
     )
 
 
@@ -251,13 +263,16 @@ def load_hh(train: Sequence[Path], eval: Sequence[Path], *, limit: int | None = 
             dropped = {k: dropped[k] + why[k] for k in dropped}
         return groups[:cap] if cap is not None else groups, pd.concat(frames, ignore_index=True), dropped
 
+    def source(paths: Sequence[Path]) -> str:
+        return " ".join(str(Path(p).resolve()) for p in paths)
+
     train_groups, train_frame, dropped_train = read(train, limit)
     eval_groups, eval_frame, dropped_eval = read(eval, eval_limit)
     return RewardData(
         train_groups=train_groups, eval_groups=eval_groups, train_pointwise=[],
-        name="hh-rlhf", hash=_files_sha256([*train, *eval]),
-        source=" ".join(str(Path(p).resolve()) for p in [*train, *eval]),
-        frames={"training": train_frame, "evaluation": eval_frame},
+        name="hh-rlhf", hash=_files_sha256([*train, *eval]), source=source([*train, *eval]),
+        inputs={"training": DatasetInput(train_frame, "hh-rlhf-train", source(train), _files_sha256(train)[:12]),
+                "evaluation": DatasetInput(eval_frame, "hh-rlhf-eval", source(eval), _files_sha256(eval)[:12])},
         dropped={f"train_{k}": v for k, v in dropped_train.items()}
         | {f"eval_{k}": v for k, v in dropped_eval.items()},
     )

@@ -98,10 +98,9 @@ class Tracker:
                             "Series.values returning an ndarray that drops timezone",
                             "Hint: Inferred schema contains integer column"):
                 warnings.filterwarnings("ignore", message=message)
-            for context, frame in data.frames.items():
-                dataset = mlflow.data.from_pandas(frame, source=data.source, digest=data.digest,
-                                                  name=data.name if context == "training" else
-                                                  f"{data.name}-{context}")
+            for context, table in data.inputs.items():
+                dataset = mlflow.data.from_pandas(table.frame, source=table.source, digest=table.digest,
+                                                  name=table.name)
                 mlflow.log_input(dataset, context=context)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:

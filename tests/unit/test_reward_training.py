@@ -175,7 +175,8 @@ def test_hh_parser_on_real_lines() -> None:
     data = load_hh([HH_DIR / "helpful-base.test.jsonl.gz"], [HH_DIR / "harmless-base.test.jsonl.gz"],
                    limit=20, eval_limit=10)
     assert (data.train_pairs, data.eval_pairs) == (20, 10)
-    assert len(data.digest) == 12 and set(data.frames) == {"training", "evaluation"}
+    assert len(data.digest) == 12 and set(data.inputs) == {"training", "evaluation"}
+    assert data.inputs["evaluation"].source.endswith("harmless-base.test.jsonl.gz")
 
 
 # ---- snapshots and the C(K,2) grouping ---------------------------------------------------------------------
@@ -360,8 +361,9 @@ def test_register_promote_and_refuse(in_tmp: Path, backbone: Path) -> None:
 
     # The run cites the snapshot as its dataset, and logged per-step losses and the eval accuracy.
     run_info = client.get_run(client.get_model_version(name, "2").run_id)
-    assert run_info.inputs.dataset_inputs[0].dataset.digest == "ab" * 6
-    assert run_info.inputs.dataset_inputs[0].dataset.source and "eval_accuracy" in run_info.data.metrics
+    dataset = run_info.inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("feedback-pairs", "ab" * 6)  # as `feedback export` logs it
+    assert str(tmp_path / "snap") in dataset.source and "eval_accuracy" in run_info.data.metrics
     assert len(client.get_metric_history(run_info.info.run_id, "loss")) == second["steps"]
 
     # Fine-tuning the champion: "@champion" as the backbone records the base version.
