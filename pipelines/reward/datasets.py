@@ -6,8 +6,8 @@ reward service uses too, so the model is trained on exactly the text it will be 
 Two kinds of examples:
   * PreferenceGroup  distinct answers to one prompt and the (winner, loser) pairs among them. A ranking of K
                      answers is ONE group of C(K,2) pairs (InstructGPT §3.5: treating its comparisons as
-                     separate data points overfits, and each answer needs only one forward pass). A comparison,
-                     a thumbs pair and an HH-RLHF line are groups of one pair.
+                     separate data points overfits, and each answer needs only one forward pass).
+                     A comparison, a thumbs pair and an HH-RLHF line are groups of one pair.
   * PointwiseExample one answer with a label in [0, 1]: a thumbs vote (1/0) or a 1–7 rating ((r - 1) / 6).
 
 Held-out split of a snapshot: by a hash of the snapshot's `group` column, so all pairs of a ranking, and all
@@ -189,7 +189,8 @@ def load_snapshot(folder: Path, *, eval_fraction: float = 0.1, limit: int | None
         train_groups=train, eval_groups=held_out, train_pointwise=points,
         name=f"feedback-{manifest['hash'][:12]}", hash=manifest["hash"], source=str(folder.resolve()),
         # The name and digest `alignloop feedback export` logged the same table under: one dataset in MLflow.
-        inputs={"training": DatasetInput(pairs, "feedback-pairs", str(folder.resolve()), manifest["hash"][:12])},
+        inputs={"training": DatasetInput(pairs, "feedback-pairs", str(folder.resolve()),
+                                         manifest["hash"][:12])},
         dropped={"identical_pairs": identical},
     )
 
@@ -209,7 +210,8 @@ def parse_hh(transcript: str) -> tuple[list[dict], str]:
     pieces = _HH_TURN.split(prompt)  # [lead, role, text, role, text, ...]
     messages = [{"role": "system", "content": pieces[0]}] if pieces[0] else []
     for role, text in zip(pieces[1::2], pieces[2::2], strict=True):
-        messages.append({"role": "user" if role == "Human" else "assistant", "content": text.removeprefix(" ")})
+        role = "user" if role == "Human" else "assistant"
+        messages.append({"role": role, "content": text.removeprefix(" ")})
     return messages, response.removeprefix(" ")
 
 
@@ -271,8 +273,10 @@ def load_hh(train: Sequence[Path], eval: Sequence[Path], *, limit: int | None = 
     return RewardData(
         train_groups=train_groups, eval_groups=eval_groups, train_pointwise=[],
         name="hh-rlhf", hash=_files_sha256([*train, *eval]), source=source([*train, *eval]),
-        inputs={"training": DatasetInput(train_frame, "hh-rlhf-train", source(train), _files_sha256(train)[:12]),
-                "evaluation": DatasetInput(eval_frame, "hh-rlhf-eval", source(eval), _files_sha256(eval)[:12])},
+        inputs={
+            "training": DatasetInput(train_frame, "hh-rlhf-train", source(train), _files_sha256(train)[:12]),
+            "evaluation": DatasetInput(eval_frame, "hh-rlhf-eval", source(eval), _files_sha256(eval)[:12]),
+        },
         dropped={f"train_{k}": v for k, v in dropped_train.items()}
         | {f"eval_{k}": v for k, v in dropped_eval.items()},
     )

@@ -173,7 +173,8 @@ def register_and_gate(
 
     console = console or Console(stderr=True)
     # The alias the reward service serves (settings.reward_model_alias, "champion" by default).
-    client, name, alias = _client(settings.tracking_uri), settings.reward_model_name, settings.reward_model_alias
+    client = _client(settings.tracking_uri)
+    name, alias = settings.reward_model_name, settings.reward_model_alias
     with console.status(f"logging the model to MLflow at {settings.tracking_uri}"):
         mlflow.log_artifacts(str(folder), artifact_path=ARTIFACT_PATH)
     tags = {"alignloop.kind": "reward", "alignloop.dataset_hash": data.hash,
@@ -217,5 +218,6 @@ def register_and_gate(
     verdict = f"[green]promoted to @{alias}[/]" if decision.promoted else "[yellow]not promoted[/]"
     console.print(f"{name} version {mv.version}: {verdict} ({decision.reason})")
     return {"model_version": str(mv.version), "promoted": decision.promoted,
-            "champion_eval_accuracy": champion_accuracy, "champion_version": champion.version if champion else None,
+            "champion_eval_accuracy": champion_accuracy,
+            "champion_version": champion.version if champion else None,
             "gate": decision.reason}

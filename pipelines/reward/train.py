@@ -230,7 +230,8 @@ def preference_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.
     if n_groups == 0:
         return rewards.sum() * 0.0
     per_pair = -F.logsigmoid(rewards[winners] - rewards[losers])
-    sums = torch.zeros(n_groups, device=rewards.device, dtype=per_pair.dtype).index_add(0, pair_group, per_pair)
+    sums = torch.zeros(n_groups, device=rewards.device, dtype=per_pair.dtype)
+    sums = sums.index_add(0, pair_group, per_pair)
     counts = torch.bincount(pair_group, minlength=n_groups).to(per_pair.dtype)
     return (sums / counts).mean()
 
@@ -283,7 +284,7 @@ def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGrou
 
 def mean_raw_reward(model: RewardModel, tokenizer, texts: Sequence[str], sample: int, seed: int,
                     batch_size: int = 32) -> float:
-    """Mean raw reward (reward_shift not applied) over `texts`, or over a seeded sample of `sample` of them."""
+    """Mean raw reward (reward_shift not applied) over `texts`, or over a seeded sample of `sample`."""
     texts = list(dict.fromkeys(texts))
     if not texts:
         return 0.0
@@ -371,7 +372,7 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
     return TrainStats(step, pairs_seen, time.perf_counter() - started, last_loss)
 
 
-# ---- the whole job -------------------------------------------------------------------------------------------
+# ---- the whole job -------------------------------------------------------------------------------------
 def run(settings: Settings, data: RewardData, args: Args, *, register: bool = True,
         gate_tolerance: float | None = None, out: Path | None = None,
         console: Console | None = None) -> dict:
@@ -423,7 +424,8 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
         model.save(folder, tokenizer)
         summary = {
             "eval_accuracy": eval_accuracy, "eval_loss": eval_loss, "model_version": None, "promoted": False,
-            "champion_eval_accuracy": None, "champion_version": None, "gate": "not registered (--no-register)",
+            "champion_eval_accuracy": None, "champion_version": None,
+            "gate": "not registered (--no-register)",
             "pairs_per_s": round(stats.pairs_per_s, 3), "train_pairs": data.train_pairs,
             "eval_pairs": data.eval_pairs, "train_groups": len(data.train_groups),
             "eval_groups": len(data.eval_groups), "pointwise_rows": len(data.train_pointwise),

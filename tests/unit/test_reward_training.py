@@ -36,7 +36,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "human", "assistant", ":"
 # ---- fixtures ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random BertModel (hidden 32, 2 layers) with a WordPiece tokenizer over VOCAB; built in well under 1 s."""
+    """A random BertModel (hidden 32, 2 layers) with a WordPiece tokenizer over VOCAB, built in under 1 s."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -104,8 +104,8 @@ def synthetic_snapshot(folder: Path, *, comparisons: int = 240, rankings: int = 
     rows = []
     for i in range(comparisons):
         topic = rng.choice(TOPICS)
-        rows.append(_pair_row("comparison", f"c{i}", _messages(topic), _answer(rng, "good"), _answer(rng, "bad"),
-                              (f"c{i}a", f"c{i}b")))
+        rows.append(_pair_row("comparison", f"c{i}", _messages(topic), _answer(rng, "good"),
+                              _answer(rng, "bad"), (f"c{i}a", f"c{i}b")))
     for i in range(rankings):
         topic = rng.choice(TOPICS)
         answers = [_answer(rng, q) for q in QUALITY]
@@ -134,7 +134,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-# ---- HH-RLHF -------------------------------------------------------------------------------------------------
+# ---- HH-RLHF ---------------------------------------------------------------------------------------------
 def test_parse_hh_splits_at_the_last_assistant_turn() -> None:
     t = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4."
     messages, response = parse_hh(t)
@@ -147,7 +147,8 @@ def test_parse_hh_splits_at_the_last_assistant_turn() -> None:
     assert parse_hh(t2) == ([{"role": "user", "content": "a  Human: b"}], " two spaces")
     assert render(*parse_hh(t2)) == t2
     # Text before the first turn is kept, as a system message.
-    assert parse_hh("Be nice.\n\nHuman: hi\n\nAssistant: hey")[0][0] == {"role": "system", "content": "Be nice."}
+    system = {"role": "system", "content": "Be nice."}
+    assert parse_hh("Be nice.\n\nHuman: hi\n\nAssistant: hey")[0][0] == system
     with pytest.raises(ValueError):
         parse_hh("\n\nHuman: no answer")
 
@@ -180,7 +181,8 @@ def test_hh_parser_on_real_lines() -> None:
 
 
 # ---- snapshots and the C(K,2) grouping ---------------------------------------------------------------------
-def test_a_ranking_of_four_is_one_group_of_six_pairs_and_four_forwards(tmp_path: Path, backbone: Path) -> None:
+def test_a_ranking_of_four_is_one_group_of_six_pairs_and_four_forwards(tmp_path: Path,
+                                                                        backbone: Path) -> None:
     msgs = _messages("cats")
     answers = ["excellent cats.", "good cats.", "okay cats.", "bad cats."]
     rows = [_pair_row("ranking", "r1", msgs, answers[a], answers[b], (f"id{a}", f"id{b}"), (a, b))
@@ -272,7 +274,7 @@ def test_thumbs_pairs_are_single_groups_and_pointwise_follows_their_split(tmp_pa
     assert held.train_pointwise == [] and held.eval_pairs == 2
 
 
-# ---- training ------------------------------------------------------------------------------------------------
+# ---- training --------------------------------------------------------------------------------------------
 def test_training_learns_synthetic_preferences(tmp_path: Path, backbone: Path) -> None:
     data = load_snapshot(synthetic_snapshot(tmp_path / "snap"), eval_fraction=0.2)
     assert data.train_pairs > 200 and data.eval_pairs > 30
@@ -302,19 +304,21 @@ def test_pointwise_term_trains_on_unpaired_thumbs(tmp_path: Path, backbone: Path
     rng = random.Random(1)
     msgs = _messages("bread")
     # Training data: thumbs without a counterpart only; held-out pairs to measure what they taught.
-    held_out = [PreferenceGroup(f"c{i}", (render(msgs, _answer(rng, "good")), render(msgs, _answer(rng, "bad"))),
+    held_out = [PreferenceGroup(f"c{i}", tuple(render(msgs, _answer(rng, q)) for q in ("good", "bad")),
                                 ((0, 1),)) for i in range(40)]
-    points = [PointwiseExample(render(msgs, _answer(rng, q)), float(q == "good")) for q in ["good", "bad"] * 100]
-    data = RewardData(train_groups=[], eval_groups=held_out, train_pointwise=points, name="points", hash="cd" * 32,
-                      source="test")
+    points = [PointwiseExample(render(msgs, _answer(rng, q)), float(q == "good"))
+              for q in ["good", "bad"] * 100]
+    data = RewardData(train_groups=[], eval_groups=held_out, train_pointwise=points, name="points",
+                      hash="cd" * 32, source="test")
     summary = run(settings_for(tmp_path), data, fast_args(backbone, pointwise_weight=1.0), register=False,
                   out=tmp_path / "rm")
     assert summary["train_pairs"] == 0 and summary["eval_accuracy"] >= 0.9
     # Without the pointwise term nothing is learned from them (no step is even taken).
-    assert run(settings_for(tmp_path), data, fast_args(backbone), register=False, out=tmp_path / "rm0")["steps"] == 0
+    pairs_only = run(settings_for(tmp_path), data, fast_args(backbone), register=False, out=tmp_path / "rm0")
+    assert pairs_only["steps"] == 0
 
 
-# ---- the gate and the registry ------------------------------------------------------------------------------
+# ---- the gate and the registry --------------------------------------------------------------------------
 def test_gate_decisions() -> None:
     assert publish.decide(0.5, None, 0.0, has_champion=False).promoted
     assert publish.decide(0.1, 0.9, 0.0, has_champion=True, champion_untrained=True).promoted
@@ -352,7 +356,8 @@ def test_register_promote_and_refuse(in_tmp: Path, backbone: Path) -> None:
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     v3 = client.get_model_version(name, "3")
     assert v3.tags["alignloop.promoted"] == "false"
-    assert float(v3.tags["alignloop.champion_eval_accuracy"]) == pytest.approx(third["champion_eval_accuracy"])
+    recorded = float(v3.tags["alignloop.champion_eval_accuracy"])
+    assert recorded == pytest.approx(third["champion_eval_accuracy"])
     assert v3.tags["alignloop.dataset_hash"] == "ab" * 32 and v3.tags["alignloop.backbone"] == backbone.name
 
     # 4. A generous tolerance lets an equal-or-slightly-worse model through.
@@ -381,32 +386,35 @@ def test_an_untrained_placeholder_champion_is_always_beaten(in_tmp: Path, backbo
     data = load_snapshot(synthetic_snapshot(tmp_path / "snap", comparisons=60, rankings=5), eval_fraction=0.3)
     # Someone else's placeholder: a perfectly good model, but tagged untrained.
     good = run(settings, data, fast_args(backbone), register=True)
-    client.set_model_version_tag(settings.reward_model_name, good["model_version"], "alignloop.untrained", "true")
+    client.set_model_version_tag(settings.reward_model_name, good["model_version"], "alignloop.untrained",
+                                 "true")
     broken = run(settings, data, fast_args(backbone, epochs=0), register=True)
     assert broken["promoted"] and broken["champion_eval_accuracy"] is None
     assert str(client.get_model_version_by_alias(settings.reward_model_name, "champion").version) == \
         broken["model_version"]
 
 
-# ---- the command ---------------------------------------------------------------------------------------------
+# ---- the command -----------------------------------------------------------------------------------------
 def test_cli_trains_the_newest_snapshot_and_prints_a_json_summary(
-        tmp_path: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        tmp_path: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
     from alignloop import cli
 
     home = tmp_path / "home"
     monkeypatch.setenv("ALIGNLOOP_HOME", str(home))
-    synthetic_snapshot(home / "datasets" / "feedback-20260101T000000Z-aaaaaaaaaaaa", comparisons=20, rankings=2,
+    datasets = home / "datasets"
+    synthetic_snapshot(datasets / "feedback-20260101T000000Z-aaaaaaaaaaaa", comparisons=20, rankings=2,
                        digest="aa" * 32)
-    synthetic_snapshot(home / "datasets" / "feedback-20260102T000000Z-bbbbbbbbbbbb", comparisons=60, rankings=5,
+    synthetic_snapshot(datasets / "feedback-20260102T000000Z-bbbbbbbbbbbb", comparisons=60, rankings=5,
                        digest="bb" * 32)
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["reward", "train", "--backbone", str(backbone), "--no-register", "--epochs", "2", "--lr", "3e-3",
-                  "--max-length", "64", "--out", str(tmp_path / "rm")])
+        cli.main(["reward", "train", "--backbone", str(backbone), "--no-register", "--epochs", "2",
+                  "--lr", "3e-3", "--max-length", "64", "--out", str(tmp_path / "rm")])
     assert exit_.value.code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["dataset_hash"] == "bb" * 32  # the newest snapshot
-    assert {"eval_accuracy", "model_version", "promoted", "champion_eval_accuracy", "pairs_per_s", "train_pairs",
-            "eval_pairs"} <= set(summary)
+    assert {"eval_accuracy", "model_version", "promoted", "champion_eval_accuracy", "pairs_per_s",
+            "train_pairs", "eval_pairs"} <= set(summary)
     assert summary["train_pairs"] + summary["eval_pairs"] == 60 + 5 * 6
     assert (tmp_path / "rm" / "reward_config.json").exists()
 
