@@ -276,7 +276,9 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
                   f"{'' if hyper.pointwise_weight > 0 else ', and --pointwise-weight is 0'})[/]")
         return 1
     try:
-        with contextlib.nullcontext() if args.no_register else _tracking_server(settings):
+        # MLflow is needed to register, and to start from a registered RM (--backbone @ALIAS).
+        needs_mlflow = not args.no_register or (args.backbone or "").startswith("@")
+        with _tracking_server(settings) if needs_mlflow else contextlib.nullcontext():
             summary = run(settings, data, hyper, register=not args.no_register,
                           gate_tolerance=args.gate_tolerance, out=args.out, console=err)
     except StackError as exc:
