@@ -200,6 +200,9 @@ def cmd_models_init(args: argparse.Namespace) -> int:
         with _tracking_server(settings):
             ref = init_models(settings, tiny=args.tiny, force=args.force)
             console.print(f"{ref.name} version {ref.version} is @champion and @reference")
+            # The reward service needs a champion too; a placeholder until `alignloop reward train` replaces it.
+            _ensure_reward_registered(settings.model_copy(update={"bootstrap_model": "tiny" if args.tiny
+                                                                  else settings.bootstrap_model}))
     except StackError as exc:
         console.print(f"[red]✗ {exc}[/]")
         return 1
