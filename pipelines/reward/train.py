@@ -335,10 +335,12 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
     forward_tokens = args.forward_tokens or (16384 if device.type == "cuda" else 2048)
 
     step, pairs_seen, last_loss = 0, 0, None
+    console = console or Console(stderr=True)
     progress = Progress(TextColumn("training the RM"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} pairs/s"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
-                        transient=False)
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    # A bar redraws in place only on a terminal; in a log file it would show nothing until the end.
+    log_every = 0 if console.is_terminal else max(1, total // 20)
     model.train()
     started = time.perf_counter()
     with progress:
@@ -365,6 +367,8 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
                 last_loss = loss.item()
                 rate = pairs_seen / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=f"{last_loss:.4f}", rate=f"{rate:.1f}")
+                if log_every and (step % log_every == 0 or step == total):
+                    console.log(f"step {step}/{total}  loss {last_loss:.4f}  {rate:.1f} pairs/s")
                 if on_step:
                     on_step(step, {"loss": last_loss, "preference_loss": pref.item(),
                                    "pointwise_loss": point.item(), "grad_norm": float(grad_norm),
