@@ -62,6 +62,7 @@ from sqlalchemy import Engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from alignloop import credentials  # noqa: E402
+from benchmarks.serving import percentile  # noqa: E402
 from alignloop.kafka_admin import ensure_topics  # noqa: E402
 from alignloop.topics import ChatMessageV1, FeedbackRecordV1, prompt_hash  # noqa: E402
 from tests.integration.feedback_stack import FeedbackStack, feedback_settings  # noqa: E402
@@ -145,17 +146,6 @@ class RawResult:
     @property
     def events_per_s(self) -> float:
         return self.acked / self.wall_s if self.wall_s else 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile with linear interpolation between ranks (numpy's default); NaN for no values."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: `alignloop`, `servi
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from alignloop.reward_model import render  # noqa: E402
+from benchmarks.serving import percentile  # noqa: E402
 
 err = Console(stderr=True)
 out = Console(soft_wrap=True)
@@ -66,11 +67,6 @@ def conversations(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str
                          {"role": "user", "content": text(3, 20)}]
         pairs.append((messages, text(5, 120)))
     return pairs
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 async def run_grpc(target: str, requests: list, clients: int) -> tuple[float, list[float], list[float]]:
@@ -183,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         "in_process_sorted_scores_per_s": round(best["in-process, sorted"], 1),
         "ratio_grpc_vs_in_process": round(best["grpc"] / best["in-process"], 3),
         "ratio_grpc_vs_in_process_sorted": round(best["grpc"] / best["in-process, sorted"], 3),
-        "call_latency_p50_ms": round(1000 * percentile(latencies, 0.5), 1),
-        "call_latency_p95_ms": round(1000 * percentile(latencies, 0.95), 1),
+        "call_latency_p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "call_latency_p95_ms": round(1000 * percentile(latencies, 95), 1),
         "mean_batch_size": round(items / forwards, 1) if forwards else None,
         "max_abs_score_diff": max_diff,
     }
