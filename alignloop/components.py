@@ -58,17 +58,23 @@ def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
-def policy_ready(target: str) -> bool:
+def grpc_ready(target: str, ask: Callable) -> bool:
+    """Opens a channel to `target` and returns `ask(channel)`; False when the call fails (not up yet)."""
     import grpc
-
-    from alignloop.v1 import policy_pb2 as pb
-    from alignloop.v1 import policy_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
         try:
-            return pb_grpc.PolicyServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=2).ready
+            return bool(ask(channel))
         except grpc.RpcError:
             return False
+
+
+def policy_ready(target: str) -> bool:
+    from alignloop.v1 import policy_pb2 as pb
+    from alignloop.v1 import policy_pb2_grpc as pb_grpc
+
+    return grpc_ready(target,
+                      lambda ch: pb_grpc.PolicyServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=2).ready)
 
 
 def broker(settings: Settings) -> Component:
@@ -114,16 +120,11 @@ def policy(settings: Settings) -> Component:
 
 
 def feedback_ready(target: str) -> bool:
-    import grpc
-
     from alignloop.v1 import feedback_pb2 as pb
     from alignloop.v1 import feedback_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return pb_grpc.FeedbackServiceStub(channel).Health(pb.HealthRequest(), timeout=2).ready
-        except grpc.RpcError:
-            return False
+    return grpc_ready(target,
+                      lambda ch: pb_grpc.FeedbackServiceStub(ch).Health(pb.HealthRequest(), timeout=2).ready)
 
 
 def feedback_materializer(settings: Settings) -> Component:
@@ -150,16 +151,11 @@ def feedback_collector(settings: Settings) -> Component:
 
 
 def reward_ready(target: str) -> bool:
-    import grpc
-
     from alignloop.v1 import reward_pb2 as pb
     from alignloop.v1 import reward_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return pb_grpc.RewardServiceStub(channel).GetInfo(pb.GetRewardInfoRequest(), timeout=2).ready
-        except grpc.RpcError:
-            return False
+    return grpc_ready(
+        target, lambda ch: pb_grpc.RewardServiceStub(ch).GetInfo(pb.GetRewardInfoRequest(), timeout=2).ready)
 
 
 def reward(settings: Settings) -> Component:
