@@ -192,7 +192,7 @@ def _tracking_server(settings: Settings) -> Iterator[None]:
 
 
 def cmd_models_init(args: argparse.Namespace) -> int:
-    from pipelines.models_init import init_models
+    from pipelines.models_init import init_models, init_reward_model
 
     settings = Settings()
     settings.ensure_dirs()
@@ -201,8 +201,7 @@ def cmd_models_init(args: argparse.Namespace) -> int:
             ref = init_models(settings, tiny=args.tiny, force=args.force)
             console.print(f"{ref.name} version {ref.version} is @champion and @reference")
             # The reward service needs a champion too; a placeholder until `alignloop reward train` replaces it.
-            _ensure_reward_registered(settings.model_copy(update={"bootstrap_model": "tiny" if args.tiny
-                                                                  else settings.bootstrap_model}))
+            init_reward_model(settings, tiny=args.tiny, force=args.force, console=console)
     except StackError as exc:
         console.print(f"[red]✗ {exc}[/]")
         return 1

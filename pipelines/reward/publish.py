@@ -12,7 +12,6 @@ its run.
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ from rich.console import Console
 from alignloop.config import Settings
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, resolve_alias
 from alignloop.reward_model import RewardModel
-from pipelines.models_init import _ensure_registered_model, _experiment_id
+from pipelines.models_init import (ARTIFACT_PATH, UNTRAINED_TAG, _ensure_registered_model, _experiment_id,
+                                   create_ready_version)
 from pipelines.reward.datasets import RewardData
 
 EXPERIMENT_NAME = "alignloop-reward"
-ARTIFACT_PATH = "model"
-UNTRAINED_TAG = "alignloop.untrained"
 
 
 @dataclass(frozen=True)
@@ -137,20 +135,6 @@ def _is_untrained(client, ref: ModelVersionRef) -> bool:
     return str(tags.get(UNTRAINED_TAG, "")).lower() == "true"
 
 
-def _register(client, name: str, run_id: str, tags: dict[str, str], timeout_s: float = 300.0):
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id, tags=tags,
-                                     description="Reward model trained by `alignloop reward train`.")
-    deadline = time.monotonic() + timeout_s
-    while mv.status != "READY":  # aliases must only ever point at a usable version
-        if mv.status == "FAILED_REGISTRATION":
-            raise RuntimeError(f"{name} v{mv.version} failed to register: {mv.status_message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} v{mv.version} not READY after {timeout_s:.0f} s (status {mv.status})")
-        time.sleep(0.5)
-        mv = client.get_model_version(name, mv.version)
-    return mv
-
-
 def register_and_gate(
     settings: Settings,
     tracker: Tracker,
@@ -187,7 +171,8 @@ def register_and_gate(
     if untrained:  # no optimizer step was taken: any trained model may replace it
         tags[UNTRAINED_TAG] = "true"
     _ensure_registered_model(client, name, "The reward model (InstructGPT §3.5), trained on user feedback.")
-    mv = _register(client, name, tracker.run_id, tags)
+    mv = create_ready_version(client, name, tracker.run_id, tags=tags,
+                              description="Reward model trained by `alignloop reward train`.")
 
     try:
         champion = resolve_alias(settings.tracking_uri, name, alias)
