@@ -121,6 +121,19 @@ class _Turn:
         )
 
 
+@dataclass
+class _Ranking:
+    """best_of: the sampled answers, best first, and the rewards (by answer index) that ordered them."""
+
+    order: list
+    rewards: dict[int, float]
+    version: str | None
+    model: str | None
+
+    def reward(self, answer) -> float | None:
+        return self.rewards.get(answer.index)
+
+
 def fingerprint(model: pb.ModelRef) -> str:
     return f"{model.name}/v{model.version}"
 
@@ -134,79 +147,30 @@ class ChatService:
         self.reward = reward
 
     async def complete(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
-        if req.best_of:
-            return await self._best_of(req, key_hash)
-        turn = _Turn(req, key_hash)
-        try:
-            resp = await self.stub.Generate(to_policy_request(req, turn.response_id), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        choices = []
-        for c in resp.completions:
-            choices.append(
-                Choice(
-                    index=c.index,
-                    message=AssistantMessage(content=c.text),
-                    logprobs=to_openai_logprobs(c.logprobs) if req.logprobs else None,
-                    finish_reason=c.finish_reason or None,
-                    completion_id=turn.completion_ids[c.index],
-                )
-            )
-            self.completion_log.submit(
-                turn.record(c.index, c.text, c.finish_reason or None, resp.prompt_tokens, len(c.token_ids), resp.model)
-            )
-        completion_tokens = sum(len(c.token_ids) for c in resp.completions)
-        metrics.GENERATED_TOKENS.inc(completion_tokens)
-        return ChatCompletionResponse(
-            id=turn.response_id,
-            created=int(turn.received_at),
-            model=resp.model.name,
-            system_fingerprint=fingerprint(resp.model),
-            choices=choices,
-            usage=Usage(
-                prompt_tokens=resp.prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=resp.prompt_tokens + completion_tokens,
-            ),
-        )
-
-    async def _best_of(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
-        """Best-of-n: sample best_of answers in one policy call, score them with the reward service, return the n
-        best. Every sampled answer is recorded, with its reward and whether it was shown."""
-        if self.reward is None:
+        """All choices at once. With best_of, best_of answers are sampled in the same policy call, the reward
+        service ranks them and the n best are returned; every sampled answer is recorded either way."""
+        if req.best_of and self.reward is None:
             raise ApiError(503, "best_of needs the reward service, which this gateway is not connected to",
                            "service_unavailable", param="best_of")
         turn = _Turn(req, key_hash)
         generate = to_policy_request(req, turn.response_id)
-        generate.sampling.n = req.best_of
+        if req.best_of:
+            generate.sampling.n = req.best_of
         try:
             resp = await self.stub.Generate(generate, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        conversation = [pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]
-        # An empty answer cannot be scored (the reward service refuses it); it is ranked last instead.
-        scorable = [c for c in resp.completions if c.text]
-        rewards: dict[int, float] = {}
-        reward_version = None
-        if scorable:
-            try:
-                scored = await self.reward.Score(
-                    reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(messages=conversation, response=c.text)
-                                                   for c in scorable]),
-                    timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                err = from_rpc_error(exc)
-                raise ApiError(err.status_code, f"reward service: {exc.details() or exc.code().name}", err.type,
-                               param="best_of") from None
-            rewards = {c.index: r for c, r in zip(scorable, scored.rewards)}
-            reward_version = scored.model.version
-        ranked = sorted(resp.completions, key=lambda c: (c.index not in rewards, -rewards.get(c.index, 0.0)))
-        shown = {c.index for c in ranked[:req.n]}
-        for c in resp.completions:
+        answers = sorted(resp.completions, key=lambda c: c.index)
+        ranking = await self._rank(req, answers) if req.best_of else None
+        shown = ranking.order[:req.n] if ranking else answers
+        shown_indices = {c.index for c in shown}
+        for c in answers:
             self.completion_log.submit(turn.record(
                 c.index, c.text, c.finish_reason or None, resp.prompt_tokens, len(c.token_ids), resp.model,
-                reward=rewards.get(c.index), reward_model_version=reward_version, shown=c.index in shown))
-        completion_tokens = sum(len(c.token_ids) for c in resp.completions)
+                reward=ranking.reward(c) if ranking else None,
+                reward_model_version=ranking.version if ranking else None, shown=c.index in shown_indices))
+        # Every sampled answer cost tokens, shown or not.
+        completion_tokens = sum(len(c.token_ids) for c in answers)
         metrics.GENERATED_TOKENS.inc(completion_tokens)
         return ChatCompletionResponse(
             id=turn.response_id,
@@ -214,19 +178,41 @@ class ChatService:
             model=resp.model.name,
             system_fingerprint=fingerprint(resp.model),
             choices=[
-                Choice(index=rank, message=AssistantMessage(content=c.text),
+                Choice(index=i, message=AssistantMessage(content=c.text),
                        logprobs=to_openai_logprobs(c.logprobs) if req.logprobs else None,
                        finish_reason=c.finish_reason or None, completion_id=turn.completion_ids[c.index],
-                       reward=rewards.get(c.index))
-                for rank, c in enumerate(ranked[:req.n])
+                       reward=ranking.reward(c) if ranking else None)
+                for i, c in enumerate(shown)
             ],
-            # Every sampled answer cost tokens, so all of them count.
             usage=Usage(prompt_tokens=resp.prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=resp.prompt_tokens + completion_tokens),
-            reward_model=f"{scored.model.name}/v{reward_version}" if reward_version else None,
-            candidates=[Candidate(completion_id=turn.completion_ids[c.index], reward=rewards.get(c.index),
-                                  shown=c.index in shown) for c in ranked],
+            reward_model=ranking.model if ranking else None,
+            candidates=None if ranking is None else [
+                Candidate(completion_id=turn.completion_ids[c.index], reward=ranking.reward(c),
+                          shown=c.index in shown_indices)
+                for c in ranking.order
+            ],
         )
+
+    async def _rank(self, req: ChatCompletionRequest, answers: list) -> _Ranking:
+        """Scores the answers with the reward service; best first, empty answers (unscorable) last."""
+        conversation = [pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]
+        scorable = [c for c in answers if c.text]  # the reward service refuses an empty response
+        if not scorable:
+            return _Ranking(order=answers, rewards={}, version=None, model=None)
+        try:
+            scored = await self.reward.Score(
+                reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(messages=conversation, response=c.text)
+                                               for c in scorable]),
+                timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            err = from_rpc_error(exc)
+            raise ApiError(err.status_code, f"reward service: {exc.details() or exc.code().name}", err.type,
+                           param="best_of") from None
+        rewards = {c.index: r for c, r in zip(scorable, scored.rewards)}
+        order = sorted(answers, key=lambda c: (c.index not in rewards, -rewards.get(c.index, 0.0)))
+        return _Ranking(order=order, rewards=rewards, version=scored.model.version,
+                        model=f"{scored.model.name}/v{scored.model.version}")
 
     async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[str]:
         """Opens the stream and waits for the policy to accept the request (its first message comes before any
