@@ -61,10 +61,6 @@ def validation_error(exc: ValidationError) -> ApiError:
     if kind in ("union_tag_not_found", "union_tag_invalid"):
         param = f"{param}.kind" if param else "kind"
         return ApiError(400, f"{param}: must be one of {', '.join(KINDS)}", param=param)
-    if kind == "value_error" and "preferred" in err["msg"]:
-        param = f"{param}.preferred" if param else "preferred"
-    elif kind == "value_error" and "completion_ids" in err["msg"]:
-        param = f"{param}.completion_ids" if param else "completion_ids"
     param = param or "body"
     return ApiError(400, f"{param}: {err['msg']}", param=param)
 

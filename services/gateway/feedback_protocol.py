@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationInfo, field_validator
 from pydantic import Strict as StrictType
 
 CompletionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -50,15 +50,18 @@ class RatingFeedback(_FeedbackBase):
     value: Annotated[int, StrictType(), Field(ge=1, le=7)]  # 1 (worst) .. 7 (best), as InstructGPT's Likert scale
 
 
+def _distinct(ids: list[str]) -> list[str]:
+    if len(set(ids)) != len(ids):
+        raise ValueError("completion ids must be distinct")
+    return ids
+
+
 class RankingFeedback(_FeedbackBase):
     kind: Literal["ranking"]
     completion_ids: list[CompletionId] = Field(min_length=2, description="best first")
 
-    @model_validator(mode="after")
-    def _distinct(self) -> RankingFeedback:
-        if len(set(self.completion_ids)) != len(self.completion_ids):
-            raise ValueError("completion_ids must be distinct")
-        return self
+    # Field validators, so that an error's location is the field itself.
+    _distinct_ids = field_validator("completion_ids")(_distinct)
 
 
 class ComparisonFeedback(_FeedbackBase):
@@ -66,13 +69,15 @@ class ComparisonFeedback(_FeedbackBase):
     completion_ids: list[CompletionId] = Field(min_length=2, max_length=2)
     preferred: CompletionId
 
-    @model_validator(mode="after")
-    def _preferred_is_shown(self) -> ComparisonFeedback:
-        if self.completion_ids[0] == self.completion_ids[1]:
-            raise ValueError("completion_ids must be two different completions")
-        if self.preferred not in self.completion_ids:
+    _distinct_ids = field_validator("completion_ids")(_distinct)
+
+    @field_validator("preferred")
+    @classmethod
+    def _preferred_is_shown(cls, v: str, info: ValidationInfo) -> str:
+        ids = info.data.get("completion_ids")
+        if ids is not None and v not in ids:  # (ids is None: they failed validation, reported on their own)
             raise ValueError("preferred must be one of completion_ids")
-        return self
+        return v
 
 
 FeedbackItem = Annotated[ThumbsFeedback | RatingFeedback | RankingFeedback | ComparisonFeedback,
