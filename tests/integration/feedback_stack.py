@@ -5,12 +5,9 @@ exactly as the gateway's completion log produces them (the chat path itself is c
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,7 +19,8 @@ from alignloop.config import Settings
 from alignloop.kafka_admin import ensure_topics
 from alignloop.store.schema import Completion
 from alignloop.topics import COMPLETIONS_V1, ChatMessageV1, CompletionRecordV1, SamplingV1
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
+from tests.integration.processes import ComponentProcesses
 
 
 def feedback_settings(home: Path, store_url: str | None = None, **overrides) -> Settings:
@@ -42,48 +40,21 @@ def feedback_settings(home: Path, store_url: str | None = None, **overrides) -> 
 
 
 @dataclass
-class FeedbackStack:
-    settings: Settings
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+class FeedbackStack(ComponentProcesses):
     _producer: KafkaProducer | None = None
     _engine: Engine | None = None
     APPS = ("tenant-b",)
 
-    # ---- processes -------------------------------------------------------------------------------------
-    def _component(self, name: str) -> components.Component:
+    def component(self, name: str) -> components.Component:
         factories = {"kafka": components.broker, "materializer": components.feedback_materializer,
                      "feedback": components.feedback_collector, "gateway": components.gateway}
         return factories[name](self.settings)
 
-    def start(self, name: str, timeout: float = 60) -> None:
-        c = self._component(name)
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")},
-               **self.settings.to_env(), **c.env, "PYTHONUNBUFFERED": "1",
-               "ALIGNLOOP_CONFIG": str(self.settings.home / "no-such-config.toml")}
-        log = open(self.settings.logs_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(c.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        probe = c.probe if name != "gateway" else lambda: components.http_ok(f"{self.gateway}/healthz")
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}:\n{self.log(name)}")
-            if probe():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{name} not ready after {timeout} s:\n{self.log(name)}")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        p = self.procs.pop(name)
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-        p.wait(30)
-
-    def log(self, name: str) -> str:
-        path = self.settings.logs_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+    def probe(self, name: str, component: components.Component):
+        # The gateway's own probe (/readyz) also asks for a policy, which this stack does not run.
+        if name == "gateway":
+            return lambda: components.http_ok(f"{self.gateway}/healthz")
+        return component.probe
 
     def up(self) -> FeedbackStack:
         self.settings.ensure_dirs()
@@ -98,8 +69,7 @@ class FeedbackStack:
         return self
 
     def down(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.kill(name, signal.SIGTERM)
+        super().down()
         if self._producer:
             self._producer.close(5)
         if self._engine:

@@ -3,11 +3,7 @@ on free ports, with a placeholder reward model registered as alignloop-reward@ch
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,7 +14,8 @@ from alignloop.config import Settings
 from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
 from alignloop.v1 import reward_pb2 as pb
 from alignloop.v1 import reward_pb2_grpc as pb_grpc
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
+from tests.integration.processes import ComponentProcesses
 
 
 def reward_settings(home: Path, **overrides) -> Settings:
@@ -33,43 +30,12 @@ def reward_settings(home: Path, **overrides) -> Settings:
 
 
 @dataclass
-class RewardStack:
-    settings: Settings
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+class RewardStack(ComponentProcesses):
+    def component(self, name: str) -> components.Component:
+        return {"mlflow": components.mlflow_server, "reward": components.reward}[name](self.settings)
 
-    # ---- processes -------------------------------------------------------------------------------------
-    def start(self, name: str, timeout: float = 180) -> None:
-        c = {"mlflow": components.mlflow_server, "reward": components.reward}[name](self.settings)
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")},
-               **self.settings.to_env(), **c.env, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-               "ALIGNLOOP_CONFIG": str(self.settings.home / "no-such-config.toml")}
-        log = open(self.settings.logs_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(c.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.procs[name].returncode}:\n{self.log(name)}")
-            if c.probe():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{name} not ready after {timeout} s:\n{self.log(name)}")
-
-    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        p = self.procs.pop(name)
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            return p.wait(10)
-
-    def log(self, name: str) -> str:
-        path = self.settings.logs_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+    def start(self, name: str, timeout: float = 180) -> None:  # MLflow and a model load take longer
+        super().start(name, timeout)
 
     def up(self, *, tiny: bool = True) -> RewardStack:
         from pipelines.models_init import init_reward_model
@@ -79,10 +45,6 @@ class RewardStack:
         init_reward_model(self.settings, tiny=tiny)
         self.start("reward")
         return self
-
-    def down(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name)
 
     # ---- registry ---------------------------------------------------------------------------------------
     def register(self, folder: Path, *, aliases: tuple[str, ...] = ()) -> ModelVersionRef:
