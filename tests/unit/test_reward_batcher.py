@@ -80,15 +80,12 @@ def test_a_lone_call_is_not_held_longer_than_max_wait() -> None:
     async def main():
         b = Batcher(scorer, max_batch=64, max_wait_s=0.05)
         b.start()
-        started = time.perf_counter()
-        got = await b.submit("m", items_of(1, 2))
-        took = time.perf_counter() - started
+        # A partial batch must be sent once max_wait has passed; held until full, this would never return.
+        got = await asyncio.wait_for(b.submit("m", items_of(1, 2)), timeout=30)
         await b.stop()
-        return got, took
+        return got
 
-    got, took = run(main())
-    assert got == [1000, 1001]
-    assert took < 2.0  # generous: the point is that a partial batch is sent, not held until full
+    assert run(main()) == [1000, 1001]
 
 
 def test_calls_arriving_within_max_wait_share_one_forward_pass() -> None:
