@@ -1,7 +1,8 @@
-"""Creating the Kafka topics alignloop uses, idempotently."""
+"""Creating the Kafka topics alignloop uses, idempotently, and the one way its services produce to them."""
 
 from __future__ import annotations
 
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -28,3 +29,25 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int] = TOPICS, repli
                 pass
     finally:
         admin.close()
+
+
+def acked_producer(bootstrap_servers: str, topic: str, *, client_id: str, linger_ms: int = 2,
+                   delivery_timeout_ms: int = 20_000) -> KafkaProducer:
+    """A producer whose acknowledged sends are durable: acks=all, and idempotent, so its own retries never
+    duplicate or reorder a partition. Keys and values are sent as bytes. Returns once `topic`'s metadata is
+    known, so that the first send does not wait for it."""
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        # A few ms of linger lets concurrent sends share one produce request (and one broker round trip).
+        linger_ms=linger_ms,
+        # Large batches: kafka-python wakes its sender thread whenever a batch fills up or starts, and with
+        # the default 16 KiB (about 20 records) those wake-ups cost more than the sends.
+        batch_size=256 * 1024,
+        request_timeout_ms=delivery_timeout_ms // 2,
+        delivery_timeout_ms=delivery_timeout_ms,
+    )
+    producer.partitions_for(topic)
+    return producer

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from kafka import KafkaProducer
-
+from alignloop.kafka_admin import acked_producer
 from alignloop.topics import FEEDBACK_V1, FeedbackRecordV1
 
 
@@ -13,21 +12,8 @@ class FeedbackProducer:
     def __init__(self, bootstrap_servers: str, *, topic: str = FEEDBACK_V1, linger_ms: int = 2,
                  delivery_timeout_ms: int = 20_000) -> None:
         self.topic = topic
-        self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            client_id="alignloop-feedback",
-            acks="all",
-            enable_idempotence=True,  # the producer's own retries never duplicate or reorder a partition
-            # A few ms of linger lets concurrent requests share one produce request (and one broker round trip).
-            linger_ms=linger_ms,
-            # Large batches: kafka-python wakes its sender thread whenever a batch fills up or starts, and
-            # with the default 16 KiB (about 20 records) those wake-ups cost more than the sends.
-            batch_size=256 * 1024,
-            request_timeout_ms=delivery_timeout_ms // 2,
-            delivery_timeout_ms=delivery_timeout_ms,
-        )
-        # Fetch the topic's metadata now, so the first request does not wait for it.
-        self._producer.partitions_for(topic)
+        self._producer = acked_producer(bootstrap_servers, topic, client_id="alignloop-feedback",
+                                        linger_ms=linger_ms, delivery_timeout_ms=delivery_timeout_ms)
         self._last_error: BaseException | None = None
 
     def healthy(self) -> bool:

@@ -13,6 +13,7 @@ import threading
 from kafka import KafkaProducer
 from prometheus_client import Counter
 
+from alignloop.kafka_admin import acked_producer
 from alignloop.topics import COMPLETIONS_V1, CompletionRecordV1
 
 log = logging.getLogger("alignloop.gateway.completion_log")
@@ -38,14 +39,8 @@ class CompletionLog:
     @classmethod
     def connect(cls, bootstrap_servers: str, *, max_queue: int = 10_000) -> CompletionLog:
         """A log with its own idempotent, acks=all producer, ready to send (topic metadata fetched)."""
-        producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-        )
-        # Blocks until the topic's metadata is known, so the first request never waits for it.
-        producer.partitions_for(COMPLETIONS_V1)
+        producer = acked_producer(bootstrap_servers, COMPLETIONS_V1, client_id="alignloop-completions",
+                                  linger_ms=5)
         return cls(producer, max_queue=max_queue)
 
     def submit(self, record: CompletionRecordV1) -> None:

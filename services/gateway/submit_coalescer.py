@@ -2,8 +2,8 @@
 
 Under load many requests arrive while a Submit is in flight; sending each alone would pay a gRPC round trip,
 a store lookup in the collector and a Kafka wake-up per request. The coalescer keeps at most `max_in_flight`
-calls going (one measured best: 1,960 requests/s against 1,800 with four) and sends whatever queued up
-meanwhile as one call per API key, with per-item outcomes
+calls going (one by default: fewer, larger calls; compare with benchmarks/feedback_ingest.py) and sends
+whatever queued up meanwhile as one call per API key, with per-item outcomes
 (all_or_nothing=False), so one bad item never fails its neighbours. A lone request goes out at once.
 """
 
