@@ -161,25 +161,20 @@ class Materializer:
                     log.error("dead letter %s[%d]@%d: %s", tp.topic, r.partition, r.offset, exc)
                     dead.append({"topic": tp.topic, "kafka_partition": r.partition, "kafka_offset": r.offset,
                                  "key": r.key, "value": r.value, "error": str(exc)[:4000], "ingested_at": now})
+        parsed = {COMPLETIONS_V1: len(completions), FEEDBACK_V1: len(feedback)}  # before in-batch dedup
         completions = _first_by_key(completions, "completion_id")
         feedback = _first_by_key(feedback, "feedback_id")
         started = time.perf_counter()
         with self.engine.begin() as conn:
-            new_c = insert_ignoring_duplicates(conn, Completion.__table__, completions, ["completion_id"])
-            new_f = insert_ignoring_duplicates(conn, Feedback.__table__, feedback, ["feedback_id"])
+            new = {COMPLETIONS_V1: insert_ignoring_duplicates(conn, Completion.__table__, completions,
+                                                              ["completion_id"]),
+                   FEEDBACK_V1: insert_ignoring_duplicates(conn, Feedback.__table__, feedback, ["feedback_id"])}
             insert_ignoring_duplicates(conn, DeadLetter.__table__, dead, ["topic", "kafka_partition", "kafka_offset"])
         BATCH_SECONDS.observe(time.perf_counter() - started)
-        n_c = sum(len(rs) for tp, rs in batch.items() if tp.topic == COMPLETIONS_V1)
-        n_f = sum(len(rs) for tp, rs in batch.items() if tp.topic == FEEDBACK_V1)
-        dead_c = sum(1 for d in dead if d["topic"] == COMPLETIONS_V1)
-        dead_f = sum(1 for d in dead if d["topic"] == FEEDBACK_V1)
-        RECORDS.labels(COMPLETIONS_V1, "inserted").inc(new_c)
-        RECORDS.labels(COMPLETIONS_V1, "duplicate").inc(n_c - dead_c - new_c)
-        RECORDS.labels(FEEDBACK_V1, "inserted").inc(new_f)
-        RECORDS.labels(FEEDBACK_V1, "duplicate").inc(n_f - dead_f - new_f)
-        if dead:
-            RECORDS.labels(COMPLETIONS_V1, "dead_letter").inc(dead_c)
-            RECORDS.labels(FEEDBACK_V1, "dead_letter").inc(dead_f)
+        for topic in (COMPLETIONS_V1, FEEDBACK_V1):
+            RECORDS.labels(topic, "inserted").inc(new[topic])
+            RECORDS.labels(topic, "duplicate").inc(parsed[topic] - new[topic])
+            RECORDS.labels(topic, "dead_letter").inc(sum(1 for d in dead if d["topic"] == topic))
 
 
 def build_consumer(bootstrap_servers: str, group_id: str, session_timeout_ms: int) -> KafkaConsumer:
