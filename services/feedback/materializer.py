@@ -166,9 +166,11 @@ class Materializer:
         feedback = _first_by_key(feedback, "feedback_id")
         started = time.perf_counter()
         with self.engine.begin() as conn:
-            new = {COMPLETIONS_V1: insert_ignoring_duplicates(conn, Completion.__table__, completions,
-                                                              ["completion_id"]),
-                   FEEDBACK_V1: insert_ignoring_duplicates(conn, Feedback.__table__, feedback, ["feedback_id"])}
+            new = {
+                COMPLETIONS_V1: insert_ignoring_duplicates(conn, Completion.__table__, completions,
+                                                           ["completion_id"]),
+                FEEDBACK_V1: insert_ignoring_duplicates(conn, Feedback.__table__, feedback, ["feedback_id"]),
+            }
             insert_ignoring_duplicates(conn, DeadLetter.__table__, dead, ["topic", "kafka_partition", "kafka_offset"])
         BATCH_SECONDS.observe(time.perf_counter() - started)
         for topic in (COMPLETIONS_V1, FEEDBACK_V1):
