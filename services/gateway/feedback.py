@@ -74,12 +74,11 @@ class FeedbackApi:
         self.coalescer = SubmitCoalescer(stub, timeout_s=self.timeout_s)
 
     # ---- parsing ----------------------------------------------------------------------------------------
-    def _check_body(self, body: bytes) -> None:
+    @staticmethod
+    def _check_body(body: bytes) -> None:
+        # Its size was capped while it was read (feedback_max_body_bytes, a 413).
         if not body.strip():
             raise ApiError(400, "The request body is empty; send a JSON object.", param="body")
-        if len(body) > self.settings.feedback_max_body_bytes:
-            raise ApiError(413, f"The request body is larger than {self.settings.feedback_max_body_bytes} bytes.",
-                           param="body", code="body_too_large")
 
     def _check_limits(self, item: Item, prefix: str) -> None:
         s = self.settings
@@ -182,7 +181,7 @@ class FeedbackApi:
             raise ApiError(status, f"feedback collector: {exc.details() or exc.code().name}; nothing was stored "
                                    "unless a retry with the same idempotency key says so.",
                            "service_unavailable") from None
-        self._raise_first_error(results, items, batch, idempotency_key)
+        self._raise_first_error(results, items, batch)
         replayed = all(r.outcome == pb.REPLAYED for r in results)
         return [
             FeedbackResult(feedback_id=r.feedback_id, client_feedback_id=it.feedback_id, kind=it.kind,
@@ -191,7 +190,7 @@ class FeedbackApi:
         ], replayed
 
     @staticmethod
-    def _raise_first_error(results, items: list[Item], batch: bool, idempotency_key: str | None) -> None:
+    def _raise_first_error(results, items: list[Item], batch: bool) -> None:
         # Rejections name the client's fault first; a failure to store is only reported if there is none.
         order = (pb.NOT_FOUND, pb.INVALID, pb.CONFLICT, pb.FAILED)
         for outcome in order:
