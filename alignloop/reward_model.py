@@ -22,6 +22,8 @@ from torch import nn
 
 FORMAT_VERSION = 1
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
+# A registry tag: a reward model never trained (a placeholder); the trainer's gate always replaces it.
+UNTRAINED_TAG = "alignloop.untrained"
 
 
 @dataclass
@@ -153,13 +155,22 @@ class RewardModel(nn.Module):
         return model.to(device).eval(), tokenizer
 
     @torch.inference_mode()
-    def score(self, tokenizer, texts: Sequence[str], batch_size: int = 32) -> list[float]:
-        """Normalised rewards (raw - reward_shift) of rendered texts."""
+    def score(self, tokenizer, texts: Sequence[str], batch_size: int = 32,
+              sort_by_length: bool = True) -> list[float]:
+        """Normalised rewards (raw - reward_shift) of rendered texts, in their order.
+
+        Texts of similar length are batched together (`sort_by_length`), so batches pad little.
+        """
+        order = list(range(len(texts)))
+        if sort_by_length:
+            order.sort(key=lambda i: len(texts[i]))
         device = self.head.weight.device
-        out: list[float] = []
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+        out = [0.0] * len(texts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                             max_length=self.config.max_length, return_tensors="pt").to(device)
             raw = self(enc["input_ids"], enc["attention_mask"])
-            out.extend((raw.float() - self.config.reward_shift).tolist())
+            for i, r in zip(rows, (raw.float() - self.config.reward_shift).tolist(), strict=True):
+                out[i] = r
         return out

@@ -96,14 +96,7 @@ async def run_grpc(target: str, requests: list, clients: int) -> tuple[float, li
 
 def run_in_process(model, tokenizer, texts: list[str], *, sort: bool) -> tuple[float, list[float]]:
     started = time.perf_counter()
-    if sort:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        got = model.score(tokenizer, [texts[i] for i in order])
-        scores = [0.0] * len(texts)
-        for pos, i in enumerate(order):
-            scores[i] = got[pos]
-    else:
-        scores = model.score(tokenizer, texts)
+    scores = model.score(tokenizer, texts, sort_by_length=sort)
     return time.perf_counter() - started, scores
 
 

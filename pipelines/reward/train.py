@@ -253,16 +253,12 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 # ---- evaluation ------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def score_texts(model: RewardModel, tokenizer, texts: Sequence[str], batch_size: int = 32) -> list[float]:
-    """`RewardModel.score` (what serving computes: normalised rewards), shortest texts batched together."""
+    """`RewardModel.score` (what serving computes: normalised rewards) in eval mode; the mode is restored."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    scores = model.score(tokenizer, [texts[i] for i in order], batch_size=batch_size)
+    scores = model.score(tokenizer, texts, batch_size=batch_size)
     model.train(was_training)
-    out = [0.0] * len(texts)
-    for i, s in zip(order, scores, strict=True):
-        out[i] = s
-    return out
+    return scores
 
 
 def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup],

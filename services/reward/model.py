@@ -9,11 +9,10 @@ from pathlib import Path
 
 from alignloop.config import Settings
 from alignloop.registry import ModelVersionRef, fetch_version
-from alignloop.reward_model import RewardModel, render
+from alignloop.reward_model import UNTRAINED_TAG, RewardModel, render
 
 log = logging.getLogger("alignloop.reward.model")
 
-UNTRAINED_TAG = "alignloop.untrained"
 # Sequences per forward call inside one batch on a CPU: after sorting by length, chunks of similar lengths pad
 # little, and beyond ~16 a CPU forward gains nothing from more rows. A GPU takes the whole batch at once.
 CPU_CHUNK = 16
@@ -40,13 +39,8 @@ class ServedModel:
 
     def score(self, texts: list[str]) -> list[float]:
         """Rewards of rendered texts, in order. Runs in the batcher's worker thread."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunk = CPU_CHUNK if self.device == "cpu" else max(1, len(texts))
-        sorted_scores = self.model.score(self.tokenizer, [texts[i] for i in order], batch_size=chunk)
-        scores = [0.0] * len(texts)
-        for pos, i in enumerate(order):
-            scores[i] = sorted_scores[pos]
-        return scores
+        return self.model.score(self.tokenizer, texts, batch_size=chunk)
 
 
 def version_tags(tracking_uri: str, ref: ModelVersionRef) -> dict[str, str]:
