@@ -25,8 +25,7 @@ def _store_engine(settings: Settings):
 
 
 async def serve_collector(settings: Settings) -> None:
-    import grpc
-
+    from alignloop.grpc_serving import start_server, stop_on_signals
     from alignloop.v1 import feedback_pb2_grpc as pb_grpc
     from services.feedback.collector import FeedbackServicer
     from services.feedback.producer import FeedbackProducer
@@ -34,20 +33,14 @@ async def serve_collector(settings: Settings) -> None:
     engine = _store_engine(settings)
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
     producer = await asyncio.to_thread(FeedbackProducer, settings.kafka_bootstrap)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_FeedbackServiceServicer_to_server(
-        FeedbackServicer(engine, executor, producer, completion_wait_s=settings.feedback_completion_wait_s,
-                         max_ranking=settings.feedback_max_ranking),
-        server,
-    )
-    server.add_insecure_port(settings.feedback_target)
-    await server.start()
+    servicer = FeedbackServicer(engine, executor, producer,
+                                completion_wait_s=settings.feedback_completion_wait_s,
+                                max_ranking=settings.feedback_max_ranking)
+    server = await start_server(settings.feedback_target,
+                                lambda srv: pb_grpc.add_FeedbackServiceServicer_to_server(servicer, srv))
     log.info("feedback collector listening on %s; store %s", settings.feedback_target, engine.url)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await stop.wait()
     log.info("stopping: finishing in-flight submissions (5 s grace)")
     await server.stop(grace=5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,6 +11,7 @@ import grpc
 
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
+from alignloop.grpc_serving import start_server, stop_on_signals
 from alignloop.registry import fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
@@ -113,20 +113,14 @@ async def serve(settings: Settings) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_model_len = engine.model_config.max_model_len
 
-    # so_reuseport=0: a port that is already taken must fail loudly, not be shared silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_PolicyServiceServicer_to_server(
-        PolicyServicer(engine, tokenizer, pb.ModelRef(name=ref.name, version=ref.version), max_model_len), server
-    )
+    model = pb.ModelRef(name=ref.name, version=ref.version)
+    servicer = PolicyServicer(engine, tokenizer, model, max_model_len)
     address = f"{settings.host}:{settings.policy_port}"
-    server.add_insecure_port(address)
-    await server.start()
+    server = await start_server(address,
+                                lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv))
     log.info("policy service listening on %s", address)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await stop.wait()
     log.info("stopping: finishing in-flight requests (5 s grace)")
     await server.stop(grace=5)

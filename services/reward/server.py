@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 
 import grpc
 
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
+from alignloop.grpc_serving import start_server, stop_on_signals
 from alignloop.registry import ModelNotRegistered, resolve_alias
 from alignloop.reward_model import render
 from alignloop.v1 import policy_pb2
@@ -167,20 +167,14 @@ async def serve(settings: Settings) -> None:
     metrics.QUEUED_ITEMS.set_function(lambda: batcher.queued_items)
     start_http_server(settings.reward_metrics_port, addr=settings.host)
 
-    # so_reuseport=0: a port that is already taken must fail loudly, not be shared silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = RewardServicer(slot, batcher, settings.reward_max_items)
-    pb_grpc.add_RewardServiceServicer_to_server(servicer, server)
     address = f"{settings.host}:{settings.reward_port}"
-    server.add_insecure_port(address)
-    await server.start()
+    server = await start_server(address,
+                                lambda srv: pb_grpc.add_RewardServiceServicer_to_server(servicer, srv))
     log.info("reward service listening on %s (max_batch %d, max_wait %.1f ms); metrics on :%d", address,
              settings.reward_max_batch, settings.reward_max_wait_ms, settings.reward_metrics_port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     poller = asyncio.create_task(follow_alias(settings, slot, stop), name="follow-alias")
     await stop.wait()
     log.info("stopping: finishing in-flight calls (5 s grace)")
