@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignloop import components, credentials
-from alignloop.config import Settings
+from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
 
 console = Console(soft_wrap=True)  # log paths and tails must stay copy-pasteable
@@ -290,6 +290,151 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> list[str]:
+    """One --flag per field of dataclass `cls` (defaults and their reasons stay in the dataclass: unset flags
+    are None and keep them). Returns the field names."""
+    import dataclasses
+
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = str(f.type).replace(" | None", "")
+        flag = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind in ("int", "float", "str"):
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
+                                help=f"(default {f.default})")
+        else:
+            continue
+        names.append(f.name)
+    return names
+
+
+def cmd_ppo_train(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    from pipelines.ppo.args import Args
+    from pipelines.ppo.job import Sources, run
+
+    settings = Settings()
+    settings.ensure_dirs()
+    err = Console(stderr=True, soft_wrap=True)
+    hf_logging.disable_progress_bar()
+    hyper = Args(**{k: getattr(args, k) for k in args.ppo_fields if getattr(args, k) is not None})
+    sources = Sources(policy=args.policy, reference=args.reference, reward=args.reward,
+                      prompt_file=args.prompt_file, store_prompts=not args.no_store_prompts,
+                      ptx_file=args.ptx_file, value_from_reward=args.value_from_reward)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    uses_registry = not args.no_register or any(x.startswith("@") for x in (args.policy, args.reference)) \
+        or args.reward == "inprocess"
+    try:
+        # Under torchrun every rank needs the registry; a tracking server is started only by a single process.
+        server = _tracking_server(settings) if uses_registry and not distributed else contextlib.nullcontext()
+        with server:
+            summary = run(settings, hyper, sources, out=args.out, resume=not args.no_resume,
+                          register=not args.no_register, console=err)
+    except (StackError, ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]✗ {exc}[/]")
+        return 2 if isinstance(exc, ValueError) else 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_ppo_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from alignloop.registry import fetch_version
+    from pipelines import promotion
+    from pipelines.ppo.evaluate import Gates, evaluate
+    from pipelines.ppo.job import Sources, load_prompts, open_reward, resolve_policy
+
+    settings = Settings()
+    settings.ensure_dirs()
+    err = Console(stderr=True, soft_wrap=True)
+    name = settings.policy_model_name
+    try:
+        with _tracking_server(settings):
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+            version = args.candidate or max((int(v.version) for v in
+                                             client.search_model_versions(f"name='{name}'")), default=None)
+            if version is None:
+                raise ValueError(f"{name} has no registered version")
+            from alignloop.registry import ModelVersionRef
+
+            candidate_dir = fetch_version(settings.tracking_uri, ModelVersionRef(name, str(version), None, ""),
+                                          settings.models_dir)
+            champion_dir, champion = resolve_policy(settings, "@champion")
+            reference_dir, _ = resolve_policy(settings, "@reference")
+            _, held_out = load_prompts(settings, Sources(prompt_file=args.prompt_file,
+                                                          store_prompts=not args.no_store_prompts))
+            reward, _ = open_reward(settings, args.reward)
+            gates = Gates(args.min_win_rate, args.min_reward_gain, None if args.max_kl < 0 else args.max_kl)
+            err.print(f"{name} v{version} vs champion v{champion.version} on {min(len(held_out), args.max_prompts)}"
+                      f" held-out prompts")
+            try:
+                result = evaluate(candidate_dir, champion_dir, reference_dir, held_out[:args.max_prompts], reward,
+                                  gates, samples_per_prompt=args.samples_per_prompt,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  engine_env=vllm_cpu_environment(settings))
+            finally:
+                reward.close()
+            for key, value in {"alignloop.eval_win_rate": f"{result.win_rate:.4f}",
+                               "alignloop.eval_reward": f"{result.reward_candidate:.4f}",
+                               "alignloop.eval_kl": f"{result.kl_candidate:.4f}",
+                               "alignloop.eval_against": champion.version,
+                               "alignloop.eval_passed": str(result.passed).lower()}.items():
+                client.set_model_version_tag(name, str(version), key, value)
+            summary = result.as_dict() | {"candidate_version": str(version), "champion_version": champion.version,
+                                          "promoted": False}
+            if args.promote and result.passed and str(version) != champion.version:
+                promotion.promote(settings, name, str(version), reason="ppo evaluate: gates passed")
+                summary["promoted"] = True
+                err.print(f"[green]{name}@champion -> version {version}[/]")
+            elif not result.passed:
+                err.print(f"[yellow]gates failed: {'; '.join(result.reasons)}[/]")
+    except (StackError, ValueError, LookupError, FileNotFoundError) as exc:
+        err.print(f"[red]✗ {exc}[/]")
+        return 2
+    print(json.dumps(summary))
+    return 0 if result.passed else 3
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from pipelines import promotion
+
+    settings = Settings()
+    try:
+        with _tracking_server(settings):
+            move = promotion.promote(settings, args.name, args.version, reason=args.reason)
+    except (StackError, LookupError) as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        return 1
+    console.print(f"{move.name}@champion: {move.previous or '-'} -> {move.current}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from pipelines import promotion
+
+    settings = Settings()
+    try:
+        with _tracking_server(settings):
+            move = promotion.rollback(settings, args.name)
+    except (StackError, LookupError) as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        return 1
+    console.print(f"{move.name}@champion: {move.previous} -> {move.current} (rolled back)")
+    return 0
+
+
 def cmd_store_upgrade(args: argparse.Namespace) -> int:
     settings = Settings()
     settings.ensure_dirs()
@@ -321,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--tiny", action="store_true", help="a tiny random model, for tests (seconds)")
     init.add_argument("--force", action="store_true", help="register a new version even if one exists")
     init.set_defaults(func=cmd_models_init)
+    promote = models.add_parser("promote", help="point NAME@champion at VERSION (serving follows)")
+    promote.add_argument("name", help="e.g. alignloop-policy or alignloop-reward")
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="operator")
+    promote.set_defaults(func=cmd_models_promote)
+    rollback = models.add_parser("rollback", help="point NAME@champion back at the previous champion")
+    rollback.add_argument("name")
+    rollback.set_defaults(func=cmd_models_rollback)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
     add_app.add_argument("name")
@@ -375,9 +528,61 @@ def build_parser() -> argparse.ArgumentParser:
     rtrain.add_argument("--out", type=Path, help="keep the model folder here (default with --no-register: "
                         "ALIGNLOOP_HOME/runs/reward-TS/)")
     rtrain.set_defaults(func=cmd_reward_train)
+
+    ppo = sub.add_parser("ppo", help="PPO (RLHF step 3) commands").add_subparsers(dest="ppo_command",
+                                                                                required=True)
+    ptrain = ppo.add_parser(
+        "train", help="optimise the policy against the reward model with a KL penalty; register the result",
+        description="Hyper-parameters left out take the defaults of Args in pipelines/ppo/train.py. Run it "
+        "data-parallel with `torchrun --nproc_per_node=N -m alignloop.cli ppo train ...`. The last line on "
+        "stdout is a JSON summary.")
+    from pipelines.ppo.args import Args as PPOArgs  # no torch: the dataclass only
+
+    ptrain.set_defaults(func=cmd_ppo_train, ppo_fields=_dataclass_flags(ptrain, PPOArgs))
+    ptrain.add_argument("--policy", default="@champion", metavar="@ALIAS|DIR",
+                        help="the policy to start from (default @champion)")
+    ptrain.add_argument("--reference", default="@reference", metavar="@ALIAS|DIR",
+                        help="π_ref of the KL penalty (default @reference, the SFT/base model)")
+    ptrain.add_argument("--reward", default="service", metavar="service|inprocess|fn:MODULE:CALLABLE",
+                        help="the reward service (default), the champion RM loaded in this process, or a "
+                             "Python function")
+    ptrain.add_argument("--prompt-file", type=Path, help="JSON lines of {messages} or {prompt}, mixed with "
+                        "the prompts users sent")
+    ptrain.add_argument("--no-store-prompts", action="store_true",
+                        help="do not read prompts from the feedback store (use --prompt-file only)")
+    ptrain.add_argument("--ptx-file", type=Path, help="demonstrations for PPO-ptx (with --gamma-ptx)")
+    ptrain.add_argument("--value-from-reward", action="store_true",
+                        help="initialise the critic from the RM (InstructGPT), when it reads the policy's "
+                             "tokens")
+    ptrain.add_argument("--out", type=Path, help="checkpoints and the final folder (default "
+                        "ALIGNLOOP_HOME/runs/ppo-PROMPTSETHASH/)")
+    ptrain.add_argument("--no-resume", action="store_true", help="ignore checkpoints under --out")
+    ptrain.add_argument("--no-register", action="store_true", help="log nothing to MLflow, register nothing")
+    peval = ppo.add_parser(
+        "evaluate", help="a candidate policy vs the champion on held-out prompts (RM reward, win rate, KL to "
+        "the reference); with --promote, the candidate becomes @champion if the gates pass",
+        description="The last line on stdout is a JSON summary; the exit status is 0 when the gates pass.")
+    peval.add_argument("--candidate", default=None, metavar="VERSION",
+                       help="the policy version to judge (default: the newest registered version)")
+    peval.add_argument("--reward", default="service", metavar="service|inprocess|fn:MODULE:CALLABLE")
+    peval.add_argument("--prompt-file", type=Path)
+    peval.add_argument("--no-store-prompts", action="store_true")
+    peval.add_argument("--max-prompts", type=int, default=64)
+    peval.add_argument("--samples-per-prompt", type=int, default=2)
+    peval.add_argument("--max-new-tokens", type=int, default=64)
+    peval.add_argument("--min-win-rate", type=float, default=0.5)
+    peval.add_argument("--min-reward-gain", type=float, default=0.0)
+    peval.add_argument("--max-kl", type=float, default=50.0, help="nats per answer (negative: no bound)")
+    peval.add_argument("--seed", type=int, default=0)
+    peval.add_argument("--promote", action="store_true", help="move @champion to the candidate if it passes")
+    peval.set_defaults(func=cmd_ppo_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,9 +28,12 @@ UNTRAINED_TAG = "alignloop.untrained"
 
 @dataclass
 class RewardConfig:
-    # "mean": average of the last hidden states (encoders such as MiniLM); "last": the last real token's
-    # state (decoders, e.g. the policy's own architecture, as InstructGPT initialises the RM from the SFT model).
-    pooling: str = "mean"
+    # "pooler": the backbone's own pooled output, tanh(W·h_[CLS] + b) for BERT-family encoders such as MiniLM
+    # (what AutoModelForSequenceClassification, hence TRL's RewardTrainer, reads; on HH-RLHF it learns
+    # where "mean" stays near chance); "cls": h_[CLS] itself; "mean": the average of the last hidden states;
+    # "last": the last real token's state (decoders, e.g. the policy's own architecture, as InstructGPT
+    # initialises the RM from the SFT model).
+    pooling: str = "pooler"
     max_length: int = 512
     # Subtracted from raw scores so that the training data's rewards average 0 (InstructGPT normalises the RM
     # so that labeler demonstrations score 0 on average before RL).
@@ -86,6 +89,13 @@ def is_decoder(config) -> bool:
         a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
+def default_pooling(backbone: nn.Module) -> str:
+    """"last" for decoders, "pooler" for encoders that have one (BERT family), else "cls"."""
+    if is_decoder(backbone.config):
+        return "last"
+    return "pooler" if getattr(backbone, "pooler", None) is not None else "cls"
+
+
 class RewardModel(nn.Module):
     """backbone → pooled hidden state → Linear(hidden, 1) → a scalar per sequence."""
 
@@ -101,10 +111,15 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw rewards, shape [batch] (reward_shift not applied: training compares differences)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.config.pooling == "mean":
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        if self.config.pooling == "pooler":
+            pooled = out.pooler_output
+        elif self.config.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        elif self.config.pooling == "cls":
+            pooled = hidden[:, 0]
         elif self.config.pooling == "last":
             # The last real token, whichever side the padding is on.
             positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -123,7 +138,7 @@ class RewardModel(nn.Module):
         backbone = AutoModel.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         if config is None:
-            config = RewardConfig(pooling="last" if is_decoder(backbone.config) else "mean")
+            config = RewardConfig(pooling=default_pooling(backbone))
         config.max_length = min(config.max_length, getattr(tokenizer, "model_max_length", config.max_length))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,48 @@
+"""The hyper-parameters of a PPO run, apart from the trainer so the CLI can read them without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Args:
+    """Every hyper-parameter of a PPO run (logged to MLflow as params)."""
+
+    # rollouts
+    iterations: int = 20
+    prompts_per_iteration: int = 16  # per rank
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # PPO needs the sampler's distribution = the policy's: keep 1.0
+    # reward: r_t = −beta · KL_t, plus the RM score on the last token
+    beta: float = 0.05  # InstructGPT's KL coefficient (their best: 0.02); the start value when adaptive
+    kl_target: float | None = None  # nats per answer: turns on Ziegler et al.'s adaptive controller
+    kl_horizon: int = 10_000  # samples over which the controller may move beta by ±20%
+    reward_clip: float | None = 10.0  # |RM score| cap: one wild score must not dominate a batch
+    missing_eos_penalty: float | None = None  # subtracted from answers cut by max_new_tokens
+    # advantages
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # optimisation
+    ppo_epochs: int = 4
+    minibatch_size: int = 8  # answers per optimiser step (per rank)
+    clip_range: float = 0.2
+    clip_range_value: float | None = 0.2
+    vf_coef: float = 0.5  # weight of the value loss (the critic has its own optimiser; this scales its lr)
+    policy_lr: float = 1e-6
+    value_lr: float = 1e-5
+    anneal_lr: bool = False  # linear decay to 0 over `iterations` (CleanRL's default is on; RLHF runs are short)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # PPO-ptx: gamma_ptx × LM loss on demonstrations, mixed into every minibatch
+    gamma_ptx: float = 0.0
+    ptx_batch_size: int = 4
+    # engineering
+    seed: int = 0
+    rollout_engine: str = "vllm"  # "vllm" | "hf" (transformers generate, the benchmark's baseline)
+    max_model_len: int = 1024
+    checkpoint_every: int = 1  # iterations; 0: only at the end
+    device: str = "auto"
+    dtype: str = "float32"

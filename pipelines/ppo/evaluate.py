@@ -1,0 +1,105 @@
+"""`alignloop ppo evaluate`: a candidate policy against the champion on held-out prompts, and the gate that
+decides whether the candidate becomes `alignloop-policy@champion`.
+
+On each held-out prompt both policies answer (`samples_per_prompt` answers each, the same sampling seeds);
+the reward source scores every answer. Figures:
+  reward_candidate, reward_champion   mean RM reward of each policy's answers
+  win_rate                            share of (prompt, sample) slots where the candidate's answer scores
+                                      higher than the champion's (ties count half)
+  kl_candidate                        mean over the candidate's answers of Σ_t log π_c − log π_ref: how far
+                                      PPO moved from the reference (SFT) model, in nats per answer
+Gates (all must pass): win_rate ≥ min_win_rate, reward gain ≥ min_reward_gain, kl_candidate ≤ max_kl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Gates:
+    min_win_rate: float = 0.5
+    min_reward_gain: float = 0.0  # candidate mean reward − champion mean reward
+    max_kl: float | None = 50.0  # nats per answer; None: no bound
+
+
+@dataclass
+class Evaluation:
+    reward_candidate: float
+    reward_champion: float
+    win_rate: float
+    kl_candidate: float
+    answers: int
+    passed: bool
+    reasons: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_answers(folder: Path, prompts: Sequence[list], *, n: int, max_new_tokens: int, seed: int,
+                   engine_env: dict | None, dtype: str = "float32"):
+    """Samples from a policy folder with an in-process vLLM engine, closed afterwards."""
+    from transformers import AutoTokenizer
+
+    from pipelines.ppo.rollout import VLLMRollout
+    from pipelines.ppo.train import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = [prompt_token_ids(tokenizer, m) for m in prompts]
+    engine = VLLMRollout(folder, max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed,
+                         dtype=dtype, env=engine_env,
+                         gpu_memory_utilization=0.3 if torch.cuda.is_available() else 0.9)
+    try:
+        return engine.generate(ids, n=n, max_tokens=max_new_tokens, temperature=1.0, seed=seed), tokenizer
+    finally:
+        engine.close()
+
+
+@torch.no_grad()
+def kl_to_reference(candidate_dir: Path, reference_dir: Path, samples, pad_id: int, batch_size: int = 16) -> float:
+    """Mean Σ_t (log π_candidate − log π_ref) over the candidate's own answers."""
+    from pipelines.ppo.models import load_policy, pack, policy_forward
+
+    candidate, reference = load_policy(candidate_dir).eval(), load_policy(reference_dir).eval()
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id)
+        lp_c, _ = policy_forward(candidate, batch)
+        lp_r, _ = policy_forward(reference, batch)
+        total += ((lp_c - lp_r) * batch.response_mask).sum().item()
+        count += len(chunk)
+    return total / max(1, count)
+
+
+def evaluate(candidate_dir: Path, champion_dir: Path, reference_dir: Path, prompts: Sequence[list], reward,
+             gates: Gates, *, samples_per_prompt: int = 2, max_new_tokens: int = 64, seed: int = 0,
+             engine_env: dict | None = None) -> Evaluation:
+    if not prompts:
+        raise ValueError("no held-out prompts to evaluate on")
+    cand, tokenizer = sample_answers(candidate_dir, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
+                                     seed=seed, engine_env=engine_env)
+    champ, _ = sample_answers(champion_dir, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
+                              seed=seed, engine_env=engine_env)
+    conversations = [prompts[s.prompt_index] for s in cand]
+    r_cand = reward.score(conversations, [s.text for s in cand])
+    r_champ = reward.score([prompts[s.prompt_index] for s in champ], [s.text for s in champ])
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_cand, r_champ, strict=True))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kl = kl_to_reference(candidate_dir, reference_dir, cand, pad_id)
+
+    mean_c, mean_b = sum(r_cand) / len(r_cand), sum(r_champ) / len(r_champ)
+    win_rate = wins / len(r_cand)
+    reasons = []
+    if win_rate < gates.min_win_rate:
+        reasons.append(f"win rate {win_rate:.3f} < {gates.min_win_rate}")
+    if mean_c - mean_b < gates.min_reward_gain:
+        reasons.append(f"reward gain {mean_c - mean_b:+.4f} < {gates.min_reward_gain}")
+    if gates.max_kl is not None and kl > gates.max_kl:
+        reasons.append(f"KL to the reference {kl:.2f} > {gates.max_kl}")
+    return Evaluation(mean_c, mean_b, win_rate, kl, len(r_cand), not reasons, reasons)

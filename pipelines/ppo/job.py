@@ -1,0 +1,153 @@
+"""`alignloop ppo train` as a pipeline step: resolve the models and prompts, run pipelines.ppo.train with every
+iteration's metrics in MLflow (experiment "alignloop-ppo"), and register the result as a new
+`alignloop-policy` version tagged with its lineage (parent policy version, reward-model version, prompt-set
+hash). Registration does not promote: `alignloop ppo evaluate` gates that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from alignloop.config import Settings, vllm_cpu_environment
+from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
+from pipelines.models_init import ARTIFACT_PATH, _ensure_registered_model, _experiment_id, create_ready_version
+from pipelines.ppo import prompts as prompt_sources
+from pipelines.ppo.train import Args, Inputs, train
+
+EXPERIMENT_NAME = "alignloop-ppo"
+
+
+@dataclass
+class Sources:
+    """Where a run's inputs come from (CLI flags)."""
+
+    policy: str = "@champion"  # "@ALIAS" of the registered policy, or a transformers folder
+    reference: str = "@reference"  # π_ref for the KL penalty
+    reward: str = "service"  # "service" | "inprocess" (@champion RM loaded here) | "fn:module:callable"
+    prompt_file: Path | None = None
+    store_prompts: bool = True  # the prompts users sent (feedback store)
+    max_store_prompts: int | None = 10_000
+    eval_fraction: float = 0.1
+    ptx_file: Path | None = None  # demonstrations for PPO-ptx (JSON lines of {"messages": [...]})
+    value_from_reward: bool = False  # initialise the critic from the RM (needs the policy's tokenizer)
+
+
+def resolve_policy(settings: Settings, spec: str) -> tuple[Path, ModelVersionRef | None]:
+    """A folder for "@ALIAS" (registered policy) or a path."""
+    if spec.startswith("@"):
+        ref = resolve_alias(settings.tracking_uri, settings.policy_model_name, spec[1:])
+        return fetch_version(settings.tracking_uri, ref, settings.models_dir), ref
+    path = Path(spec)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"policy {spec!r}: not a transformers folder (no config.json)")
+    return path, None
+
+
+def open_reward(settings: Settings, spec: str):
+    """(RewardSource, the RM's folder when loaded here)."""
+    from pipelines.ppo.rewards import FunctionReward, GrpcReward, InProcessReward
+
+    if spec == "service":
+        return GrpcReward(settings.reward_target), None
+    if spec == "inprocess":
+        ref = resolve_alias(settings.tracking_uri, settings.reward_model_name, settings.reward_model_alias)
+        folder = fetch_version(settings.tracking_uri, ref, settings.models_dir)
+        return InProcessReward(folder, version=f"{ref.name}/{ref.version}"), folder
+    if spec.startswith("fn:"):
+        return FunctionReward(spec[3:]), None
+    raise ValueError(f"reward {spec!r}: expected service, inprocess or fn:module:callable")
+
+
+def prompt_set_hash(prompts: list) -> str:
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def load_prompts(settings: Settings, sources: Sources) -> tuple[list, list]:
+    store = prompt_sources.read_store_prompts(settings.store, sources.max_store_prompts) \
+        if sources.store_prompts else []
+    from_file = prompt_sources.read_prompt_file(sources.prompt_file) if sources.prompt_file else []
+    return prompt_sources.build_prompt_set(store, from_file, sources.eval_fraction)
+
+
+def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = None, resume: bool = True,
+        register: bool = True, console: Console | None = None) -> dict:
+    """Trains, logs and registers; returns the summary the CLI prints as its last line."""
+    import mlflow
+
+    console = console or Console(stderr=True)
+    rank = int(os.environ.get("RANK", "0"))
+    policy_dir, policy_ref = resolve_policy(settings, sources.policy)
+    reference_dir, reference_ref = resolve_policy(settings, sources.reference)
+    train_prompts, held_out = load_prompts(settings, sources)
+    if not train_prompts:
+        raise ValueError("no training prompts: the feedback store has none and no --prompt-file was given")
+    demonstrations = prompt_sources.read_demonstrations(sources.ptx_file) if sources.ptx_file else []
+    reward, rm_folder = open_reward(settings, sources.reward)
+    value_init = None
+    if sources.value_from_reward:
+        from pipelines.ppo.models import same_tokenizer
+
+        if rm_folder is None or not same_tokenizer(rm_folder / "backbone", policy_dir):
+            raise ValueError("--value-from-reward needs --reward inprocess and an RM on the policy's tokenizer")
+        value_init = rm_folder
+
+    digest = prompt_set_hash(train_prompts)
+    out = out or settings.home / "runs" / f"ppo-{digest[:12]}"
+    lineage = {"alignloop.kind": "ppo", "alignloop.parent_policy_version": policy_ref.version if policy_ref else "",
+               "alignloop.reference_policy_version": reference_ref.version if reference_ref else "",
+               "alignloop.reward_model_version": reward.version or sources.reward,
+               "alignloop.prompt_set_hash": digest, "alignloop.train_prompts": str(len(train_prompts)),
+               "alignloop.held_out_prompts": str(len(held_out))}
+    if rank == 0:
+        console.print(f"PPO on {policy_dir.name} ({lineage['alignloop.parent_policy_version'] or 'folder'}): "
+                      f"{len(train_prompts)} training prompts, {len(held_out)} held out; rewards from "
+                      f"{reward.version or sources.reward}")
+    track = register and rank == 0
+    run_id = None
+    if track:
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        from mlflow import MlflowClient
+
+        experiment_id = _experiment_id(MlflowClient(settings.tracking_uri), EXPERIMENT_NAME)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=f"ppo-{digest[:12]}", tags=lineage)
+        run_id = active.info.run_id
+        mlflow.log_params({k: str(v)[:6000] for k, v in (asdict(args) | asdict(sources)).items()})
+    try:
+        def log(iteration: int, metrics: dict) -> None:
+            if track:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                    if isinstance(v, int | float) and v == v}, step=iteration, synchronous=False)
+
+        result = train(Inputs(policy_dir, reference_dir, train_prompts, reward, value_init, demonstrations), args,
+                       out, resume=resume, engine_env=vllm_cpu_environment(settings), on_iteration=log,
+                       console=console)
+        summary = {"iterations": result.iterations_done, "resumed_from": result.resumed_from,
+                   "model_dir": str(result.final_dir), "run_id": run_id, "model_version": None,
+                   "prompt_set_hash": digest, "reward_model_version": reward.version}
+        if result.history:
+            last = result.history[-1]
+            summary |= {"reward": last["reward"], "kl": last["kl"], "beta": last["beta"]}
+        if track and result.iterations_done == args.iterations:
+            mlflow.log_artifacts(str(result.final_dir), artifact_path=ARTIFACT_PATH)
+            from mlflow import MlflowClient
+
+            client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+            _ensure_registered_model(client, settings.policy_model_name, "The policy served to users.")
+            mv = create_ready_version(client, settings.policy_model_name, run_id, tags=lineage,
+                                      description="Policy trained by `alignloop ppo train`.")
+            summary["model_version"] = str(mv.version)
+            mlflow.set_tag("alignloop.model_version", str(mv.version))
+            console.print(f"{settings.policy_model_name} version {mv.version} registered (not promoted: "
+                          f"`alignloop ppo evaluate` decides)")
+        return summary
+    finally:
+        reward.close()
+        if track:
+            mlflow.flush_async_logging()
+            mlflow.end_run()

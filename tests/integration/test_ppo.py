@@ -1,0 +1,140 @@
+"""PPO on the tiny random policy with the real in-process vLLM engine (pipelines/ppo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignloop.config import Settings, vllm_cpu_environment
+from pipelines.models_init import build_tiny_policy
+from pipelines.ppo.args import Args
+from pipelines.ppo.rewards import FunctionReward
+from pipelines.ppo.train import Inputs, train
+from tests.conftest import REPO
+
+REWARD = "tests.integration.ppo_rewards:letter_share"
+PROMPTS = [[{"role": "user", "content": f"Tell me something about topic number {i}."}] for i in range(64)]
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny", max_position_embeddings=512)
+
+
+def fast_args(**overrides) -> Args:
+    """Settings under which the tiny model visibly learns in seconds on two cores."""
+    values = dict(iterations=40, prompts_per_iteration=16, samples_per_prompt=4, max_new_tokens=16,
+                  ppo_epochs=2, minibatch_size=32, policy_lr=1e-3, value_lr=1e-3, beta=0.01, max_model_len=256,
+                  checkpoint_every=0, seed=0)
+    return Args(**{**values, **overrides})
+
+
+def run_ppo(policy: Path, out: Path, args: Args, **kwargs):
+    env = vllm_cpu_environment(Settings(home=out / "home"))
+    inputs = Inputs(policy, policy, PROMPTS, FunctionReward(REWARD))
+    return train(inputs, args, out, engine_env=env, **kwargs)
+
+
+def window(history: list[dict], key: str, first: bool, n: int = 5) -> float:
+    rows = history[:n] if first else history[-n:]
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_ppo_raises_the_reward_and_a_larger_beta_stays_closer_to_the_reference(tiny_policy, tmp_path):
+    loose = run_ppo(tiny_policy, tmp_path / "loose", fast_args(beta=0.01)).history
+    tight = run_ppo(tiny_policy, tmp_path / "tight", fast_args(beta=1.0)).history
+
+    before, after = window(loose, "reward", True), window(loose, "reward", False)
+    assert after > before + 0.8, f"mean reward {before:.2f} -> {after:.2f}"
+    # The trainer's log-probs of vLLM's samples: the engine had the trainer's weights every iteration.
+    assert max(r["logprob_gap"] for r in loose) < 1e-3
+    assert all(r["time_weight_sync_s"] < 1.0 for r in loose)
+    # The KL penalty holds the policy near the reference: a bound per answer, and tighter for a larger beta.
+    kl_loose, kl_tight = window(loose, "kl", False), window(tight, "kl", False)
+    assert kl_tight < 0.5 * kl_loose, (kl_tight, kl_loose)
+    assert kl_tight < 10.0
+    assert window(tight, "reward", False) > before  # it still climbs, more slowly
+
+
+def test_adaptive_kl_controller_raises_beta_when_kl_overshoots(tiny_policy, tmp_path):
+    history = run_ppo(tiny_policy, tmp_path, fast_args(iterations=12, kl_target=0.5, kl_horizon=500)).history
+    assert history[-1]["beta"] > 0.01  # KL above target: beta went up
+    assert all(b["beta"] >= a["beta"] for a, b in zip(history, history[1:], strict=False) if a["kl"] > 0.5)
+
+
+def test_resume_after_a_stop_gives_the_same_next_step(tiny_policy, tmp_path):
+    args = fast_args(iterations=3, checkpoint_every=1)
+    straight = run_ppo(tiny_policy, tmp_path / "straight", args)
+    # A run stopped after two iterations (what a kill leaves: the checkpoint of iteration 2) ...
+    first = run_ppo(tiny_policy, tmp_path / "resumed", args, stop_after=2)
+    assert first.iterations_done == 2 and not (tmp_path / "resumed" / "final").exists()
+    # ... and a half-written checkpoint of iteration 3 that the kill interrupted.
+    (tmp_path / "resumed" / "checkpoints" / ".iter-000003.partial").mkdir()
+    second = run_ppo(tiny_policy, tmp_path / "resumed", args)
+    assert second.resumed_from == 2 and second.iterations_done == 3
+
+    assert second.history[0]["reward"] == pytest.approx(straight.history[2]["reward"], abs=1e-5)
+    assert second.history[0]["policy_loss"] == pytest.approx(straight.history[2]["policy_loss"], abs=1e-4)
+    a = load_file(str(straight.final_dir / "model.safetensors"))
+    b = load_file(str(second.final_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def cli(*argv: str, env: dict | None = None, launcher: list[str] | None = None, home: Path) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m", "alignloop.cli"]) + list(argv)
+    full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")},
+                "ALIGNLOOP_HOME": str(home), "ALIGNLOOP_CONFIG": str(home / "none.toml"), **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in PROMPTS))
+    return path
+
+
+def test_torchrun_two_processes(tiny_policy, prompt_file, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "alignloop.cli"]
+    done = cli("ppo", "train", "--policy", str(tiny_policy), "--reference", str(tiny_policy),
+               "--reward", f"fn:{REWARD}", "--prompt-file", str(prompt_file), "--no-store-prompts",
+               "--no-register", "--iterations", "2", "--prompts-per-iteration", "4", "--samples-per-prompt", "2",
+               "--max-new-tokens", "8", "--max-model-len", "256", "--out", str(tmp_path / "out"),
+               launcher=launcher, home=tmp_path / "home")
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["iterations"] == 2
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--beta", "-0.1"], "beta must be >= 0"),
+    (["--clip-range", "1.5"], "clip_range"),
+    (["--policy", "/no/such/model"], "not a transformers folder"),
+])
+def test_bad_configuration_is_refused_clearly(tiny_policy, prompt_file, tmp_path, flags, message):
+    argv = ["ppo", "train", "--policy", str(tiny_policy), "--reference", str(tiny_policy), "--reward",
+            f"fn:{REWARD}", "--prompt-file", str(prompt_file), "--no-store-prompts", "--no-register", *flags]
+    done = cli(*argv, home=tmp_path / "home")
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def test_an_empty_prompt_set_is_refused(tiny_policy, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    done = cli("ppo", "train", "--policy", str(tiny_policy), "--reference", str(tiny_policy), "--reward",
+               f"fn:{REWARD}", "--prompt-file", str(empty), "--no-store-prompts", "--no-register",
+               home=tmp_path / "home")
+    assert done.returncode == 2
+    assert "no training prompts" in done.stderr
