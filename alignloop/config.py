@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     policy_model_name: str = POLICY_MODEL_NAME
     policy_model_alias: str = "champion"
+    # How often the policy service checks where the alias points; a new version is loaded in place.
+    policy_poll_s: float = 5.0
     # `alignloop up` registers this model when the registry has none: "smollm2" or "tiny".
     bootstrap_model: str = "smollm2"
 

@@ -1,10 +1,22 @@
-"""The policy service: gRPC Generate / GenerateStream over a vLLM AsyncLLM serving `alignloop-policy@champion`."""
+"""The policy service: gRPC Generate / GenerateStream over a vLLM AsyncLLM serving `alignloop-policy@champion`.
+
+Promotions are followed live (`follow_alias`): every `policy_poll_s` the registry is asked where the alias
+points; a new version of the same architecture is fetched, then new requests wait at a gate while vLLM
+finishes the requests it has (pause_generation mode "wait"), reloads the weights in place from the version's
+folder and drops its prefix cache; then the gate opens. No request fails and no answer mixes two versions;
+each response names the version that produced all of it. A version of another architecture cannot be loaded
+in place: it is logged and the service keeps serving (a restart picks it up).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,12 +24,19 @@ import grpc
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_serving import start_server, stop_on_signals
-from alignloop.registry import fetch_version, resolve_alias
+from alignloop.registry import ModelNotRegistered, fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare
 
 log = logging.getLogger("alignloop.policy")
+
+# A version that failed to load is tried again after this long, not on every poll.
+RETRY_FAILED_S = 60.0
+# config.json fields that must match for weights to be loaded into the running engine.
+SHAPE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def __init__(self, engine, tokenizer, model: pb.ModelRef, max_model_len: int) -> None:
@@ -26,10 +45,20 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.model = model
         self.max_model_len = max_model_len
         self.aborted_requests = 0
+        self.swaps = 0
+        # Closed while a new version is loaded: requests wait here instead of failing.
+        self.open = asyncio.Event()
+        self.open.set()
 
-    async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool):
+    async def _admit(self) -> tuple[pb.ModelRef, object]:
+        """Waits while a swap is under way; the version (and its tokenizer) this request is served by."""
+        await self.open.wait()
+        return self.model, self.tokenizer
+
+    async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool,
+                       tokenizer=None):
         try:
-            return prepare(request, self.tokenizer, self.max_model_len, stream=stream)
+            return prepare(request, tokenizer or self.tokenizer, self.max_model_len, stream=stream)
         except InvalidRequest as exc:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=((PARAM_METADATA_KEY, exc.param),)
@@ -53,7 +82,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 await asyncio.shield(self.engine.abort(request_id))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        prepared = await self._prepare(request, context, stream=False)
+        model, tokenizer = await self._admit()
+        prepared = await self._prepare(request, context, stream=False, tokenizer=tokenizer)
         s = request.sampling
         final = None
         async for out in self._outputs(request, prepared):
@@ -64,11 +94,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 for o in sorted(final.outputs, key=lambda o: o.index)
             ],
             prompt_tokens=len(prepared.prompt_token_ids),
-            model=self.model,
+            model=model,
         )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        prepared = await self._prepare(request, context, stream=True)
+        model, tokenizer = await self._admit()
+        prepared = await self._prepare(request, context, stream=True, tokenizer=tokenizer)
         s = request.sampling
         outputs = self._outputs(request, prepared)
         # Hand the request to the engine before writing anything: under a burst, every millisecond a request
@@ -76,7 +107,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         first = asyncio.ensure_future(anext(outputs))
         try:
             # The request is valid: say so at once (callers can answer their own clients before the first token).
-            yield pb.GenerateStreamResponse(prompt_tokens=len(prepared.prompt_token_ids), model=self.model)
+            yield pb.GenerateStreamResponse(prompt_tokens=len(prepared.prompt_token_ids), model=model)
             out = await first
             while True:
                 yield pb.GenerateStreamResponse(
@@ -99,7 +130,72 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             active_requests=self.engine.get_num_unfinished_requests(),
             ready=not self.engine.errored,
             aborted_requests=self.aborted_requests,
+            swaps=self.swaps,
         )
+
+    async def swap(self, version: str, folder: Path) -> float:
+        """Loads `folder`'s weights in place (see the module docstring); returns the seconds requests waited."""
+        from transformers import AutoTokenizer
+
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(folder))
+        started = time.perf_counter()
+        self.open.clear()
+        try:
+            await self.engine.pause_generation(mode="wait", clear_cache=True)
+            try:
+                await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+                await self.engine.reset_prefix_cache()
+            finally:
+                await self.engine.resume_generation()
+            self.tokenizer = tokenizer
+            self.model = pb.ModelRef(name=self.model.name, version=version)
+            self.swaps += 1
+        finally:
+            self.open.set()
+        return time.perf_counter() - started
+
+
+def architecture(folder: Path) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    return {k: config.get(k) for k in SHAPE_KEYS}
+
+
+async def follow_alias(settings: Settings, servicer: PolicyServicer, served_dir: Path, stop: asyncio.Event) -> None:
+    """Loads the version `policy_model_name@alias` points to, whenever it moves."""
+    name, alias = settings.policy_model_name, settings.policy_model_alias
+    shape = architecture(served_dir)
+    failed: dict[str, float] = {}
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.policy_poll_s):
+                await stop.wait()
+        if stop.is_set():
+            return
+        try:
+            ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
+        except ModelNotRegistered as exc:
+            log.warning("%s; still serving version %s", exc, servicer.model.version)
+            continue
+        except Exception as exc:  # the registry is down or slow: keep serving what we have
+            log.warning("could not resolve %s@%s: %s", name, alias, exc)
+            continue
+        if ref.version == servicer.model.version:
+            continue
+        if time.monotonic() - failed.get(ref.version, -RETRY_FAILED_S) < RETRY_FAILED_S:
+            continue
+        log.info("%s@%s moved to version %s: loading it in place", name, alias, ref.version)
+        try:
+            folder = await asyncio.to_thread(fetch_version, settings.tracking_uri, ref, settings.models_dir)
+            if architecture(folder) != shape:
+                raise ValueError(f"version {ref.version} has another architecture ({architecture(folder)}); "
+                                 "restart the policy service to serve it")
+            waited = await servicer.swap(ref.version, folder)
+        except Exception:
+            log.exception("could not load %s version %s; still serving version %s", name, ref.version,
+                          servicer.model.version)
+            failed[ref.version] = time.monotonic()
+            continue
+        log.info("now serving %s version %s (requests waited %.2f s)", name, ref.version, waited)
 
 
 async def serve(settings: Settings) -> None:
@@ -121,7 +217,11 @@ async def serve(settings: Settings) -> None:
     log.info("policy service listening on %s", address)
 
     stop = stop_on_signals()
+    poller = asyncio.create_task(follow_alias(settings, servicer, model_dir, stop), name="follow-alias")
     await stop.wait()
+    poller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poller
     log.info("stopping: finishing in-flight requests (5 s grace)")
     await server.stop(grace=5)
     engine.shutdown()

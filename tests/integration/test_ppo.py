@@ -138,3 +138,56 @@ def test_an_empty_prompt_set_is_refused(tiny_policy, tmp_path):
                home=tmp_path / "home")
     assert done.returncode == 2
     assert "no training prompts" in done.stderr
+
+
+def test_ppo_job_scores_with_the_reward_service_registers_lineage_and_evaluate_gates_promotion(prompt_file,
+                                                                                               tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.models_init import init_models
+    from pipelines.ppo.job import Sources
+    from pipelines.ppo.job import run as run_job
+    from tests.integration.reward_stack import RewardStack, reward_settings
+
+    stack = RewardStack(reward_settings(tmp_path / "home", bootstrap_model="tiny")).up(tiny=True)
+    try:
+        settings = stack.settings
+        init_models(settings, tiny=True)
+        summary = run_job(settings, fast_args(iterations=2, max_model_len=512),
+                          Sources(reward="service", prompt_file=prompt_file, store_prompts=False),
+                          out=tmp_path / "out")
+        assert summary["iterations"] == 2 and summary["reward_model_version"] == "alignloop-reward/1"
+        client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+        mv = client.get_model_version(settings.policy_model_name, summary["model_version"])
+        assert mv.tags["alignloop.parent_policy_version"] == "1"
+        assert mv.tags["alignloop.reward_model_version"] == "alignloop-reward/1"
+        assert mv.tags["alignloop.prompt_set_hash"] == summary["prompt_set_hash"]
+        history = client.get_metric_history(summary["run_id"], "reward")
+        assert [m.step for m in history] == [1, 2]
+        assert {"kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "logprob_gap",
+                "time_generation_s", "time_scoring_s", "time_training_s", "time_weight_sync_s",
+                "rollout_tokens_per_s"} <= set(client.get_run(summary["run_id"]).data.metrics)
+        # Registered, not promoted: serving changes only through the gate.
+        assert client.get_model_version_by_alias(settings.policy_model_name, "champion").version == "1"
+
+        env = settings.to_env()
+        common = ["ppo", "evaluate", "--candidate", summary["model_version"], "--reward", "service",
+                  "--prompt-file", str(prompt_file), "--no-store-prompts", "--max-new-tokens", "8"]
+        refused = cli(*common, "--min-win-rate", "1.01", "--promote", env=env, home=settings.home)
+        assert refused.returncode == 3, refused.stderr[-3000:]
+        assert "win rate" in refused.stderr
+        assert client.get_model_version_by_alias(settings.policy_model_name, "champion").version == "1"
+
+        passed = cli(*common, "--min-win-rate", "0", "--min-reward-gain", "-1000", "--max-kl", "-1", "--promote",
+                     env=env, home=settings.home)
+        assert passed.returncode == 0, passed.stderr[-3000:]
+        result = json.loads(passed.stdout.strip().splitlines()[-1])
+        assert result["promoted"] and result["answers"] > 0 and result["kl_candidate"] == result["kl_candidate"]
+        assert client.get_model_version_by_alias(settings.policy_model_name, "champion").version == \
+            summary["model_version"]
+
+        back = cli("models", "rollback", settings.policy_model_name, env=env, home=settings.home)
+        assert back.returncode == 0, back.stderr[-3000:]
+        assert client.get_model_version_by_alias(settings.policy_model_name, "champion").version == "1"
+    finally:
+        stack.down()
