@@ -435,6 +435,44 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft_train(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from pipelines import demonstrations
+    from pipelines.sft.args import Args
+    from pipelines.sft.train import run
+
+    settings = Settings()
+    settings.ensure_dirs()
+    err = Console(stderr=True, soft_wrap=True)
+    hf_logging.disable_progress_bar()
+    hyper = Args(**{k: getattr(args, k) for k in args.sft_fields if getattr(args, k) is not None})
+    if args.file:
+        conversations, source = demonstrations.from_file(args.file), str(args.file)
+    else:
+        folder = args.snapshot or _newest_snapshot(settings)
+        if folder is None:
+            err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback export`, "
+                      "or give --snapshot DIR or --file PATH[/]")
+            return 1
+        conversations = demonstrations.from_snapshot(folder, min_rating=args.min_rating,
+                                                     thumbs_up=args.thumbs_up)
+        source = str(folder)
+    aliases = tuple(a for a in (args.aliases or "").split(",") if a)
+    try:
+        needs_mlflow = not args.no_register or args.base.startswith("@")
+        with _tracking_server(settings) if needs_mlflow else contextlib.nullcontext():
+            summary = run(settings, conversations, hyper, base=args.base, aliases=aliases,
+                          register=not args.no_register, out=args.out, source=source, console=err)
+    except (StackError, ValueError, FileNotFoundError, LookupError) as exc:
+        err.print(f"[red]✗ {exc}[/]")
+        return 2 if isinstance(exc, ValueError) else 1
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_store_upgrade(args: argparse.Namespace) -> int:
     settings = Settings()
     settings.ensure_dirs()
@@ -558,6 +596,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "ALIGNLOOP_HOME/runs/ppo-PROMPTSETHASH/)")
     ptrain.add_argument("--no-resume", action="store_true", help="ignore checkpoints under --out")
     ptrain.add_argument("--no-register", action="store_true", help="log nothing to MLflow, register nothing")
+    sft = sub.add_parser("sft", help="supervised fine-tuning (RLHF step 1)").add_subparsers(
+        dest="sft_command", required=True)
+    strain = sft.add_parser(
+        "train", help="fine-tune the policy on demonstrations (users' corrections and top-rated answers from a "
+        "feedback snapshot, or a file) and register it as a policy version",
+        description="The last line on stdout is a JSON summary.")
+    from pipelines.sft.args import Args as SFTArgs
+
+    strain.set_defaults(func=cmd_sft_train, sft_fields=_dataclass_flags(strain, SFTArgs))
+    sdata = strain.add_mutually_exclusive_group()
+    sdata.add_argument("--snapshot", type=Path, metavar="DIR", help="a feedback export (default: the newest)")
+    sdata.add_argument("--file", type=Path, help="JSON lines of {messages} ending with the assistant's answer, "
+                       "or {prompt, response}")
+    strain.add_argument("--base", default="@champion", metavar="@ALIAS|DIR", help="the policy to fine-tune")
+    strain.add_argument("--min-rating", type=int, default=6, help="ratings (1-7) that count as demonstrations")
+    strain.add_argument("--thumbs-up", action="store_true", help="thumbs-up answers count as demonstrations")
+    strain.add_argument("--aliases", default="", help="comma-separated aliases to move to the new version, "
+                        "e.g. champion,reference")
+    strain.add_argument("--no-register", action="store_true")
+    strain.add_argument("--out", type=Path, help="with --no-register: where the folder goes")
     peval = ppo.add_parser(
         "evaluate", help="a candidate policy vs the champion on held-out prompts (RM reward, win rate, KL to "
         "the reference); with --promote, the candidate becomes @champion if the gates pass",

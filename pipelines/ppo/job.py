@@ -75,6 +75,22 @@ def load_prompts(settings: Settings, sources: Sources) -> tuple[list, list]:
     return prompt_sources.build_prompt_set(store, from_file, sources.eval_fraction)
 
 
+def newest_snapshot(settings: Settings) -> Path | None:
+    """The newest complete `alignloop feedback export` folder under ALIGNLOOP_HOME/datasets/."""
+    found = sorted(p for p in (settings.home / "datasets").glob("feedback-*") if (p / "manifest.json").exists())
+    return found[-1] if found else None
+
+
+def load_demonstrations(settings: Settings, sources: Sources) -> list:
+    """PPO-ptx data: --ptx-file, else the newest snapshot's corrections and top-rated answers (the SFT data)."""
+    from pipelines import demonstrations
+
+    if sources.ptx_file:
+        return demonstrations.from_file(sources.ptx_file)
+    snapshot = newest_snapshot(settings)
+    return demonstrations.from_snapshot(snapshot) if snapshot else []
+
+
 def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = None, resume: bool = True,
         register: bool = True, console: Console | None = None) -> dict:
     """Trains, logs and registers; returns the summary the CLI prints as its last line."""
@@ -87,7 +103,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
     train_prompts, held_out = load_prompts(settings, sources)
     if not train_prompts:
         raise ValueError("no training prompts: the feedback store has none and no --prompt-file was given")
-    demonstrations = prompt_sources.read_demonstrations(sources.ptx_file) if sources.ptx_file else []
+    demonstrations = load_demonstrations(settings, sources) if args.gamma_ptx > 0 else []
     reward, rm_folder = open_reward(settings, sources.reward)
     value_init = None
     if sources.value_from_reward:

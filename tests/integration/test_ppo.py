@@ -140,6 +140,44 @@ def test_an_empty_prompt_set_is_refused(tiny_policy, tmp_path):
     assert "no training prompts" in done.stderr
 
 
+DEMOS = [[{"role": "user", "content": f"Say hello number {i}."},
+          {"role": "assistant", "content": f"Hello there, friend number {i}!"}] for i in range(16)]
+
+
+def test_ppo_ptx_mixes_the_language_model_loss_in(tiny_policy, tmp_path):
+    env = vllm_cpu_environment(Settings(home=tmp_path / "home"))
+    inputs = Inputs(tiny_policy, tiny_policy, PROMPTS, FunctionReward(REWARD), demonstrations=DEMOS)
+    history = train(inputs, fast_args(iterations=8, gamma_ptx=1.0), tmp_path, engine_env=env).history
+    assert all(h["ptx_loss"] > 0 for h in history)
+    assert history[-1]["ptx_loss"] < 0.8 * history[0]["ptx_loss"]  # it learns the demonstrations too
+    with pytest.raises(ValueError, match="gamma_ptx > 0 needs demonstrations"):
+        train(Inputs(tiny_policy, tiny_policy, PROMPTS, FunctionReward(REWARD)), fast_args(gamma_ptx=0.5),
+              tmp_path / "none", engine_env=env)
+
+
+def test_sft_lowers_the_loss_on_demonstrations(tiny_policy, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipelines.ppo.models import load_policy, pack, policy_forward
+    from pipelines.sft.args import Args as SFTArgs
+    from pipelines.sft.train import run as run_sft
+    from pipelines.sft.train import tokenize
+
+    summary = run_sft(Settings(home=tmp_path / "home"), DEMOS, SFTArgs(epochs=4, lr=1e-3, batch_size=4),
+                      base=str(tiny_policy), register=False, out=tmp_path / "sft")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_policy))
+    examples = tokenize(tokenizer, DEMOS, 256)
+    batch = pack([p for p, _ in examples], [a for _, a in examples], tokenizer.pad_token_id)
+
+    def nll(folder) -> float:
+        with torch.no_grad():
+            logprobs, _ = policy_forward(load_policy(folder).eval(), batch)
+        return -(logprobs * batch.response_mask).sum().item() / batch.response_mask.sum().item()
+
+    assert nll(tmp_path / "sft") < 0.7 * nll(tiny_policy)
+    assert summary["steps"] == 16 and summary["model_version"] is None
+
+
 def test_ppo_job_scores_with_the_reward_service_registers_lineage_and_evaluate_gates_promotion(prompt_file,
                                                                                                tmp_path):
     from mlflow import MlflowClient
@@ -147,19 +185,28 @@ def test_ppo_job_scores_with_the_reward_service_registers_lineage_and_evaluate_g
     from pipelines.models_init import init_models
     from pipelines.ppo.job import Sources
     from pipelines.ppo.job import run as run_job
+    from pipelines.sft.args import Args as SFTArgs
+    from pipelines.sft.train import run as run_sft
     from tests.integration.reward_stack import RewardStack, reward_settings
 
     stack = RewardStack(reward_settings(tmp_path / "home", bootstrap_model="tiny")).up(tiny=True)
     try:
         settings = stack.settings
         init_models(settings, tiny=True)
+        # SFT registers a policy version with its lineage; moving only an alias of its own here.
+        sft = run_sft(settings, DEMOS, SFTArgs(epochs=1, batch_size=8), aliases=("sft-test",), source="test")
+        client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+        sft_version = client.get_model_version(settings.policy_model_name, sft["model_version"])
+        assert sft_version.tags["alignloop.kind"] == "sft"
+        assert sft_version.tags["alignloop.parent_policy_version"] == "1"
+        assert sft_version.tags["alignloop.dataset_hash"] == sft["dataset_hash"]
+        assert client.get_model_version_by_alias(settings.policy_model_name, "sft-test").version == sft["model_version"]
         summary = run_job(settings, fast_args(iterations=2, max_model_len=512),
                           Sources(reward="service", prompt_file=prompt_file, store_prompts=False),
                           out=tmp_path / "out")
         assert summary["iterations"] == 2 and summary["reward_model_version"] == "alignloop-reward/1"
-        client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
         mv = client.get_model_version(settings.policy_model_name, summary["model_version"])
-        assert mv.tags["alignloop.parent_policy_version"] == "1"
+        assert mv.tags["alignloop.parent_policy_version"] == "1"  # PPO started from @champion, still v1
         assert mv.tags["alignloop.reward_model_version"] == "alignloop-reward/1"
         assert mv.tags["alignloop.prompt_set_hash"] == summary["prompt_set_hash"]
         history = client.get_metric_history(summary["run_id"], "reward")
