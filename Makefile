@@ -7,7 +7,7 @@ PROTOS  := $(wildcard proto/alignloop/v1/*.proto)
 STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: setup proto run test test-unit bench bench-feedback bench-reward clean-state
+.PHONY: setup proto run test test-unit bench bench-feedback bench-reward bench-rm-training bench-ppo clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -39,3 +39,9 @@ bench-feedback: setup
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py
+
+bench-rm-training: setup
+	$(PY) benchmarks/reward_training.py
+
+bench-ppo: setup
+	$(PY) benchmarks/ppo_step.py

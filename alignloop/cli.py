@@ -407,31 +407,22 @@ def cmd_ppo_evaluate(args: argparse.Namespace) -> int:
     return 0 if result.passed else 3
 
 
-def cmd_models_promote(args: argparse.Namespace) -> int:
+def cmd_models_move(args: argparse.Namespace) -> int:
+    """`models promote NAME VERSION` and `models rollback NAME`."""
     from pipelines import promotion
 
     settings = Settings()
     try:
         with _tracking_server(settings):
-            move = promotion.promote(settings, args.name, args.version, reason=args.reason)
+            if args.models_command == "promote":
+                move = promotion.promote(settings, args.name, args.version, reason=args.reason)
+            else:
+                move = promotion.rollback(settings, args.name)
     except (StackError, LookupError) as exc:
         console.print(f"[red]✗ {exc}[/]")
         return 1
-    console.print(f"{move.name}@champion: {move.previous or '-'} -> {move.current}")
-    return 0
-
-
-def cmd_models_rollback(args: argparse.Namespace) -> int:
-    from pipelines import promotion
-
-    settings = Settings()
-    try:
-        with _tracking_server(settings):
-            move = promotion.rollback(settings, args.name)
-    except (StackError, LookupError) as exc:
-        console.print(f"[red]✗ {exc}[/]")
-        return 1
-    console.print(f"{move.name}@champion: {move.previous} -> {move.current} (rolled back)")
+    console.print(f"{move.name}@champion: {move.previous or '-'} -> {move.current}"
+                  + (" (rolled back)" if args.models_command == "rollback" else ""))
     return 0
 
 
@@ -508,10 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("name", help="e.g. alignloop-policy or alignloop-reward")
     promote.add_argument("version")
     promote.add_argument("--reason", default="operator")
-    promote.set_defaults(func=cmd_models_promote)
+    promote.set_defaults(func=cmd_models_move)
     rollback = models.add_parser("rollback", help="point NAME@champion back at the previous champion")
     rollback.add_argument("name")
-    rollback.set_defaults(func=cmd_models_rollback)
+    rollback.set_defaults(func=cmd_models_move)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
     add_app.add_argument("name")

@@ -55,6 +55,7 @@ from sqlalchemy.engine import make_url
 from alignloop import store
 from alignloop.config import Settings
 from alignloop.store.schema import Completion, Feedback
+from pipelines.models_init import tracking_uri as use_tracking_uri
 
 EXPERIMENT_NAME = "alignloop-datasets"
 FORMAT_VERSION = 1  # part of the hash: a change of layout must not look like the same dataset
@@ -326,7 +327,6 @@ def log_to_mlflow(tracking_uri: str, folder: Path, frames: dict[str, pd.DataFram
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is not None:
@@ -338,7 +338,8 @@ def log_to_mlflow(tracking_uri: str, folder: Path, frames: dict[str, pd.DataFram
             experiment_id = client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
     short = manifest["hash"][:12]  # MLflow caps dataset digests at 36 characters; the full hash is a tag
     tags = {"alignloop.dataset_hash": manifest["hash"], "alignloop.kind": "feedback-export"}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"feedback-{short}", tags=tags) as run:
+    with use_tracking_uri(tracking_uri), \
+            mlflow.start_run(experiment_id=experiment_id, run_name=f"feedback-{short}", tags=tags) as run:
         with warnings.catch_warnings():
             # MLflow's own noise: it registers the local-path source class twice, its schema inference reads a
             # tz-aware column through an API pandas 3 deprecates, and it hints at integer columns (model

@@ -298,6 +298,15 @@ def register_reward_model(
 
 
 # ---- MLflow registry ----------------------------------------------------------------------------------
+def tracking_uri(uri: str):
+    """A context manager: mlflow's process-wide tracking URI (and the MLFLOW_TRACKING_URI variable it sets)
+    is `uri` inside the block and what it was before afterwards. Fluent calls (start_run, log_metrics) need
+    it set; left behind, it would send a later caller in this process to a server that may be gone."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # mlflow has no public one
+
+    return _use_tracking_uri(uri)
+
+
 def _experiment_id(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 

@@ -6,6 +6,7 @@ hash). Registration does not promote: `alignloop ppo evaluate` gates that.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,8 @@ from rich.console import Console
 
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
-from pipelines.models_init import ARTIFACT_PATH, _ensure_registered_model, _experiment_id, create_ready_version
+from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id, create_ready_version,
+                                   tracking_uri)
 from pipelines.ppo import prompts as prompt_sources
 from pipelines.ppo.train import Args, Inputs, train
 
@@ -126,8 +128,9 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
                       f"{reward.version or sources.reward}")
     track = register and rank == 0
     run_id = None
+    restore = contextlib.ExitStack()
     if track:
-        mlflow.set_tracking_uri(settings.tracking_uri)
+        restore.enter_context(tracking_uri(settings.tracking_uri))
         from mlflow import MlflowClient
 
         experiment_id = _experiment_id(MlflowClient(settings.tracking_uri), EXPERIMENT_NAME)
@@ -167,3 +170,4 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
         if track:
             mlflow.flush_async_logging()
             mlflow.end_run()
+        restore.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 Messages = list[dict]
@@ -38,20 +38,24 @@ def _check(messages, where: str) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_prompt_file(path: Path) -> list[Messages]:
+def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    """("PATH:LINE", object) for each non-blank line of a JSON-lines file, plain or .gz."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    out = []
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "messages" in row:
-                out.append(_check(row["messages"], f"{path}:{n}"))
-            elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-                out.append([{"role": "user", "content": row["prompt"]}])
-            else:
-                raise ValueError(f"{path}:{n}: expected 'messages' or a non-empty 'prompt'")
+            if line.strip():
+                yield f"{path}:{n}", json.loads(line)
+
+
+def read_prompt_file(path: Path) -> list[Messages]:
+    out = []
+    for where, row in json_lines(path):
+        if "messages" in row:
+            out.append(_check(row["messages"], where))
+        elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            out.append([{"role": "user", "content": row["prompt"]}])
+        else:
+            raise ValueError(f"{where}: expected 'messages' or a non-empty 'prompt'")
     return out
 
 
@@ -95,22 +99,17 @@ def build_prompt_set(store_prompts: Sequence[Messages], file_prompts: Sequence[M
 def read_demonstrations(path: Path) -> list[Messages]:
     """Conversations ending with the assistant's answer to imitate (PPO-ptx and SFT data), JSON lines of
     {"messages": [...]} or {"prompt": "...", "response": "..."}."""
-    opener = gzip.open if str(path).endswith(".gz") else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "messages" in row:
-                messages = row["messages"]
-            elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-                messages = [{"role": "user", "content": row["prompt"]},
-                            {"role": "assistant", "content": row["response"]}]
-            else:
-                raise ValueError(f"{path}:{n}: expected 'messages' or 'prompt' and 'response'")
-            if not messages or messages[-1].get("role") != "assistant" or not messages[-1].get("content"):
-                raise ValueError(f"{path}:{n}: a demonstration ends with a non-empty assistant message")
-            _check(messages[:-1], f"{path}:{n}")
-            out.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for where, row in json_lines(path):
+        if "messages" in row:
+            messages = row["messages"]
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            messages = [{"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["response"]}]
+        else:
+            raise ValueError(f"{where}: expected 'messages' or 'prompt' and 'response'")
+        if not messages or messages[-1].get("role") != "assistant" or not messages[-1].get("content"):
+            raise ValueError(f"{where}: a demonstration ends with a non-empty assistant message")
+        _check(messages[:-1], where)
+        out.append([{"role": m["role"], "content": m["content"]} for m in messages])
     return out

@@ -24,7 +24,7 @@ from alignloop.config import Settings
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, resolve_alias
 from alignloop.reward_model import UNTRAINED_TAG, RewardModel
 from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id,
-                                   create_ready_version)
+                                   create_ready_version, tracking_uri)
 from pipelines.reward.datasets import RewardData
 
 EXPERIMENT_NAME = "alignloop-reward"
@@ -75,10 +75,10 @@ class Tracker:
             return
         import mlflow
 
-        mlflow.set_tracking_uri(self.uri)
         experiment_id = _experiment_id(_client(self.uri), EXPERIMENT_NAME)
         tags = {"alignloop.kind": "reward-training", "alignloop.dataset_hash": data.hash}
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        with tracking_uri(self.uri), \
+                mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
             self.run_id = run.info.run_id
             mlflow.log_params({k: _str(v)[:6000] for k, v in params.items()})
             self._log_dataset(data)

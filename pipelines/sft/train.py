@@ -124,11 +124,10 @@ def run(settings: Settings, conversations: list[demos.Conversation], args: Args,
     from mlflow import MlflowClient
 
     from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id,
-                                       create_ready_version)
+                                       create_ready_version, tracking_uri)
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
-    with mlflow.start_run(experiment_id=_experiment_id(client, "alignloop-sft"),
+    with tracking_uri(settings.tracking_uri), mlflow.start_run(experiment_id=_experiment_id(client, "alignloop-sft"),
                           run_name=f"sft-{data_hash[:12]}", tags=tags) as active:
         mlflow.log_params(asdict(args) | {"base": base, "demonstrations": len(examples)})
         stats = train(policy, tokenizer, examples, args, device, console,

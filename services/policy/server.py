@@ -21,18 +21,17 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_serving import start_server, stop_on_signals
-from alignloop.registry import ModelNotRegistered, fetch_version, resolve_alias
+from alignloop.registry import fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare
 
 log = logging.getLogger("alignloop.policy")
 
-# A version that failed to load is tried again after this long, not on every poll.
-RETRY_FAILED_S = 60.0
 # config.json fields that must match for weights to be loaded into the running engine.
 SHAPE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
@@ -162,40 +161,19 @@ def architecture(folder: Path) -> dict:
 
 async def follow_alias(settings: Settings, servicer: PolicyServicer, served_dir: Path, stop: asyncio.Event) -> None:
     """Loads the version `policy_model_name@alias` points to, whenever it moves."""
-    name, alias = settings.policy_model_name, settings.policy_model_alias
     shape = architecture(served_dir)
-    failed: dict[str, float] = {}
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(settings.policy_poll_s):
-                await stop.wait()
-        if stop.is_set():
-            return
-        try:
-            ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
-        except ModelNotRegistered as exc:
-            log.warning("%s; still serving version %s", exc, servicer.model.version)
-            continue
-        except Exception as exc:  # the registry is down or slow: keep serving what we have
-            log.warning("could not resolve %s@%s: %s", name, alias, exc)
-            continue
-        if ref.version == servicer.model.version:
-            continue
-        if time.monotonic() - failed.get(ref.version, -RETRY_FAILED_S) < RETRY_FAILED_S:
-            continue
-        log.info("%s@%s moved to version %s: loading it in place", name, alias, ref.version)
-        try:
-            folder = await asyncio.to_thread(fetch_version, settings.tracking_uri, ref, settings.models_dir)
-            if architecture(folder) != shape:
-                raise ValueError(f"version {ref.version} has another architecture ({architecture(folder)}); "
-                                 "restart the policy service to serve it")
-            waited = await servicer.swap(ref.version, folder)
-        except Exception:
-            log.exception("could not load %s version %s; still serving version %s", name, ref.version,
-                          servicer.model.version)
-            failed[ref.version] = time.monotonic()
-            continue
-        log.info("now serving %s version %s (requests waited %.2f s)", name, ref.version, waited)
+
+    async def load(ref) -> None:
+        folder = await asyncio.to_thread(fetch_version, settings.tracking_uri, ref, settings.models_dir)
+        if architecture(folder) != shape:
+            raise ValueError(f"version {ref.version} has another architecture ({architecture(folder)}); "
+                             "restart the policy service to serve it")
+        waited = await servicer.swap(ref.version, folder)
+        log.info("now serving %s version %s (requests waited %.2f s)", ref.name, ref.version, waited)
+
+    await alias_follower.follow_alias(settings.tracking_uri, settings.policy_model_name,
+                                      settings.policy_model_alias, settings.policy_poll_s,
+                                      current=lambda: servicer.model.version, load=load, stop=stop, log=log)
 
 
 async def serve(settings: Settings) -> None:

@@ -18,10 +18,11 @@ import time
 
 import grpc
 
+from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_serving import start_server, stop_on_signals
-from alignloop.registry import ModelNotRegistered, resolve_alias
+from alignloop.registry import resolve_alias
 from alignloop.reward_model import render
 from alignloop.v1 import policy_pb2
 from alignloop.v1 import reward_pb2 as pb
@@ -32,9 +33,6 @@ from services.reward.model import ServedModel, load_version
 from services.reward.validation import check_request
 
 log = logging.getLogger("alignloop.reward")
-
-# A version that failed to load is tried again after this long, not on every poll.
-RETRY_FAILED_S = 60.0
 
 
 class ModelSlot:
@@ -109,37 +107,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
 async def follow_alias(settings: Settings, slot: ModelSlot, stop: asyncio.Event) -> None:
     """Swaps in the version `reward_model_name@alias` points to, whenever it changes."""
-    name, alias = settings.reward_model_name, slot.alias
-    failed: dict[str, float] = {}  # version -> when it last failed to load
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(settings.reward_poll_s):
-                await stop.wait()
-        if stop.is_set():
-            return
-        try:
-            ref = await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
-        except ModelNotRegistered as exc:
-            log.warning("%s; still serving version %s", exc, slot.current.version)
-            continue
-        except Exception as exc:  # the registry is down or slow: keep serving what we have
-            log.warning("could not resolve %s@%s: %s", name, alias, exc)
-            continue
-        if ref.version == slot.current.version:
-            continue
-        if time.monotonic() - failed.get(ref.version, -RETRY_FAILED_S) < RETRY_FAILED_S:
-            continue
-        log.info("%s@%s moved to version %s: loading it", name, alias, ref.version)
-        try:
-            served = await asyncio.to_thread(load_version, settings, ref)
-        except Exception:
-            log.exception("could not load %s version %s; still serving version %s", name, ref.version,
-                          slot.current.version)
-            metrics.SWAP_FAILURES.inc()
-            failed[ref.version] = time.monotonic()
-            continue
+
+    async def load(ref) -> None:
+        served = await asyncio.to_thread(load_version, settings, ref)
         # If the alias moved again while this one loaded, the next poll catches up.
         slot.swap(served)
+
+    await alias_follower.follow_alias(settings.tracking_uri, settings.reward_model_name, slot.alias,
+                                      settings.reward_poll_s, current=lambda: slot.current.version, load=load,
+                                      stop=stop, log=log, on_failure=metrics.SWAP_FAILURES.inc)
 
 
 async def serve(settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,15 @@ def cli(*argv: str, env: dict | None = None, launcher: list[str] | None = None, 
     cmd = (launcher or [sys.executable, "-m", "alignloop.cli"]) + list(argv)
     full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")},
                 "ALIGNLOOP_HOME": str(home), "ALIGNLOOP_CONFIG": str(home / "none.toml"), **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+    # Its own process group: on a timeout, torchrun's workers go too instead of outliving the test.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture
