@@ -7,7 +7,7 @@ goes to train or held-out by a hash of file:line (20% held out), then the first 
 alignloop.reward_model.render and tokenized once with the backbone's tokenizer (truncated on the left to
 --max-length).
 
-  ours  pipelines.reward.train (the pooler output + linear head, one forward per distinct answer, length-sorted
+  ours  pipelines.reward.train ([CLS] state + linear head, one forward per distinct answer, length-sorted
         forward chunks), in this process.
   TRL   trl.RewardTrainer on AutoModelForSequenceClassification(num_labels=1) of the same backbone, fp32,
         no gradient checkpointing (TRL defaults to bf16 and checkpointing; both are turned off to match),
