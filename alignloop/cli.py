@@ -312,20 +312,27 @@ def _dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
     return names
 
 
+def _training_command(args: argparse.Namespace, args_cls, fields: list[str]):
+    """What every training command starts with: settings (state folders made), a stderr console for progress
+    (stdout ends with the JSON summary), transformers' own bars off, and `args_cls` from the flags given
+    (unset flags keep the dataclass defaults)."""
+    from transformers.utils import logging as hf_logging
+
+    settings = Settings()
+    settings.ensure_dirs()
+    hf_logging.disable_progress_bar()
+    hyper = args_cls(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    return settings, Console(stderr=True, soft_wrap=True), hyper
+
+
 def cmd_ppo_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from transformers.utils import logging as hf_logging
-
     from pipelines.ppo.args import Args
     from pipelines.ppo.job import Sources, run
 
-    settings = Settings()
-    settings.ensure_dirs()
-    err = Console(stderr=True, soft_wrap=True)
-    hf_logging.disable_progress_bar()
-    hyper = Args(**{k: getattr(args, k) for k in args.ppo_fields if getattr(args, k) is not None})
+    settings, err, hyper = _training_command(args, Args, args.ppo_fields)
     sources = Sources(policy=args.policy, reference=args.reference, reward=args.reward,
                       prompt_file=args.prompt_file, store_prompts=not args.no_store_prompts,
                       ptx_file=args.ptx_file, value_from_reward=args.value_from_reward)
@@ -429,17 +436,11 @@ def cmd_models_move(args: argparse.Namespace) -> int:
 def cmd_sft_train(args: argparse.Namespace) -> int:
     import json
 
-    from transformers.utils import logging as hf_logging
-
     from pipelines import demonstrations
     from pipelines.sft.args import Args
     from pipelines.sft.train import run
 
-    settings = Settings()
-    settings.ensure_dirs()
-    err = Console(stderr=True, soft_wrap=True)
-    hf_logging.disable_progress_bar()
-    hyper = Args(**{k: getattr(args, k) for k in args.sft_fields if getattr(args, k) is not None})
+    settings, err, hyper = _training_command(args, Args, args.sft_fields)
     if args.file:
         conversations, source = demonstrations.from_file(args.file), str(args.file)
     else:
