@@ -234,11 +234,18 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _newest_snapshot(settings: Settings) -> Path | None:
-    """The newest complete `feedback export` folder under ALIGNLOOP_HOME/datasets/ (names sort by time)."""
-    root = settings.home / "datasets"
-    found = sorted(p for p in root.glob("feedback-*") if (p / "manifest.json").exists())
-    return found[-1] if found else None
+def _snapshot(args: argparse.Namespace, settings: Settings, err: Console, instead: str) -> Path | None:
+    """--snapshot, else the newest snapshot (said on stderr), else None after telling the user what to do;
+    `instead` names the command's other data flags."""
+    from pipelines.snapshots import newest_snapshot
+
+    folder = args.snapshot or newest_snapshot(settings.home)
+    if folder is None:
+        err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback export`, "
+                  f"or give --snapshot DIR or {instead}[/]")
+    elif not args.snapshot:
+        err.print(f"no --snapshot given: using the newest, {folder}")
+    return folder
 
 
 def cmd_reward_train(args: argparse.Namespace) -> int:
@@ -264,13 +271,9 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     if args.train:
         data = load_hh(args.train, args.eval, limit=args.limit, eval_limit=args.eval_limit)
     else:
-        folder = args.snapshot or _newest_snapshot(settings)
+        folder = _snapshot(args, settings, err, "--train/--eval files")
         if folder is None:
-            err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback "
-                      "export`, or give --snapshot DIR or --train/--eval files[/]")
             return 1
-        if not args.snapshot:
-            err.print(f"no --snapshot given: using the newest, {folder}")
         data = load_snapshot(folder, eval_fraction=hyper.eval_fraction, limit=args.limit,
                              eval_limit=args.eval_limit)
     if not data.train_groups and not (data.train_pointwise and hyper.pointwise_weight > 0):
@@ -444,10 +447,8 @@ def cmd_sft_train(args: argparse.Namespace) -> int:
     if args.file:
         conversations, source = demonstrations.from_file(args.file), str(args.file)
     else:
-        folder = args.snapshot or _newest_snapshot(settings)
+        folder = _snapshot(args, settings, err, "--file PATH")
         if folder is None:
-            err.print(f"[red]✗ no snapshot under {settings.home / 'datasets'}: run `alignloop feedback export`, "
-                      "or give --snapshot DIR or --file PATH[/]")
             return 1
         conversations = demonstrations.from_snapshot(folder, min_rating=args.min_rating,
                                                      thumbs_up=args.thumbs_up)

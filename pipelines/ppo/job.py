@@ -77,19 +77,14 @@ def load_prompts(settings: Settings, sources: Sources) -> tuple[list, list]:
     return prompt_sources.build_prompt_set(store, from_file, sources.eval_fraction)
 
 
-def newest_snapshot(settings: Settings) -> Path | None:
-    """The newest complete `alignloop feedback export` folder under ALIGNLOOP_HOME/datasets/."""
-    found = sorted(p for p in (settings.home / "datasets").glob("feedback-*") if (p / "manifest.json").exists())
-    return found[-1] if found else None
-
-
 def load_demonstrations(settings: Settings, sources: Sources) -> list:
     """PPO-ptx data: --ptx-file, else the newest snapshot's corrections and top-rated answers (the SFT data)."""
     from pipelines import demonstrations
+    from pipelines.snapshots import newest_snapshot
 
     if sources.ptx_file:
         return demonstrations.from_file(sources.ptx_file)
-    snapshot = newest_snapshot(settings)
+    snapshot = newest_snapshot(settings.home)
     return demonstrations.from_snapshot(snapshot) if snapshot else []
 
 
