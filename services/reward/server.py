@@ -11,7 +11,6 @@ serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_serving import start_server, stop_on_signals
-from alignloop.registry import resolve_alias
+from alignloop.registry import ModelNotRegistered, resolve_alias
 from alignloop.reward_model import render
 from alignloop.v1 import policy_pb2
 from alignloop.v1 import reward_pb2 as pb

@@ -215,3 +215,15 @@ def test_hot_swap_under_load(rstack: RewardStack, tmp_path: Path) -> None:
     with grpc.insecure_channel(rstack.target) as channel:
         after = pb_grpc.RewardServiceStub(channel).Score(request_for(indices), timeout=30)
     assert after.model.version == v2.version and close(after.rewards, new)
+
+
+def test_no_registered_model_stops_the_service_with_a_clear_message(tmp_path: Path) -> None:
+    stack = RewardStack(reward_settings(tmp_path / "home"))
+    stack.settings.ensure_dirs()
+    stack.start("mlflow")
+    try:
+        with pytest.raises(RuntimeError, match="exited") as failed:
+            stack.start("reward")
+        assert "registers a placeholder reward model" in str(failed.value)
+    finally:
+        stack.down()

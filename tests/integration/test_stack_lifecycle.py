@@ -14,7 +14,7 @@ import pytest
 
 from alignloop.supervisor import port_in_use
 
-from tests.conftest import ALIGNLOOP, REPO, free_port, stack_env, start_stack
+from tests.conftest import ALIGNLOOP, REPO, stack_env, start_stack
 
 pytestmark = pytest.mark.integration
 
