@@ -85,10 +85,10 @@ def main() -> None:
     from alignloop.config import Settings, vllm_cpu_environment
     from pipelines.models_init import build_minilm_reward_model, build_tiny_reward_model
     from pipelines.ppo.args import Args
-    from pipelines.ppo.models import load_policy
+    from pipelines.ppo.models import load_policy, prompt_token_ids
     from pipelines.ppo.rewards import InProcessReward
     from pipelines.ppo.rollout import HFRollout, VLLMRollout
-    from pipelines.ppo.train import Inputs, prompt_token_ids, train
+    from pipelines.ppo.train import Inputs, train
 
     hf_logging.disable_progress_bar()
     console = Console(stderr=True)

@@ -46,8 +46,8 @@ def sample_answers(folder: Path, prompts: Sequence[list], *, n: int, max_new_tok
     """Samples from a policy folder with an in-process vLLM engine, closed afterwards."""
     from transformers import AutoTokenizer
 
+    from pipelines.ppo.models import prompt_token_ids
     from pipelines.ppo.rollout import VLLMRollout
-    from pipelines.ppo.train import prompt_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = [prompt_token_ids(tokenizer, m) for m in prompts]
@@ -90,8 +90,9 @@ def evaluate(candidate_dir: Path, champion_dir: Path, reference_dir: Path, promp
     r_cand = reward.score(conversations, [s.text for s in cand])
     r_champ = reward.score([prompts[s.prompt_index] for s in champ], [s.text for s in champ])
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_cand, r_champ, strict=True))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kl = kl_to_reference(candidate_dir, reference_dir, cand, pad_id)
+    from pipelines.ppo.models import pad_id
+
+    kl = kl_to_reference(candidate_dir, reference_dir, cand, pad_id(tokenizer))
 
     mean_c, mean_b = sum(r_cand) / len(r_cand), sum(r_champ) / len(r_champ)
     win_rate = wins / len(r_cand)

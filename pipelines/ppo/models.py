@@ -6,8 +6,8 @@ The critic is a separate network: the policy's transformer body with a scalar he
 initialises it from the RM; that is possible only when the RM reads the policy's tokens (an RM on the
 policy's architecture and tokenizer). alignloop's default RM (MiniLM) has its own tokenizer, so by default
 the critic's body starts from the reference policy and its head from zeros (values start at 0, GAE's
-advantages start as discounted rewards). `init_value_from_reward` takes the RM's body and head instead when
-they fit.
+advantages start as discounted rewards). `ValueModel.from_reward_model` takes the RM's body and head
+instead when they fit (`--value-from-reward`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pipelines.ppo.core import entropy_from_logits, token_logprobs
 
 
 class ValueModel(nn.Module):
-    """A transformer body and Linear(hidden, 1): one value per position."""
+    """A transformer body and Linear(hidden, 1): V(state before answer token t) for every answer token."""
 
     def __init__(self, body: nn.Module, hidden_size: int) -> None:
         super().__init__()
@@ -31,9 +31,13 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+    def forward(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B, T]: the value read at the position that predicts answer token t (a module's forward, so DDP
+        averages the critic's gradients like the policy's)."""
+        hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=_positions(batch.attention_mask)).last_hidden_state
+        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+        return values[:, batch.prompt_width - 1:-1]
 
     @classmethod
     def from_policy_folder(cls, folder: Path, dtype: torch.dtype = torch.float32) -> ValueModel:
@@ -53,14 +57,6 @@ class ValueModel(nn.Module):
         model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
         return model
 
-    def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        self.body.save_pretrained(str(folder / "body"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(folder / "head.safetensors"))
-
 
 def same_tokenizer(a: Path, b: Path) -> bool:
     """Whether two folders' tokenizers map text to the same ids (compared on their vocabularies)."""
@@ -74,6 +70,41 @@ def load_policy(folder: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+
+
+def save_policy(model, tokenizer, folder: Path, base_dir: Path) -> None:
+    """A trained policy as a folder vLLM and transformers load: weights, tokenizer, and the base's
+    generation_config.json (its stop tokens), which training does not change."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    gen = base_dir / "generation_config.json"
+    if gen.exists() and not (folder / "generation_config.json").exists():
+        (folder / "generation_config.json").write_text(gen.read_text())
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template's generation prompt, tokenised as the policy service does."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def demonstration_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a demonstration: a conversation whose last message is the assistant's.
+    The answer ends with the template's end-of-turn, so the model learns to stop."""
+    prompt = prompt_token_ids(tokenizer, messages[:-1])
+    whole = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    if whole[:len(prompt)] != prompt:  # a template that renders history differently: fall back to text
+        answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    else:
+        answer = whole[len(prompt):]
+        # Drop the template's trailing newline after the end-of-turn token, if any.
+        while answer and tokenizer.decode(answer[-1:]).strip() == "" and answer[-1] != tokenizer.eos_token_id:
+            answer = answer[:-1]
+    return prompt, answer
 
 
 @dataclass
@@ -127,11 +158,3 @@ def policy_forward(model, batch: RolloutBatch, *, with_entropy: bool = False):
     logprobs = token_logprobs(logits, batch.response_ids)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy
-
-
-def value_forward(critic: ValueModel, batch: RolloutBatch) -> torch.Tensor:
-    """V(state before answer token t) [B, T]: the value read at the position that predicts token t."""
-    hidden = critic.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=_positions(batch.attention_mask)).last_hidden_state
-    values = critic.head(hidden.to(critic.head.weight.dtype)).squeeze(-1)
-    return values[:, batch.prompt_width - 1:-1]

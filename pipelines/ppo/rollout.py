@@ -11,12 +11,13 @@ weights go in as tensors, not through a file; see ../shared/PLATFORM.md for the 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pipelines.ppo.models import pad_id
 
 
 @dataclass
@@ -45,8 +46,6 @@ class VLLMRollout:
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                        enable_prefix_caching=True)
-        self.max_model_len = max_model_len
-        self.last_sync_s = 0.0
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float,
                  top_p: float = 1.0, seed: int | None = None) -> list[Sample]:
@@ -68,14 +67,11 @@ class VLLMRollout:
                 samples.append(Sample(i, list(prompt), ids, lps, o.text, o.finish_reason or ""))
         return samples
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
-        """Puts the trainer's weights into the engine in place; returns the seconds it took."""
-        started = time.perf_counter()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Puts the trainer's weights into the engine in place."""
         weights = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
-        self.last_sync_s = time.perf_counter() - started
-        return self.last_sync_s
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -92,14 +88,12 @@ class HFRollout:
     def __init__(self, model, tokenizer) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.last_sync_s = 0.0
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float,
                  top_p: float = 1.0, seed: int | None = None) -> list[Sample]:
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
-            self.tokenizer.eos_token_id
+        pad = pad_id(self.tokenizer)
         if seed is not None:
             torch.manual_seed(seed)
         width = max(len(p) for p in prompts)
@@ -134,8 +128,8 @@ class HFRollout:
                                   logprobs[row, :end].tolist(), text, finish))
         return samples
 
-    def load_weights(self, named_tensors) -> float:
-        return 0.0  # it samples from the trainer's model object itself
+    def load_weights(self, named_tensors) -> None:
+        pass  # it samples from the trainer's model object itself
 
     def close(self) -> None:
         pass

@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,9 @@ import torch.distributed as dist
 
 from pipelines.ppo import core
 from pipelines.ppo.args import Args
-from pipelines.ppo.models import RolloutBatch, ValueModel, pack, policy_forward, value_forward
+from pipelines.ppo.models import (RolloutBatch, ValueModel, demonstration_ids, load_policy, pack, pad_id,
+                                  policy_forward, prompt_token_ids, save_policy)
+from pipelines.training import pick_device
 
 
 # ---- distributed --------------------------------------------------------------------------------------------
@@ -42,7 +44,6 @@ from pipelines.ppo.models import RolloutBatch, ValueModel, pack, policy_forward,
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -56,7 +57,7 @@ def init_distributed(device: torch.device) -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def all_mean(values: dict[str, float], d: Dist) -> dict[str, float]:
@@ -131,8 +132,6 @@ class Rollouts:
     batch: RolloutBatch
     scores: torch.Tensor  # [B] RM scores (after clipping and penalties)
     sampler_logprobs: torch.Tensor  # [B, T] what the engine reported
-    conversations: list
-    texts: list[str]
     finish_reasons: list[str]
 
 
@@ -141,21 +140,19 @@ def iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + iteration * 1009 + rank) % (2**31 - 1)
 
 
-@dataclass
 class Timer:
-    seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of one iteration: `with timer("training"): ...` adds to seconds["training"]."""
 
-    def __call__(self, name: str):
-        timer = self
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
 
-        class _Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _Span()
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def collect(engine, reward, tokenizer, prompts: Sequence[list], args: Args, iteration: int, d: Dist,
@@ -165,22 +162,20 @@ def collect(engine, reward, tokenizer, prompts: Sequence[list], args: Args, iter
     with timer("generation"):
         samples = engine.generate(prompt_ids, n=args.samples_per_prompt, max_tokens=args.max_new_tokens,
                                   temperature=args.temperature, seed=iteration_seed(args.seed, iteration, d.rank))
-    conversations = [prompts[s.prompt_index] for s in samples]
-    texts = [s.text for s in samples]
     with timer("scoring"):
-        scores = torch.tensor(reward.score(conversations, texts), dtype=torch.float32)
+        scores = torch.tensor(reward.score([prompts[s.prompt_index] for s in samples], [s.text for s in samples]),
+                              dtype=torch.float32)
     if args.reward_clip is not None:
         scores = scores.clamp(-args.reward_clip, args.reward_clip)
     finish = [s.finish_reason for s in samples]
     if args.missing_eos_penalty is not None:
         scores = scores - args.missing_eos_penalty * torch.tensor([f == "length" for f in finish], dtype=torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id)
+    batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id(tokenizer))
     sampler = torch.zeros_like(batch.response_mask)
     for i, s in enumerate(samples):
         if s.logprobs:
             sampler[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
-    return Rollouts(batch, scores, sampler, conversations, texts, finish)
+    return Rollouts(batch, scores, sampler, finish)
 
 
 def minibatches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -263,18 +258,6 @@ def ppo_iteration(policy, reference, critic, optimizers: dict, kl_ctl, ro: Rollo
     return out
 
 
-class CriticForward(torch.nn.Module):
-    """value_forward as a module: what `ppo_iteration` calls as `critic(batch)`, and what DDP wraps (so the
-    critic's gradients are averaged across ranks like the policy's)."""
-
-    def __init__(self, critic: ValueModel) -> None:
-        super().__init__()
-        self.critic = critic
-
-    def forward(self, mb: RolloutBatch) -> torch.Tensor:
-        return value_forward(self.critic, mb)
-
-
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     var_returns = core.masked_var(returns, mask)
     if var_returns.item() == 0:
@@ -306,27 +289,6 @@ def validate(args: Args) -> None:
             raise ValueError(message)
 
 
-def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The chat template's generation prompt, tokenised as the policy service does."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def demonstration_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) of a demonstration: a conversation whose last message is the assistant's.
-    The answer ends with the template's end-of-turn, so the model learns to stop."""
-    prompt = prompt_token_ids(tokenizer, messages[:-1])
-    whole = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
-    if whole[:len(prompt)] != prompt:  # a template that renders history differently: fall back to text
-        answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
-    else:
-        answer = whole[len(prompt):]
-        # Drop the template's trailing newline after the end-of-turn token, if any.
-        while answer and tokenizer.decode(answer[-1:]).strip() == "" and answer[-1] != tokenizer.eos_token_id:
-            answer = answer[:-1]
-    return prompt, answer
-
-
 # ---- the whole job ---------------------------------------------------------------------------------------
 @dataclass
 class Inputs:
@@ -346,12 +308,6 @@ class Result:
     resumed_from: int | None
     final_dir: Path
     history: list[dict]
-
-
-def pick_device(name: str, d_local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{d_local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_env: dict | None = None,
@@ -378,13 +334,10 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
     dtype = getattr(torch, args.dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(str(inputs.policy_dir))
-    from pipelines.ppo.models import load_policy
-
     policy = load_policy(inputs.policy_dir, dtype).to(device).train()
     reference = load_policy(inputs.reference_dir, dtype).to(device).eval().requires_grad_(False)
-    value_model = (ValueModel.from_reward_model(inputs.value_init_dir, dtype) if inputs.value_init_dir
-                   else ValueModel.from_policy_folder(inputs.policy_dir, dtype))
-    critic = CriticForward(value_model).to(device).train()
+    critic = (ValueModel.from_reward_model(inputs.value_init_dir, dtype) if inputs.value_init_dir
+              else ValueModel.from_policy_folder(inputs.policy_dir, dtype)).to(device).train()
     for m in (policy, critic):  # as in TRL/OpenRLHF: the old and new log-probs must see the same network
         for module in m.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -429,14 +382,12 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
         if not inputs.demonstrations:
             raise ValueError("gamma_ptx > 0 needs demonstrations (a ptx file or users' corrections)")
         demos = [demonstration_ids(tokenizer, m) for m in inputs.demonstrations]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ptx_rng = random.Random(args.seed + 17 + d.rank)
 
         def ptx_sampler() -> RolloutBatch:
             chosen = [demos[ptx_rng.randrange(len(demos))] for _ in range(args.ptx_batch_size)]
-            return pack([p for p, _ in chosen], [a for _, a in chosen], pad_id)
+            return pack([p for p, _ in chosen], [a for _, a in chosen], pad_id(tokenizer))
 
-    prompt_rng = random.Random(args.seed)
     history: list[dict] = []
     progress = Progress(TextColumn("PPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"), console=console, disable=not d.main)
@@ -451,7 +402,7 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
                     optimizers["policy"].param_groups[0]["lr"] = frac * args.policy_lr
                     optimizers["value"].param_groups[0]["lr"] = frac * args.value_lr
                 # The same prompts for a resumed run: drawn from a generator seeded by (seed, iteration).
-                prompt_rng.seed(iteration_seed(args.seed, iteration, 0))
+                prompt_rng = random.Random(iteration_seed(args.seed, iteration, 0))
                 draw = [inputs.train_prompts[prompt_rng.randrange(len(inputs.train_prompts))]
                         for _ in range(args.prompts_per_iteration * d.world)]
                 mine = draw[d.rank * args.prompts_per_iteration:(d.rank + 1) * args.prompts_per_iteration]
@@ -487,11 +438,7 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
         if d.main and done == args.iterations:
             if not args.checkpoint_every or done % args.checkpoint_every:
                 save_checkpoint(checkpoints, done, policy, critic, optimizers, kl_ctl, {"args": asdict(args)})
-            _unwrap(policy).save_pretrained(str(final), safe_serialization=True)
-            tokenizer.save_pretrained(str(final))
-            gen = inputs.policy_dir / "generation_config.json"
-            if gen.exists() and not (final / "generation_config.json").exists():
-                (final / "generation_config.json").write_text(gen.read_text())
+            save_policy(_unwrap(policy), tokenizer, final, inputs.policy_dir)
         if d.world > 1:
             dist.barrier()
         return Result(done, resumed_from, final, history)

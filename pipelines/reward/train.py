@@ -23,7 +23,6 @@ champion gate.
 from __future__ import annotations
 
 import math
-import os
 import random
 import tempfile
 import time
@@ -42,6 +41,7 @@ from alignloop.config import Settings
 from alignloop.reward_model import DEFAULT_BACKBONE, RewardModel, default_backbone_path
 from pipelines.reward import publish
 from pipelines.reward.datasets import PointwiseExample, PreferenceGroup, RewardData
+from pipelines.training import configure_threads, linear_schedule, pick_device, seed_everything
 
 
 @dataclass
@@ -82,29 +82,6 @@ class Args:
 
 
 # ---- setup -----------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def configure_threads(threads: int | None) -> int:
-    """One intra-op thread per usable core; inter-op parallelism only oversubscribes a small machine."""
-    n = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # only settable before the first parallel op; a second run in-process keeps it
-        pass
-    return n
-
-
 def load_start(backbone: str | Path, args: Args, device: torch.device) -> tuple[RewardModel, object]:
     """The model training starts from: a fresh head on a transformers backbone, or a saved RM (fine-tuning,
     head included). Returns (model in train mode on `device`, tokenizer)."""
@@ -241,13 +218,6 @@ def pointwise_loss(rewards: torch.Tensor, rows: torch.Tensor, labels: torch.Tens
     if rows.numel() == 0:
         return rewards.sum() * 0.0
     return F.binary_cross_entropy_with_logits(rewards[rows], labels.to(rewards.device))
-
-
-def linear_schedule(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor: 0 → 1 over `warmup` steps, then linearly down to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------

@@ -23,14 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from alignloop.config import Settings
 from pipelines import demonstrations as demos
 from pipelines.ppo import core
-from pipelines.ppo.models import load_policy, pack, policy_forward
+from pipelines.ppo.models import demonstration_ids, load_policy, pack, pad_id, policy_forward, save_policy
 from pipelines.sft.args import Args
+from pipelines.training import linear_schedule, pick_device, seed_everything
 
 
 def tokenize(tokenizer, conversations: list[demos.Conversation], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per demonstration; prompts cut on the left to fit `max_length`."""
-    from pipelines.ppo.train import demonstration_ids
-
     out = []
     for c in conversations:
         prompt, answer = demonstration_ids(tokenizer, c)
@@ -42,15 +41,11 @@ def tokenize(tokenizer, conversations: list[demos.Conversation], max_length: int
 
 def train(policy, tokenizer, examples: list[tuple[list[int], list[int]]], args: Args, device: torch.device,
           console: Console, on_step=None) -> dict:
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seed_everything(args.seed)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(args.warmup_ratio * total))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    from pipelines.reward.train import linear_schedule
-
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     rng = random.Random(args.seed)
     policy.train()
@@ -64,7 +59,7 @@ def train(policy, tokenizer, examples: list[tuple[list[int], list[int]]], args: 
             rng.shuffle(order)
             for start in range(0, len(order), args.batch_size):
                 chunk = [examples[i] for i in order[start:start + args.batch_size]]
-                batch = pack([p for p, _ in chunk], [a for _, a in chunk], pad_id).to(device)
+                batch = pack([p for p, _ in chunk], [a for _, a in chunk], pad_id(tokenizer)).to(device)
                 logprobs, _ = policy_forward(policy, batch)
                 loss = -core.masked_mean(logprobs, batch.response_mask)
                 optimizer.zero_grad(set_to_none=True)
@@ -96,7 +91,7 @@ def run(settings: Settings, conversations: list[demos.Conversation], args: Args,
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
     base_dir, base_ref = resolve_policy(settings, base)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     policy = load_policy(base_dir).to(device)
     examples = tokenize(tokenizer, conversations, args.max_length)
@@ -107,24 +102,16 @@ def run(settings: Settings, conversations: list[demos.Conversation], args: Args,
             base_ref.version if base_ref else "", "alignloop.dataset_hash": data_hash,
             "alignloop.dataset_source": source[:5000], "alignloop.demonstrations": str(len(examples))}
 
-    def save(folder: Path) -> None:
-        policy.save_pretrained(str(folder), safe_serialization=True)
-        tokenizer.save_pretrained(str(folder))
-        gen = base_dir / "generation_config.json"
-        if gen.exists() and not (folder / "generation_config.json").exists():
-            (folder / "generation_config.json").write_text(gen.read_text())
-
     if not register:
         stats = train(policy, tokenizer, examples, args, device, console)
         folder = Path(out or settings.home / "runs" / f"sft-{data_hash[:12]}")
-        save(folder)
+        save_policy(policy, tokenizer, folder, base_dir)
         return stats | {"model_version": None, "model_dir": str(folder), "dataset_hash": data_hash}
 
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id,
-                                       create_ready_version, tracking_uri)
+    from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
 
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     with tracking_uri(settings.tracking_uri), mlflow.start_run(experiment_id=_experiment_id(client, "alignloop-sft"),
@@ -135,11 +122,10 @@ def run(settings: Settings, conversations: list[demos.Conversation], args: Args,
         mlflow.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, int | float)})
         with tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix="sft-") as tmp:
             folder = Path(tmp) / "model"
-            save(folder)
-            mlflow.log_artifacts(str(folder), artifact_path=ARTIFACT_PATH)
-        _ensure_registered_model(client, settings.policy_model_name, "The policy served to users.")
-        mv = create_ready_version(client, settings.policy_model_name, active.info.run_id, tags=tags,
-                                  description="Policy fine-tuned on demonstrations by `alignloop sft train`.")
+            save_policy(policy, tokenizer, folder, base_dir)
+            mv = register_run_folder(settings, settings.policy_model_name, active.info.run_id, folder, tags=tags,
+                                     description="Policy fine-tuned on demonstrations by `alignloop sft train`.",
+                                     model_description="The policy served to users.")
         for alias in aliases:
             if alias == "champion":  # through promotion, so `models rollback` can undo it
                 from pipelines import promotion

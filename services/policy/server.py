@@ -54,10 +54,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         await self.open.wait()
         return self.model, self.tokenizer
 
-    async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, stream: bool,
-                       tokenizer=None):
+    async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, tokenizer, *,
+                       stream: bool):
         try:
-            return prepare(request, tokenizer or self.tokenizer, self.max_model_len, stream=stream)
+            return prepare(request, tokenizer, self.max_model_len, stream=stream)
         except InvalidRequest as exc:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=((PARAM_METADATA_KEY, exc.param),)
@@ -82,7 +82,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         model, tokenizer = await self._admit()
-        prepared = await self._prepare(request, context, stream=False, tokenizer=tokenizer)
+        prepared = await self._prepare(request, context, tokenizer, stream=False)
         s = request.sampling
         final = None
         async for out in self._outputs(request, prepared):
@@ -98,7 +98,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         model, tokenizer = await self._admit()
-        prepared = await self._prepare(request, context, stream=True, tokenizer=tokenizer)
+        prepared = await self._prepare(request, context, tokenizer, stream=True)
         s = request.sampling
         outputs = self._outputs(request, prepared)
         # Hand the request to the engine before writing anything: under a burst, every millisecond a request
