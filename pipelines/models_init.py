@@ -348,6 +348,18 @@ def create_ready_version(client, name: str, run_id: str, *, tags: dict[str, str]
     return mv
 
 
+def register_run_folder(settings: Settings, name: str, run_id: str, folder: Path, *, tags: Mapping[str, str],
+                        description: str, model_description: str, timeout_s: float = 300.0):
+    """Logs `folder` under run `run_id`'s artifact path "model" and registers it as a new version of model
+    `name` (created with `model_description` if new); returns the version once it is READY. Moves no alias."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
+    _ensure_registered_model(client, name, model_description)
+    return create_ready_version(client, name, run_id, tags=dict(tags), description=description, timeout_s=timeout_s)
+
+
 def register_folder(
     settings: Settings,
     name: str,
@@ -373,15 +385,12 @@ def register_folder(
     run = client.create_run(_experiment_id(client, EXPERIMENT_NAME), run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     try:
-        client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
+        mv = register_run_folder(settings, name, run_id, folder, tags=tags, description=description,
+                                 model_description=description, timeout_s=timeout_s)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id)
-
-    _ensure_registered_model(client, name, description)
-    mv = create_ready_version(client, name, run_id, tags=dict(tags), description=description,
-                              timeout_s=timeout_s)
     for alias in aliases:
         client.set_registered_model_alias(name, alias, mv.version)
     return ModelVersionRef(name=name, version=str(mv.version), run_id=run_id, source=mv.source)

@@ -17,8 +17,7 @@ from rich.console import Console
 
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
-from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id, create_ready_version,
-                                   tracking_uri)
+from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
 from pipelines.ppo import prompts as prompt_sources
 from pipelines.ppo.train import Args, Inputs, train
 
@@ -117,22 +116,30 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
                "alignloop.reward_model_version": reward.version or sources.reward,
                "alignloop.prompt_set_hash": digest, "alignloop.train_prompts": str(len(train_prompts)),
                "alignloop.held_out_prompts": str(len(held_out))}
+    if getattr(reward, "untrained", False):
+        # Allowed (a fresh stack, a smoke test), but its rewards are noise: say so, and keep it in the lineage.
+        lineage["alignloop.reward_untrained"] = "true"
+        if rank == 0:
+            console.print("[yellow]the reward model is the untrained placeholder: its rewards are noise until "
+                          "`alignloop reward train` promotes a trained one[/]")
     if rank == 0:
         console.print(f"PPO on {policy_dir.name} ({lineage['alignloop.parent_policy_version'] or 'folder'}): "
                       f"{len(train_prompts)} training prompts, {len(held_out)} held out; rewards from "
                       f"{reward.version or sources.reward}")
     track = register and rank == 0
-    run_id = None
-    restore = contextlib.ExitStack()
-    if track:
-        restore.enter_context(tracking_uri(settings.tracking_uri))
-        from mlflow import MlflowClient
+    with contextlib.ExitStack() as stack:
+        stack.callback(reward.close)
+        active = None
+        if track:
+            from mlflow import MlflowClient
 
-        experiment_id = _experiment_id(MlflowClient(settings.tracking_uri), EXPERIMENT_NAME)
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=f"ppo-{digest[:12]}", tags=lineage)
-        run_id = active.info.run_id
-        mlflow.log_params({k: str(v)[:6000] for k, v in (asdict(args) | asdict(sources)).items()})
-    try:
+            stack.enter_context(tracking_uri(settings.tracking_uri))
+            experiment_id = _experiment_id(MlflowClient(settings.tracking_uri), EXPERIMENT_NAME)
+            # A context manager: the run ends FAILED if training raises, FINISHED otherwise.
+            active = stack.enter_context(mlflow.start_run(experiment_id=experiment_id,
+                                                          run_name=f"ppo-{digest[:12]}", tags=lineage))
+            mlflow.log_params({k: str(v)[:6000] for k, v in (asdict(args) | asdict(sources)).items()})
+
         def log(iteration: int, metrics: dict) -> None:
             if track:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()
@@ -142,27 +149,20 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
                        out, resume=resume, engine_env=vllm_cpu_environment(settings), on_iteration=log,
                        console=console)
         summary = {"iterations": result.iterations_done, "resumed_from": result.resumed_from,
-                   "model_dir": str(result.final_dir), "run_id": run_id, "model_version": None,
-                   "prompt_set_hash": digest, "reward_model_version": reward.version}
+                   "model_dir": str(result.final_dir), "run_id": active.info.run_id if active else None,
+                   "model_version": None, "prompt_set_hash": digest, "reward_model_version": reward.version}
         if result.history:
             last = result.history[-1]
             summary |= {"reward": last["reward"], "kl": last["kl"], "beta": last["beta"]}
-        if track and result.iterations_done == args.iterations:
-            mlflow.log_artifacts(str(result.final_dir), artifact_path=ARTIFACT_PATH)
-            from mlflow import MlflowClient
-
-            client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
-            _ensure_registered_model(client, settings.policy_model_name, "The policy served to users.")
-            mv = create_ready_version(client, settings.policy_model_name, run_id, tags=lineage,
-                                      description="Policy trained by `alignloop ppo train`.")
-            summary["model_version"] = str(mv.version)
-            mlflow.set_tag("alignloop.model_version", str(mv.version))
-            console.print(f"{settings.policy_model_name} version {mv.version} registered (not promoted: "
-                          f"`alignloop ppo evaluate` decides)")
-        return summary
-    finally:
-        reward.close()
         if track:
             mlflow.flush_async_logging()
-            mlflow.end_run()
-        restore.close()
+            if result.iterations_done == args.iterations:
+                mv = register_run_folder(settings, settings.policy_model_name, active.info.run_id,
+                                         result.final_dir, tags=lineage,
+                                         description="Policy trained by `alignloop ppo train`.",
+                                         model_description="The policy served to users.")
+                summary["model_version"] = str(mv.version)
+                mlflow.set_tag("alignloop.model_version", str(mv.version))
+                console.print(f"{settings.policy_model_name} version {mv.version} registered (not promoted: "
+                              f"`alignloop ppo evaluate` decides)")
+        return summary

@@ -23,8 +23,7 @@ from rich.console import Console
 from alignloop.config import Settings
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, resolve_alias
 from alignloop.reward_model import UNTRAINED_TAG, RewardModel
-from pipelines.models_init import (ARTIFACT_PATH, _ensure_registered_model, _experiment_id,
-                                   create_ready_version, tracking_uri)
+from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
 from pipelines.reward.datasets import RewardData
 
 EXPERIMENT_NAME = "alignloop-reward"
@@ -153,14 +152,10 @@ def register_and_gate(
 ) -> dict:
     """Logs `folder` under the run's "model" path, registers it as a new version, scores the current champion
     with `score` and moves @champion to the new version if the gate says so. Returns the summary fields."""
-    import mlflow
-
     console = console or Console(stderr=True)
     # The alias the reward service serves (settings.reward_model_alias, "champion" by default).
     client = _client(settings.tracking_uri)
     name, alias = settings.reward_model_name, settings.reward_model_alias
-    with console.status(f"logging the model to MLflow at {settings.tracking_uri}"):
-        mlflow.log_artifacts(str(folder), artifact_path=ARTIFACT_PATH)
     tags = {"alignloop.kind": "reward", "alignloop.dataset_hash": data.hash,
             "alignloop.dataset_source": data.source[:5000], "alignloop.dataset": data.name,
             "alignloop.backbone": backbone, "alignloop.eval_accuracy": _str(eval_accuracy),
@@ -170,9 +165,11 @@ def register_and_gate(
         tags["alignloop.base_reward_version"] = base_version
     if untrained:  # no optimizer step was taken: any trained model may replace it
         tags[UNTRAINED_TAG] = "true"
-    _ensure_registered_model(client, name, "The reward model (InstructGPT §3.5), trained on user feedback.")
-    mv = create_ready_version(client, name, tracker.run_id, tags=tags,
-                              description="Reward model trained by `alignloop reward train`.")
+    with console.status(f"logging the model to MLflow at {settings.tracking_uri} and registering it"):
+        mv = register_run_folder(settings, name, tracker.run_id, folder, tags=tags,
+                                 description="Reward model trained by `alignloop reward train`.",
+                                 model_description="The reward model (InstructGPT §3.5), trained on user "
+                                                   "feedback.")
 
     try:
         champion = resolve_alias(settings.tracking_uri, name, alias)
