@@ -9,11 +9,10 @@ Sources:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from pipelines.ppo.prompts import read_demonstrations
+from pipelines.ppo.prompts import check_messages, json_lines
 
 Conversation = list[dict]
 
@@ -38,7 +37,22 @@ def from_snapshot(folder: Path, *, min_rating: int = 6, thumbs_up: bool = False)
 
 
 def from_file(path: Path) -> list[Conversation]:
-    return dedupe(read_demonstrations(path))
+    """Conversations ending with the assistant's answer to imitate (PPO-ptx and SFT data), JSON lines of
+    {"messages": [...]} or {"prompt": "...", "response": "..."}."""
+    out = []
+    for where, row in json_lines(path):
+        if "messages" in row:
+            messages = row["messages"]
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            messages = [{"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["response"]}]
+        else:
+            raise ValueError(f"{where}: expected 'messages' or 'prompt' and 'response'")
+        if not messages or messages[-1].get("role") != "assistant" or not messages[-1].get("content"):
+            raise ValueError(f"{where}: a demonstration ends with a non-empty assistant message")
+        check_messages(messages[:-1], where)
+        out.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return dedupe(out)
 
 
 def dedupe(conversations: list[Conversation]) -> list[Conversation]:
@@ -47,6 +61,3 @@ def dedupe(conversations: list[Conversation]) -> list[Conversation]:
         seen.setdefault(json.dumps(c, sort_keys=True, ensure_ascii=False), c)
     return list(seen.values())
 
-
-def digest(conversations: list[Conversation]) -> str:
-    return hashlib.sha256(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

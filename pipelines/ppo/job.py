@@ -7,8 +7,6 @@ hash). Registration does not promote: `alignloop ppo evaluate` gates that.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,10 +63,6 @@ def open_reward(settings: Settings, spec: str):
     raise ValueError(f"reward {spec!r}: expected service, inprocess or fn:module:callable")
 
 
-def prompt_set_hash(prompts: list) -> str:
-    return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def load_prompts(settings: Settings, sources: Sources) -> tuple[list, list]:
     store = prompt_sources.read_store_prompts(settings.store, sources.max_store_prompts) \
         if sources.store_prompts else []
@@ -109,7 +103,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
             raise ValueError("--value-from-reward needs --reward inprocess and an RM on the policy's tokenizer")
         value_init = rm_folder
 
-    digest = prompt_set_hash(train_prompts)
+    digest = prompt_sources.content_hash(train_prompts)
     out = out or settings.home / "runs" / f"ppo-{digest[:12]}"
     lineage = {"alignloop.kind": "ppo", "alignloop.parent_policy_version": policy_ref.version if policy_ref else "",
                "alignloop.reference_policy_version": reference_ref.version if reference_ref else "",

@@ -19,15 +19,18 @@ from pathlib import Path
 Messages = list[dict]
 
 
-def prompt_key(messages: Messages) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+def content_hash(value) -> str:
+    """sha256 of a canonical JSON form: the same prompts (or prompt set, or demonstrations) give the same hash."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
 
 
 def is_held_out(messages: Messages, eval_fraction: float) -> bool:
-    return int(prompt_key(messages)[:16], 16) / 2**64 < eval_fraction
+    return int(content_hash(messages)[:16], 16) / 2**64 < eval_fraction
 
 
-def _check(messages, where: str) -> Messages:
+def check_messages(messages, where: str) -> Messages:
+    """A prompt's messages, checked (non-empty, string role and content, not ending with an answer)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: messages must be a non-empty list")
     for j, m in enumerate(messages):
@@ -51,7 +54,7 @@ def read_prompt_file(path: Path) -> list[Messages]:
     out = []
     for where, row in json_lines(path):
         if "messages" in row:
-            out.append(_check(row["messages"], where))
+            out.append(check_messages(row["messages"], where))
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             out.append([{"role": "user", "content": row["prompt"]}])
         else:
@@ -90,26 +93,7 @@ def build_prompt_set(store_prompts: Sequence[Messages], file_prompts: Sequence[M
     """(train, held-out) distinct prompts from both sources."""
     distinct: dict[str, Messages] = {}
     for messages in [*store_prompts, *file_prompts]:
-        distinct.setdefault(prompt_key(messages), messages)
+        distinct.setdefault(content_hash(messages), messages)
     train = [m for m in distinct.values() if not is_held_out(m, eval_fraction)]
     held = [m for m in distinct.values() if is_held_out(m, eval_fraction)]
     return train, held
-
-
-def read_demonstrations(path: Path) -> list[Messages]:
-    """Conversations ending with the assistant's answer to imitate (PPO-ptx and SFT data), JSON lines of
-    {"messages": [...]} or {"prompt": "...", "response": "..."}."""
-    out = []
-    for where, row in json_lines(path):
-        if "messages" in row:
-            messages = row["messages"]
-        elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-            messages = [{"role": "user", "content": row["prompt"]},
-                        {"role": "assistant", "content": row["response"]}]
-        else:
-            raise ValueError(f"{where}: expected 'messages' or 'prompt' and 'response'")
-        if not messages or messages[-1].get("role") != "assistant" or not messages[-1].get("content"):
-            raise ValueError(f"{where}: a demonstration ends with a non-empty assistant message")
-        _check(messages[:-1], where)
-        out.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return out

@@ -34,8 +34,17 @@ import torch.distributed as dist
 
 from pipelines.ppo import core
 from pipelines.ppo.args import Args
-from pipelines.ppo.models import (RolloutBatch, ValueModel, demonstration_ids, load_policy, pack, pad_id,
-                                  policy_forward, prompt_token_ids, save_policy)
+from pipelines.ppo.models import (
+    RolloutBatch,
+    ValueModel,
+    demonstration_ids,
+    load_policy,
+    pack,
+    pad_id,
+    policy_forward,
+    prompt_token_ids,
+    save_policy,
+)
 from pipelines.training import pick_device
 
 

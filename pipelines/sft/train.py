@@ -24,6 +24,7 @@ from alignloop.config import Settings
 from pipelines import demonstrations as demos
 from pipelines.ppo import core
 from pipelines.ppo.models import demonstration_ids, load_policy, pack, pad_id, policy_forward, save_policy
+from pipelines.ppo.prompts import content_hash
 from pipelines.sft.args import Args
 from pipelines.training import linear_schedule, pick_device, seed_everything
 
@@ -95,7 +96,7 @@ def run(settings: Settings, conversations: list[demos.Conversation], args: Args,
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     policy = load_policy(base_dir).to(device)
     examples = tokenize(tokenizer, conversations, args.max_length)
-    data_hash = demos.digest(conversations)
+    data_hash = content_hash(conversations)
     console.print(f"SFT on {base_dir.name} (version {base_ref.version if base_ref else 'folder'}): "
                   f"{len(examples)} demonstrations")
     tags = {"kind": "sft", "alignloop.kind": "sft", "alignloop.parent_policy_version":
