@@ -107,12 +107,15 @@ def _train_tokenizer(vocab_size: int):
     return tok
 
 
-def build_tiny_policy(dest: Path, *, max_position_embeddings: int = 2048, seed: int = 0) -> Path:
+def build_tiny_policy(dest: Path, *, max_position_embeddings: int = 2048, seed: int = 0,
+                      tie_word_embeddings: bool = True) -> Path:
     """Saves a tiny random LlamaForCausalLM with a locally trained byte-level BPE tokenizer into `dest`.
 
     Shape: hidden 128, 2 layers, 4 heads of 32 (2 KV heads), vocab = the tokenizer's 1000; 0.4M fp32 weights.
     eos = <|im_end|>, bos = <|im_start|>, pad = <|endoftext|>; ChatML chat template. The same `seed` gives the
     same weights; the tokenizer is deterministic. Takes ~0.1 s once torch and transformers are imported.
+    `tie_word_embeddings=False` gives the output head its own weights (as in bigger models; a LoRA test
+    adapts it).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -141,7 +144,7 @@ def build_tiny_policy(dest: Path, *, max_position_embeddings: int = 2048, seed: 
         num_hidden_layers=2,
         intermediate_size=256,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=ids[IM_START],
         eos_token_id=ids[IM_END],
         pad_token_id=ids[ENDOFTEXT],

@@ -39,6 +39,10 @@ class Args:
     # PPO-ptx: gamma_ptx × LM loss on demonstrations, mixed into every minibatch
     gamma_ptx: float = 0.0
     ptx_batch_size: int = 4
+    # LoRA (peft): train low-rank adapters instead of every weight (bigger policies); 0 = full fine-tuning
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # adapters scale by lora_alpha / lora_rank
+    lora_target_modules: str = "all-linear"  # or comma-separated module names, e.g. "q_proj,v_proj"
     # engineering
     seed: int = 0
     rollout_engine: str = "vllm"  # "vllm" | "hf" (transformers generate, the benchmark's baseline)

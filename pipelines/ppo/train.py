@@ -14,6 +14,9 @@ One iteration:
   6. sync        the new policy weights into the vLLM engine in place
   7. beta        the adaptive KL controller (if `kl_target`) moves beta towards the target KL
 
+With `lora_rank` > 0 only peft adapters are trained (pipelines/ppo/lora.py): π_ref is the policy's network
+with its adapters off, and the engine gets the merged weights.
+
 Data parallel with torchrun: every rank has its own engine and its own share of the prompts; DDP averages
 gradients, so every rank holds the same weights after each step. Rank 0 logs and checkpoints.
 """
@@ -32,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipelines.ppo import core
+from pipelines.ppo import core, lora
 from pipelines.ppo.args import Args
 from pipelines.ppo.models import (
     RolloutBatch,
@@ -90,8 +93,14 @@ def save_checkpoint(folder: Path, iteration: int, policy, critic, optimizers: di
     final = folder / f"iter-{iteration:06d}"
     partial = folder / f".iter-{iteration:06d}.partial"
     partial.mkdir(parents=True, exist_ok=True)
-    _unwrap(policy).save_pretrained(str(partial / "policy"), safe_serialization=True)
-    torch.save({"critic": _unwrap(critic).state_dict(),
+    policy, critic = _unwrap(policy), _unwrap(critic)
+    if lora.is_lora(policy):  # only what is trained: adapters and the critic's head
+        torch.save(lora.trainable_state(policy), partial / "policy_adapters.pt")
+        critic_state = lora.trainable_state(critic)
+    else:
+        policy.save_pretrained(str(partial / "policy"), safe_serialization=True)
+        critic_state = critic.state_dict()
+    torch.save({"critic": critic_state,
                 "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
                 "beta": kl_ctl.beta, "iteration": iteration,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -117,14 +126,23 @@ def load_checkpoint(path: Path, policy, critic, optimizers: dict, kl_ctl) -> dic
     from safetensors.torch import load_file
 
     state = torch.load(path / "state.pt", weights_only=False)
-    weights = {}
-    for f in sorted((path / "policy").glob("*.safetensors")):
-        weights |= load_file(str(f))
-    missing, unexpected = _unwrap(policy).load_state_dict(weights, strict=False)
-    # Tied embeddings are saved once; anything else missing means a different architecture.
-    if unexpected or any("lm_head" not in k for k in missing):
-        raise ValueError(f"checkpoint {path} does not fit this policy (missing {missing}, unexpected {unexpected})")
-    _unwrap(critic).load_state_dict(state["critic"])
+    policy, critic = _unwrap(policy), _unwrap(critic)
+    if lora.is_lora(policy) != (path / "policy_adapters.pt").exists():
+        raise ValueError(f"checkpoint {path} was written {'without' if lora.is_lora(policy) else 'with'} LoRA: "
+                         "resume with the run's own --lora-rank, or start afresh (--no-resume)")
+    if lora.is_lora(policy):
+        lora.load_trainable_state(policy, torch.load(path / "policy_adapters.pt"))
+        lora.load_trainable_state(critic, state["critic"])
+    else:
+        weights = {}
+        for f in sorted((path / "policy").glob("*.safetensors")):
+            weights |= load_file(str(f))
+        missing, unexpected = policy.load_state_dict(weights, strict=False)
+        # Tied embeddings are saved once; anything else missing means a different architecture.
+        if unexpected or any("lm_head" not in k for k in missing):
+            raise ValueError(f"checkpoint {path} does not fit this policy (missing {missing}, "
+                             f"unexpected {unexpected})")
+        critic.load_state_dict(state["critic"])
     for k, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][k])
     kl_ctl.beta = state["beta"]
@@ -192,6 +210,20 @@ def minibatches(n: int, size: int, generator: torch.Generator) -> list[torch.Ten
     return [order[i:i + size] for i in range(0, n, size)]
 
 
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def reference_logprobs(reference, policy, batch: RolloutBatch) -> torch.Tensor:
+    """log π_ref of the answer tokens: from the reference network, or (LoRA, reference = None) from the
+    policy's own network with its adapters switched off."""
+    if reference is not None:
+        return policy_forward(reference, batch)[0]
+    module = _unwrap(policy)
+    with module.disable_adapter():
+        return policy_forward(module, batch)[0]
+
+
 def ptx_loss(policy, ptx_batch: RolloutBatch) -> torch.Tensor:
     """Mean negative log-likelihood of demonstration answers (InstructGPT's PPO-ptx term, on SFT data)."""
     logprobs, _ = policy_forward(policy, ptx_batch)
@@ -206,7 +238,7 @@ def ppo_iteration(policy, reference, critic, optimizers: dict, kl_ctl, ro: Rollo
     mask = batch.response_mask
     with timer("training"), torch.no_grad():
         old_logprobs, _ = policy_forward(policy, batch)
-        ref_logprobs, _ = policy_forward(reference, batch)
+        ref_logprobs = reference_logprobs(reference, policy, batch)
         old_values = critic(batch)
         rewards, kl = core.kl_penalized_rewards(ro.scores.to(device), old_logprobs, ref_logprobs, mask,
                                                 kl_ctl.beta)
@@ -292,6 +324,9 @@ def validate(args: Args) -> None:
         (args.policy_lr > 0 and args.value_lr > 0, "policy_lr and value_lr must be > 0"),
         (args.gamma_ptx >= 0, "gamma_ptx must be >= 0"),
         (args.rollout_engine in ("vllm", "hf"), "rollout_engine must be vllm or hf"),
+        (args.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
+        (args.lora_alpha > 0, "lora_alpha must be > 0"),
+        (bool(args.lora_target_modules.strip(" ,")), "lora_target_modules must name modules or be all-linear"),
     ]
     for ok, message in checks:
         if not ok:
@@ -344,9 +379,16 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
 
     tokenizer = AutoTokenizer.from_pretrained(str(inputs.policy_dir))
     policy = load_policy(inputs.policy_dir, dtype).to(device).train()
-    reference = load_policy(inputs.reference_dir, dtype).to(device).eval().requires_grad_(False)
     critic = (ValueModel.from_reward_model(inputs.value_init_dir, dtype) if inputs.value_init_dir
               else ValueModel.from_policy_folder(inputs.policy_dir, dtype)).to(device).train()
+    # With LoRA, a run that starts from π_ref reads π_ref from its own network with the adapters off.
+    reference = None
+    if not (args.lora_rank and inputs.policy_dir.resolve() == inputs.reference_dir.resolve()):
+        reference = load_policy(inputs.reference_dir, dtype).to(device).eval().requires_grad_(False)
+    if args.lora_rank:
+        adapters = {"rank": args.lora_rank, "alpha": args.lora_alpha, "target_modules": args.lora_target_modules}
+        policy = lora.add_adapters(policy, **adapters)
+        critic.body = lora.add_adapters(critic.body, **adapters)  # the head stays wholly trainable
     for m in (policy, critic):  # as in TRL/OpenRLHF: the old and new log-probs must see the same network
         for module in m.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -358,8 +400,8 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
         policy = DDP(policy, device_ids=ids)
         critic = DDP(critic, device_ids=ids)
     optimizers = {
-        "policy": torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, weight_decay=args.weight_decay),
-        "value": torch.optim.AdamW(critic.parameters(), lr=args.value_lr, weight_decay=args.weight_decay),
+        "policy": torch.optim.AdamW(trainable(policy), lr=args.policy_lr, weight_decay=args.weight_decay),
+        "value": torch.optim.AdamW(trainable(critic), lr=args.value_lr, weight_decay=args.weight_decay),
     }
     kl_ctl = (core.AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
               else core.FixedKLController(args.beta))
@@ -380,7 +422,7 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
                              dtype=args.dtype, env=engine_env,
                              gpu_memory_utilization=0.3 if device.type == "cuda" else 0.9)
         if resumed_from is not None:
-            engine.load_weights(_unwrap(policy).state_dict().items())
+            engine.load_weights(lora.merged_weights(_unwrap(policy)))
     else:
         from pipelines.ppo.rollout import HFRollout
 
@@ -421,7 +463,7 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
                 metrics = ppo_iteration(policy, reference, critic, optimizers, kl_ctl, ro, args, device,
                                         iteration, ptx_sampler=ptx_sampler, timer=timer)
                 with timer("weight_sync"):
-                    engine.load_weights(_unwrap(policy).state_dict().items())
+                    engine.load_weights(lora.merged_weights(_unwrap(policy)))
                 answer_tokens = float(ro.batch.response_mask.sum())
                 metrics |= {f"time_{k}_s": v for k, v in timer.seconds.items()}
                 metrics["rollout_tokens_per_s"] = answer_tokens / max(timer.seconds.get("generation", 0), 1e-9)
@@ -447,7 +489,7 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
         if d.main and done == args.iterations:
             if not args.checkpoint_every or done % args.checkpoint_every:
                 save_checkpoint(checkpoints, done, policy, critic, optimizers, kl_ctl, {"args": asdict(args)})
-            save_policy(_unwrap(policy), tokenizer, final, inputs.policy_dir)
+            save_policy(lora.merged_model(_unwrap(policy)), tokenizer, final, inputs.policy_dir)
         if d.world > 1:
             dist.barrier()
         return Result(done, resumed_from, final, history)

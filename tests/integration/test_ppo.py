@@ -91,6 +91,47 @@ def test_resume_after_a_stop_gives_the_same_next_step(tiny_policy, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
+
+
+def test_lora_trains_adapters_only_syncs_merged_weights_and_resumes(tmp_path_factory, tmp_path):
+    # An untied output head takes an adapter too: the random tiny model's body alone barely moves the
+    # letter share (its hidden states mean nothing), the head does.
+    untied = build_tiny_policy(tmp_path_factory.mktemp("untied") / "tiny", max_position_embeddings=512,
+                               tie_word_embeddings=False)
+    args = fast_args(iterations=12, lora_rank=16, lora_alpha=32, lora_target_modules=LORA_TARGETS,
+                     policy_lr=1e-2, value_lr=1e-2, checkpoint_every=1)
+    straight = run_ppo(untied, tmp_path / "straight", args).history
+    before, after = window(straight, "reward", True, 3), window(straight, "reward", False, 3)
+    assert after > before + 0.5, f"mean reward {before:.2f} -> {after:.2f}"
+    # Iteration 1 samples the untouched policy: π = π_ref exactly (fresh adapters, reference = adapters off).
+    assert straight[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert straight[-1]["kl"] > 0.1
+    # vLLM sampled from the merged weights every iteration.
+    assert max(r["logprob_gap"] for r in straight) < 1e-3
+
+    checkpoint = tmp_path / "straight" / "checkpoints" / "iter-000012"
+    adapters = torch.load(checkpoint / "policy_adapters.pt")
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert not (checkpoint / "policy").exists()
+    final = tmp_path / "straight" / "final"
+    assert not (final / "adapter_config.json").exists()  # the released policy is a plain, merged model
+    trained, base = load_file(str(final / "model.safetensors")), load_file(str(untied / "model.safetensors"))
+    assert trained.keys() == base.keys()
+    assert not torch.equal(trained["lm_head.weight"], base["lm_head.weight"])
+
+    short = fast_args(**{**args.__dict__, "iterations": 3})
+    whole = run_ppo(untied, tmp_path / "whole", short).history
+    run_ppo(untied, tmp_path / "resumed", short, stop_after=2)
+    resumed = run_ppo(untied, tmp_path / "resumed", short)
+    assert resumed.resumed_from == 2
+    assert resumed.history[0]["reward"] == pytest.approx(whole[2]["reward"], abs=1e-5)
+    assert resumed.history[0]["policy_loss"] == pytest.approx(whole[2]["policy_loss"], abs=1e-4)
+    # A full fine-tuning run refuses to continue from adapters.
+    with pytest.raises(ValueError, match="written with LoRA"):
+        run_ppo(untied, tmp_path / "resumed", fast_args(iterations=4))
+
+
 def cli(*argv: str, env: dict | None = None, launcher: list[str] | None = None, home: Path) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable, "-m", "alignloop.cli"]) + list(argv)
     full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")},
@@ -130,6 +171,7 @@ def test_torchrun_two_processes(tiny_policy, prompt_file, tmp_path):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--beta", "-0.1"], "beta must be >= 0"),
     (["--clip-range", "1.5"], "clip_range"),
+    (["--lora-rank", "-1"], "lora_rank must be >= 0"),
     (["--policy", "/no/such/model"], "not a transformers folder"),
 ])
 def test_bad_configuration_is_refused_clearly(tiny_policy, prompt_file, tmp_path, flags, message):
