@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,43 @@ def test_torchrun_two_processes(tiny_policy, prompt_file, tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["iterations"] == 2
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_torchrun_two_nodes(tiny_policy, prompt_file, tmp_path):
+    """Two "nodes" on this machine, each its own torchrun with its own ALIGNLOOP_HOME and --out (no shared
+    disk), meeting through a c10d rendezvous as nodes of a cluster do; node 0 holds global rank 0, which
+    checkpoints and writes the result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        home = tmp_path / f"node{node}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=ppo-test", "-m", "alignloop.cli", "ppo", "train", "--policy", str(tiny_policy),
+               "--reference", str(tiny_policy), "--reward", f"fn:{REWARD}", "--prompt-file", str(prompt_file),
+               "--no-store-prompts", "--no-register", "--iterations", "2", "--prompts-per-iteration", "4",
+               "--samples-per-prompt", "2", "--max-new-tokens", "8", "--max-model-len", "256",
+               "--out", str(home / "out")]
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")},
+               "ALIGNLOOP_HOME": str(home), "ALIGNLOOP_CONFIG": str(home / "none.toml")}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-4000:]
+    summary = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert summary["iterations"] == 2
+    assert (tmp_path / "node0" / "out" / "final" / "model.safetensors").exists()
+    assert not (tmp_path / "node1" / "out" / "final").exists()
 
 
 @pytest.mark.parametrize(("flags", "message"), [
