@@ -95,6 +95,17 @@ class Settings(BaseSettings):
     # The gate: a new RM becomes champion only if its held-out accuracy >= the champion's - this.
     reward_gate_tolerance: float = 0.0
 
+    # pipeline runner (services/pipeline): retraining runs, one at a time
+    pipeline_port: int = 50054
+    pipeline_metrics_port: int = 9466  # the runner's /metrics
+    pipeline_interval_s: float = 0.0  # start a run this long after the last one began; 0: no interval schedule
+    # start a run once this many feedback events arrived since the last run's snapshot; 0: no such trigger
+    pipeline_min_new_feedback: int = 0
+    pipeline_check_s: float = 10.0  # how often the schedule is checked
+    # Step settings every run starts from, a JSON object (keys in services/pipeline/config.py), e.g.
+    # '{"ppo": {"iterations": 4}, "nproc_per_node": 2}'; a run's own overrides go on top.
+    pipeline_defaults: str = ""
+
     # readiness waits of the supervisor, per component
     start_timeout_s: float = 300.0
 
@@ -170,6 +181,10 @@ class Settings(BaseSettings):
     @property
     def reward_target(self) -> str:
         return f"{self.host}:{self.reward_port}"
+
+    @property
+    def pipeline_target(self) -> str:
+        return f"{self.host}:{self.pipeline_port}"
 
     @property
     def store(self) -> str:

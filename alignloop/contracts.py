@@ -3,3 +3,6 @@
 # An INVALID_ARGUMENT status carries the offending request field's name under this trailing-metadata key,
 # so that the gateway can name it in its 400 response.
 PARAM_METADATA_KEY = "alignloop-param"
+
+# The pipeline runner names the run that blocks a StartRun (ALREADY_EXISTS) in this trailing metadata key.
+RUN_ID_METADATA_KEY = "alignloop-run-id"
