@@ -170,6 +170,26 @@ def reward(settings: Settings) -> Component:
     )
 
 
+def pipeline_ready(target: str) -> bool:
+    from alignloop.v1 import pipeline_pb2 as pb
+    from alignloop.v1 import pipeline_pb2_grpc as pb_grpc
+
+    return grpc_ready(target, lambda ch: pb_grpc.PipelineServiceStub(ch).Health(pb.PipelineHealthRequest(),
+                                                                                  timeout=2).ready)
+
+
+def pipeline(settings: Settings) -> Component:
+    return Component(
+        name="pipeline",
+        argv=[sys.executable, "-m", "services.pipeline"],
+        port=settings.pipeline_port,
+        url=f"grpc://{settings.pipeline_target}",
+        probe=lambda: pipeline_ready(settings.pipeline_target),
+        metrics_port=settings.pipeline_metrics_port,
+        start_timeout_s=60,
+    )
+
+
 def gateway(settings: Settings) -> Component:
     return Component(
         name="gateway",
@@ -193,4 +213,4 @@ def infrastructure(settings: Settings) -> list[Component]:
 
 def services(settings: Settings) -> list[Component]:
     return [feedback_materializer(settings), feedback_collector(settings), reward(settings), policy(settings),
-            gateway(settings)]
+            pipeline(settings), gateway(settings)]

@@ -6,3 +6,6 @@ PARAM_METADATA_KEY = "alignloop-param"
 
 # The pipeline runner names the run that blocks a StartRun (ALREADY_EXISTS) in this trailing metadata key.
 RUN_ID_METADATA_KEY = "alignloop-run-id"
+
+# A registered reward-model version that was never trained (the bootstrap placeholder) carries this tag = "true".
+UNTRAINED_TAG = "alignloop.untrained"

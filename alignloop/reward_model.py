@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from alignloop.contracts import UNTRAINED_TAG  # noqa: F401 - re-exported
+
 FORMAT_VERSION = 1
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
-# A registry tag: a reward model never trained (a placeholder); the trainer's gate always replaces it.
-UNTRAINED_TAG = "alignloop.untrained"
 
 
 @dataclass

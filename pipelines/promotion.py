@@ -37,15 +37,15 @@ def _history(client, name: str) -> list[str]:
     return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
 
 
-def _current(settings: Settings, name: str) -> str | None:
+def _current(settings: Settings, name: str, alias: str = ALIAS) -> str | None:
     try:
-        return resolve_alias(settings.tracking_uri, name, ALIAS).version
+        return resolve_alias(settings.tracking_uri, name, alias).version
     except ModelNotRegistered:
         return None
 
 
-def promote(settings: Settings, name: str, version: str, *, reason: str = "operator") -> Move:
-    """Points name@champion at `version` (which must exist) and records the move."""
+def promote(settings: Settings, name: str, version: str, *, reason: str = "operator", alias: str = ALIAS) -> Move:
+    """Points name@alias (champion) at `version` (which must exist) and records the move."""
     from mlflow.exceptions import MlflowException
 
     client = _client(settings)
@@ -53,14 +53,14 @@ def promote(settings: Settings, name: str, version: str, *, reason: str = "opera
         client.get_model_version(name, version)
     except MlflowException as exc:
         raise ModelNotRegistered(f"{name} has no version {version}") from exc
-    previous = _current(settings, name)
+    previous = _current(settings, name, alias)
     if previous == str(version):
         return Move(name, previous, str(version))
     history = _history(client, name)
     if previous and (not history or history[-1] != previous):
         history.append(previous)  # a champion set before history was kept (e.g. by `models init`)
     history.append(str(version))
-    client.set_registered_model_alias(name, ALIAS, str(version))
+    client.set_registered_model_alias(name, alias, str(version))
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[-100:]))
     for key, value in {"alignloop.promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
                        "alignloop.promoted_from": previous or "", "alignloop.promotion_reason": reason}.items():

@@ -94,4 +94,32 @@ class DeadLetter(Base):
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-__all__ = ["Base", "Completion", "Feedback", "DeadLetter"]
+class PipelineRun(Base):
+    """One retraining run of the pipeline runner (services/pipeline), its steps as a JSON list."""
+
+    __tablename__ = "pipeline_runs"
+
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued | running | succeeded | failed | cancelled
+    # True while queued or running, NULL after: the unique constraint lets at most one run be active, whichever
+    # process tries to start a second (NULLs never collide).
+    active: Mapped[bool | None] = mapped_column(Boolean, unique=True)
+    trigger: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    requested_by: Mapped[str] = mapped_column(String(64), default="")
+    config: Mapped[dict] = mapped_column(Json)
+    steps: Mapped[list] = mapped_column(Json)
+    mlflow_run_id: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    outcome: Mapped[str] = mapped_column(Text, default="")
+    promoted_policy_version: Mapped[str] = mapped_column(String(32), default="")
+    promoted_reward_version: Mapped[str] = mapped_column(String(32), default="")
+    # When its snapshot read the store: feedback ingested later counts as new for the next run's trigger.
+    snapshot_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+__all__ = ["Base", "Completion", "Feedback", "DeadLetter", "PipelineRun"]

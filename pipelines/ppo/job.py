@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from alignloop import progress
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
 from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
@@ -54,13 +55,16 @@ def open_reward(settings: Settings, spec: str):
 
     if spec == "service":
         return GrpcReward(settings.reward_target), None
-    if spec == "inprocess":
-        ref = resolve_alias(settings.tracking_uri, settings.reward_model_name, settings.reward_model_alias)
+    if spec == "inprocess" or spec.startswith("inprocess:"):
+        # "inprocess:VERSION": a registered RM that is not (yet) champion, e.g. the pipeline's candidate.
+        version = spec.partition(":")[2]
+        ref = (ModelVersionRef(settings.reward_model_name, version, None, "") if version else
+               resolve_alias(settings.tracking_uri, settings.reward_model_name, settings.reward_model_alias))
         folder = fetch_version(settings.tracking_uri, ref, settings.models_dir)
         return InProcessReward(folder, version=f"{ref.name}/{ref.version}"), folder
     if spec.startswith("fn:"):
         return FunctionReward(spec[3:]), None
-    raise ValueError(f"reward {spec!r}: expected service, inprocess or fn:module:callable")
+    raise ValueError(f"reward {spec!r}: expected service, inprocess[:VERSION] or fn:module:callable")
 
 
 def load_prompts(settings: Settings, sources: Sources) -> tuple[list, list]:
@@ -135,6 +139,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
             mlflow.log_params({k: str(v)[:6000] for k, v in (asdict(args) | asdict(sources)).items()})
 
         def log(iteration: int, metrics: dict) -> None:
+            progress.report(iteration, args.iterations, reward=metrics["reward"], kl=metrics["kl"])
             if track:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()
                                     if isinstance(v, int | float) and v == v}, step=iteration, synchronous=False)

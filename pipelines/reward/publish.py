@@ -149,6 +149,7 @@ def register_and_gate(
     reward_shift: float,
     device: torch.device | str = "cpu",
     console: Console | None = None,
+    promote: bool = True,
 ) -> dict:
     """Logs `folder` under the run's "model" path, registers it as a new version, scores the current champion
     with `score` and moves @champion to the new version if the gate says so. Returns the summary fields."""
@@ -185,10 +186,16 @@ def register_and_gate(
             del champion_model
     decision = decide(eval_accuracy, champion_accuracy, tolerance, has_champion=champion is not None,
                       champion_untrained=champion_untrained)
-    if decision.promoted:
-        client.set_registered_model_alias(name, alias, mv.version)
+    # With promote=False the gate is decided and recorded, and a caller (the pipeline runner) moves the alias
+    # later, together with the policy, so that a run that fails midway leaves every champion as it was.
+    promoted = decision.promoted and promote
+    if promoted:
+        from pipelines import promotion
 
-    gate_tags = {"alignloop.promoted": str(decision.promoted).lower(), "alignloop.gate": decision.reason,
+        promotion.promote(settings, name, str(mv.version), reason=f"reward gate: {decision.reason}", alias=alias)
+
+    gate_tags = {"alignloop.promoted": str(promoted).lower(), "alignloop.gate_passed": str(decision.promoted).lower(),
+                 "alignloop.gate": decision.reason,
                  "alignloop.gate_tolerance": _str(tolerance),
                  "alignloop.champion_version": champion.version if champion else "",
                  "alignloop.champion_eval_accuracy": _str(champion_accuracy),
@@ -196,10 +203,12 @@ def register_and_gate(
     for key, value in gate_tags.items():
         client.set_model_version_tag(name, mv.version, key, value)
     tracker.set_tags(gate_tags | {"alignloop.model_version": str(mv.version)})
-    tracker.log_metrics({"champion_eval_accuracy": champion_accuracy, "promoted": float(decision.promoted)})
-    verdict = f"[green]promoted to @{alias}[/]" if decision.promoted else "[yellow]not promoted[/]"
+    tracker.log_metrics({"champion_eval_accuracy": champion_accuracy, "promoted": float(promoted)})
+    verdict = (f"[green]promoted to @{alias}[/]" if promoted else
+               "[green]passed the gate[/] (not promoted: --no-promote)" if decision.promoted else
+               "[yellow]not promoted[/]")
     console.print(f"{name} version {mv.version}: {verdict} ({decision.reason})")
-    return {"model_version": str(mv.version), "promoted": decision.promoted,
+    return {"model_version": str(mv.version), "promoted": promoted, "gate_passed": decision.promoted,
             "champion_eval_accuracy": champion_accuracy,
             "champion_version": champion.version if champion else None,
             "gate": decision.reason}

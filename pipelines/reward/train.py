@@ -345,11 +345,11 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
 # ---- the whole job -------------------------------------------------------------------------------------
 def run(settings: Settings, data: RewardData, args: Args, *, register: bool = True,
         gate_tolerance: float | None = None, out: Path | None = None,
-        console: Console | None = None) -> dict:
+        console: Console | None = None, promote: bool = True) -> dict:
     """Trains on `data`, evaluates on its held-out pairs, sets reward_shift and saves the model; with
     `register`, logs the run to MLflow (experiment "alignloop-reward"), registers a new version of
-    settings.reward_model_name and moves @champion to it if it passes the gate. Returns the summary the CLI
-    prints as its last line."""
+    settings.reward_model_name and moves @champion to it if it passes the gate (with `promote`; else the
+    verdict is only recorded). Returns the summary the CLI prints as its last line."""
     console = console or Console(stderr=True)
     seed_everything(args.seed)
     device = pick_device(settings.reward_device if args.device == "auto" else args.device)
@@ -394,6 +394,7 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
         model.save(folder, tokenizer)
         summary = {
             "eval_accuracy": eval_accuracy, "eval_loss": eval_loss, "model_version": None, "promoted": False,
+            "gate_passed": None,
             "champion_eval_accuracy": None, "champion_version": None,
             "gate": "not registered (--no-register)",
             "pairs_per_s": round(stats.pairs_per_s, 3), "train_pairs": data.train_pairs,
@@ -412,7 +413,7 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
                 score=lambda m, tok: pair_accuracy(m, tok, data.eval_groups, args.eval_batch_size)[0],
                 tolerance=tolerance, untrained=stats.steps == 0, base_version=base_version,
                 backbone=model.config.backbone, reward_shift=model.config.reward_shift, device=device,
-                console=console)
+                console=console, promote=promote)
     if scratch:
         scratch.cleanup()
     return summary

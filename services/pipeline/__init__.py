@@ -1,0 +1,1 @@
+"""The pipeline runner service: scheduled and operator-triggered retraining runs."""

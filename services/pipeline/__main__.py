@@ -1,0 +1,47 @@
+"""`python -m services.pipeline`: the pipeline runner (gRPC PipelineService, the schedule, the run worker)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from prometheus_client import start_http_server
+
+from alignloop import store
+from alignloop.config import Settings
+from alignloop.v1 import pipeline_pb2_grpc as pb_grpc
+from services.pipeline.runner import Runner
+from services.pipeline.runs import RunStore
+from services.pipeline.server import PipelineServicer
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    settings.ensure_dirs()
+    store.upgrade(settings.store)  # the run history lives in the store (migration 0002)
+    runner = Runner(settings, RunStore(store.connect(settings.store)))
+    runner.recover()
+
+    start_http_server(settings.pipeline_metrics_port, addr=settings.host)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(runner), server)
+    server.add_insecure_port(settings.pipeline_target)
+    server.start()
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: (stopping.set(), runner._wake.set()))
+    logging.getLogger("alignloop.pipeline").info("pipeline runner on %s (interval %s s, min new feedback %s)",
+                                                 settings.pipeline_target, settings.pipeline_interval_s,
+                                                 settings.pipeline_min_new_feedback)
+    # The worker runs in this thread; a shutdown cancels the run in progress (its step processes are killed).
+    runner.serve(stopping)
+    server.stop(grace=5).wait()
+
+
+if __name__ == "__main__":
+    main()

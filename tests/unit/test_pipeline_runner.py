@@ -1,0 +1,191 @@
+"""The pipeline runner's orchestration (services/pipeline) with canned step commands: the real runner, store
+(SQLite, migrated) and launcher, fake `alignloop` commands, and the registry and services faked."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from alignloop import store
+from alignloop.config import Settings
+from services.pipeline import config as run_config
+from services.pipeline import steps as steps_module
+from services.pipeline.launcher import LocalLauncher
+from services.pipeline.runner import NotCancellable, Runner
+from services.pipeline.runs import RunInProgress, RunStore
+
+
+class CannedLauncher(LocalLauncher):
+    """Runs, instead of each `alignloop` command, a Python one-liner printing a canned summary with a canned exit
+    status (keyed by the command's first two words), optionally sleeping first."""
+
+    def __init__(self, answers: dict[str, tuple[int, dict, float]]) -> None:
+        self.answers = answers
+        self.calls: list[list[str]] = []
+
+    def launch(self, argv, *, env, log_path, cwd):
+        self.calls.append(argv)
+        words = argv[argv.index("alignloop.cli") + 1:][:2]
+        code, summary, sleep = self.answers[" ".join(words)]
+        script = f"import time,json,sys; time.sleep({sleep}); print(json.dumps({summary!r})); sys.exit({code})"
+        return super().launch([sys.executable, "-c", script], env=env, log_path=log_path, cwd=cwd)
+
+
+GOOD = {
+    "feedback export": (0, {"folder": "/snap", "hash": "abc", "counts": {"pairs": 10, "feedback": 12}}, 0),
+    "reward train": (0, {"model_version": "2", "gate_passed": True, "eval_accuracy": 0.9, "gate": "better"}, 0),
+    "ppo train": (0, {"model_version": "5", "iterations": 2, "reward": 1.0, "kl": 0.1}, 0),
+    "ppo evaluate": (0, {"win_rate": 0.7, "passed": True}, 0),
+}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    settings = Settings(home=tmp_path / "home", pipeline_defaults=json.dumps({"min_pairs": 4}))
+    settings.ensure_dirs()
+    store.upgrade(settings.store)
+    promoted: list[tuple[str, str]] = []
+    champions = {"alignloop-policy": "4", "alignloop-reward": "1"}
+
+    class Move:
+        def __init__(self, name, previous, current):
+            self.name, self.previous, self.current = name, previous, current
+
+    def promote(s, name, version, *, reason, alias="champion"):
+        promoted.append((name, version))
+        previous, champions[name] = champions[name], version
+        return Move(name, previous, version)
+
+    monkeypatch.setattr("pipelines.promotion.promote", promote)
+    monkeypatch.setattr(steps_module, "_champion_version", lambda s, name, alias: champions[name])
+    monkeypatch.setattr(steps_module, "_untrained", lambda s, version: version == "1")
+    monkeypatch.setattr(steps_module, "_served_version",
+                        lambda s, service: champions["alignloop-policy" if service == "policy" else "alignloop-reward"])
+    return settings, promoted, champions
+
+
+def make_runner(settings, answers) -> tuple[Runner, CannedLauncher]:
+    launcher = CannedLauncher(answers)
+    return Runner(settings, RunStore(store.connect(settings.store)), launcher, tracking=False), launcher
+
+
+def run_once(runner: Runner, **start) -> dict:
+    run = runner.start(trigger="operator", **start)
+    runner.execute(runner.store.get(run.run_id))
+    done = runner.store.get(run.run_id)
+    return {"run": done, "steps": {s["name"]: s for s in done.steps}}
+
+
+def test_a_whole_run_promotes_the_rm_then_the_policy(env):
+    settings, promoted, champions = env
+    runner, launcher = make_runner(settings, GOOD)
+    out = run_once(runner, reason="test")
+    assert out["run"].status == "succeeded" and out["run"].active is None
+    assert promoted == [("alignloop-reward", "2"), ("alignloop-policy", "5")]
+    assert out["run"].promoted_policy_version == "5" and "promoted alignloop-policy v5" in out["run"].outcome
+    assert all(s["status"] == "succeeded" for s in out["steps"].values())
+    # PPO and the gate score with the candidate RM, in-process; RM training judges without promoting.
+    ppo_argv = next(a for a in launcher.calls if "ppo" in a and "train" in a)
+    assert ppo_argv[ppo_argv.index("--reward") + 1] == "inprocess:2"
+    assert "--no-promote" in next(a for a in launcher.calls if "reward" in a)
+    assert Path(out["steps"]["ppo"]["log_path"]).read_text().strip().endswith("}")
+
+
+def test_a_failed_step_fails_the_run_and_moves_no_champion(env):
+    settings, promoted, _ = env
+    runner, _ = make_runner(settings, {**GOOD, "ppo train": (2, {}, 0)})
+    out = run_once(runner)
+    assert out["run"].status == "failed" and "ppo: exit status 2" in out["run"].error
+    assert out["steps"]["ppo"]["status"] == "failed"
+    assert out["steps"]["promote"]["status"] == out["steps"]["serving"]["status"] == "skipped"
+    assert promoted == []
+
+
+def test_a_refusing_policy_gate_ends_the_run_not_promoted(env):
+    settings, promoted, _ = env
+    runner, _ = make_runner(settings, {**GOOD, "ppo evaluate": (3, {"reasons": ["win rate 0.40 < 0.5"]}, 0)})
+    out = run_once(runner)
+    assert out["run"].status == "succeeded"
+    assert out["run"].outcome == "not promoted: policy gate: win rate 0.40 < 0.5"
+    assert out["steps"]["promote"]["status"] == "skipped" and promoted == []
+
+
+def test_too_few_pairs_keep_the_rm_and_an_untrained_rm_stops_before_ppo(env):
+    settings, promoted, _ = env
+    few = {**GOOD, "feedback export": (0, {"folder": "/s", "counts": {"pairs": 2}}, 0)}
+    runner, launcher = make_runner(settings, few)
+    out = run_once(runner)
+    assert out["steps"]["reward_train"]["status"] == "skipped" and "min_pairs=4" in out["steps"]["reward_train"]["detail"]
+    # The champion RM is the untrained placeholder (faked as version 1): PPO would climb noise.
+    assert out["steps"]["ppo"]["status"] == "skipped" and "untrained" in out["run"].outcome
+    assert not any("ppo" in a for a in launcher.calls) and promoted == []
+
+
+def test_one_run_at_a_time_and_cancel_kills_the_step(env):
+    settings, promoted, _ = env
+    runner, _ = make_runner(settings, {**GOOD, "ppo train": (0, {"model_version": "5"}, 60)})
+    run = runner.start(trigger="operator")
+    with pytest.raises(RunInProgress) as busy:
+        runner.start(trigger="schedule")
+    assert busy.value.run_id == run.run_id
+    worker = threading.Thread(target=runner.execute, args=(runner.store.get(run.run_id),))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while runner.store.get(run.run_id).steps[3]["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = time.monotonic()
+    runner.cancel(run.run_id)
+    worker.join(30)
+    done = runner.store.get(run.run_id)
+    assert done.status == "cancelled" and time.monotonic() - started < 20
+    assert done.steps[3]["status"] == "cancelled" and promoted == []
+    with pytest.raises(NotCancellable):
+        runner.cancel(run.run_id)
+    runner.start(trigger="operator")  # the slot is free again
+
+
+@pytest.mark.parametrize(("overrides", "param"), [
+    ('{"ppo": {"no_such_flag": 1}}', "config.ppo"),
+    ('{"nproc_per_node": 0}', "config.nproc_per_node"),
+    ('{"surprise": true}', "config.surprise"),
+    ('[1, 2]', "config"),
+])
+def test_bad_overrides_are_refused_naming_the_key(env, overrides, param):
+    settings, _, _ = env
+    runner, _ = make_runner(settings, GOOD)
+    with pytest.raises(run_config.ConfigError) as err:
+        runner.start(trigger="operator", config_json=overrides)
+    assert err.value.param == param
+    assert runner.store.active() is None
+
+
+def test_the_schedule_starts_a_run_on_enough_new_feedback(env, monkeypatch):
+    settings, _, _ = env
+    runner, _ = make_runner(settings.model_copy(update={"pipeline_min_new_feedback": 3}), GOOD)
+    monkeypatch.setattr(runner.store, "feedback_since", lambda since: 2)
+    assert runner.check_schedule() is None
+    monkeypatch.setattr(runner.store, "feedback_since", lambda since: 3)
+    run = runner.check_schedule()
+    assert run is not None and run.trigger == "feedback"
+    assert runner.check_schedule() is None  # one at a time
+
+
+def test_flags_spell_booleans_as_the_cli_does():
+    assert run_config.flags({"iterations": 4, "whiten_advantages": False, "anneal_lr": True}) == [
+        "--iterations", "4", "--no-whiten-advantages", "--anneal-lr"]
+
+
+def test_recover_marks_a_run_left_running_failed(env):
+    settings, _, _ = env
+    runner, _ = make_runner(settings, GOOD)
+    run = runner.start(trigger="operator")
+    runner.store.update(run.run_id, status="running")
+    runner.recover()
+    assert runner.store.get(run.run_id).status == "failed" and runner.store.active() is None
+
+
