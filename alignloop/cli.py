@@ -1,4 +1,4 @@
-"""The `alignloop` command: up, status, down, models init, feedback export, reward train."""
+"""The `alignloop` command: up, status, down, models init, feedback export, reward train, pipeline runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignloop import components, credentials
+from alignloop import components, credentials, pipeline_cli
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
 
@@ -221,6 +221,12 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
         console.print(f"[red]✗ {exc}[/]")
         return 1
     c = result.counts
+    if args.json:
+        import json
+
+        print(json.dumps({"folder": str(result.folder), "hash": result.hash, "counts": c,
+                          "mlflow_run_id": result.mlflow_run_id}))
+        return 0
     console.print(
         f"[green]✓[/] feedback export {result.hash}\n"
         f"  folder          {result.folder}/\n"
@@ -285,7 +291,8 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
         needs_mlflow = not args.no_register or (args.backbone or "").startswith("@")
         with _tracking_server(settings) if needs_mlflow else contextlib.nullcontext():
             summary = run(settings, data, hyper, register=not args.no_register,
-                          gate_tolerance=args.gate_tolerance, out=args.out, console=err)
+                          gate_tolerance=args.gate_tolerance, out=args.out, console=err,
+                          promote=not args.no_promote)
     except StackError as exc:
         err.print(f"[red]✗ {exc}[/]")
         return 1
@@ -523,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the folder only, log nothing to MLflow")
     export.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD",
                         help="only feedback created on or after this UTC day")
+    export.add_argument("--json", action="store_true", help="print one JSON line (folder, hash, counts)")
     export.set_defaults(func=cmd_feedback_export)
     reward = sub.add_parser("reward", help="reward model commands").add_subparsers(dest="reward_command",
                                                                                   required=True)
@@ -556,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default ALIGNLOOP_REWARD_GATE_TOLERANCE)")
     rtrain.add_argument("--no-register", action="store_true",
                         help="train and save the folder only: nothing is logged to MLflow, no gate")
+    rtrain.add_argument("--no-promote", action="store_true",
+                        help="register and judge the new version (gate_passed in the summary), but leave "
+                             "@champion where it is (the pipeline runner promotes at the end of a run)")
     rtrain.add_argument("--out", type=Path, help="keep the model folder here (default with --no-register: "
                         "ALIGNLOOP_HOME/runs/reward-TS/)")
     rtrain.set_defaults(func=cmd_reward_train)
@@ -627,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     peval.add_argument("--seed", type=int, default=0)
     peval.add_argument("--promote", action="store_true", help="move @champion to the candidate if it passes")
     peval.set_defaults(func=cmd_ppo_evaluate)
+    pipeline_cli.add_parser(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 import grpc
 from fastapi import Depends, FastAPI, Request
@@ -18,6 +19,7 @@ from alignloop.config import Settings
 from alignloop.kafka_admin import ensure_topics
 from alignloop.v1 import feedback_pb2 as feedback_pb
 from alignloop.v1 import feedback_pb2_grpc as feedback_grpc
+from alignloop.v1 import pipeline_pb2_grpc as pipeline_grpc
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from alignloop.v1 import reward_pb2_grpc as reward_grpc
@@ -28,6 +30,14 @@ from services.gateway.completion_log import CompletionLog
 from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.feedback import IDEMPOTENCY_HEADER, FeedbackApi
 from services.gateway.feedback_protocol import FeedbackBatchResult, FeedbackResult, FeedbackStats
+from services.gateway.pipeline_protocol import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    PipelineRun,
+    PipelineRunList,
+    StartRunRequest,
+)
+from services.gateway.pipelines import PipelineApi
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
 
 log = logging.getLogger("alignloop.gateway")
@@ -40,6 +50,18 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"The request body is not valid JSON: {err.get('msg')}", param="body")
     param = ".".join(loc) or "body"
     return ApiError(400, f"{param}: {err.get('msg')}", param=param)
+
+
+# async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request.
+async def caller(request: Request) -> Caller:
+    return request.app.state.keys.authenticate(request.headers.get("authorization"))
+
+
+async def operator(request: Request, who: Caller = Depends(caller)) -> Caller:
+    return request.app.state.keys.require_operator(who)
+
+
+Operator = Annotated[Caller, Depends(operator)]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,9 +80,12 @@ def create_app(settings: Settings) -> FastAPI:
         feedback_channel = grpc.aio.insecure_channel(settings.feedback_target)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
         app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
+        pipeline_channel = grpc.aio.insecure_channel(settings.pipeline_target)
+        app.state.pipeline = PipelineApi(pipeline_grpc.PipelineServiceStub(pipeline_channel))
         yield
         await channel.close()
         await feedback_channel.close()
+        await pipeline_channel.close()
         await reward_channel.close()
         await asyncio.to_thread(app.state.completion_log.close)
 
@@ -76,13 +101,6 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(err.body(), status_code=err.status_code)
 
     app.add_middleware(metrics.RequestMetrics)
-
-    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request.
-    async def caller(request: Request) -> Caller:
-        return request.app.state.keys.authenticate(request.headers.get("authorization"))
-
-    async def operator(request: Request, who: Caller = Depends(caller)) -> Caller:
-        return request.app.state.keys.require_operator(who)
 
     async def policy_info(request: Request) -> pb.GetInfoResponse:
         try:
@@ -140,6 +158,29 @@ def create_app(settings: Settings) -> FastAPI:
         if not 0 <= days <= 3660:
             raise ApiError(400, "days: from 0 (all) to 3660", param="days")
         return await request.app.state.feedback.stats(days)
+
+    @app.post("/v1/admin/pipelines/runs", response_model=PipelineRun, status_code=202)
+    async def start_pipeline_run(request: Request, response: Response, who: Operator,
+                                 body: StartRunRequest | None = None) -> PipelineRun:
+        api: PipelineApi = request.app.state.pipeline
+        run = await api.start(body or StartRunRequest(), who.key_hash)
+        response.headers["Location"] = f"/v1/admin/pipelines/runs/{run.id}"
+        return run
+
+    @app.get("/v1/admin/pipelines/runs", response_model=PipelineRunList)
+    async def list_pipeline_runs(request: Request, _: Operator,
+                                 limit: int = LIST_LIMIT_DEFAULT) -> PipelineRunList:
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise ApiError(400, f"limit: from 1 to {LIST_LIMIT_MAX}", param="limit")
+        return await request.app.state.pipeline.list(limit)
+
+    @app.get("/v1/admin/pipelines/runs/{run_id}", response_model=PipelineRun)
+    async def get_pipeline_run(run_id: str, request: Request, _: Operator) -> PipelineRun:
+        return await request.app.state.pipeline.get(run_id)
+
+    @app.post("/v1/admin/pipelines/runs/{run_id}/cancel", response_model=PipelineRun)
+    async def cancel_pipeline_run(run_id: str, request: Request, who: Operator) -> PipelineRun:
+        return await request.app.state.pipeline.cancel(run_id, who.key_hash)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -11,7 +11,7 @@ from services.gateway.protocol import ErrorInfo, ErrorResponse
 class ApiError(Exception):
     def __init__(
         self, status_code: int, message: str, type_: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
+        param: str | None = None, code: str | None = None, **extra: str,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -19,9 +19,10 @@ class ApiError(Exception):
         self.type = type_
         self.param = param
         self.code = code
+        self.extra = extra  # alignloop's own fields beside OpenAI's four, e.g. run_id
 
     def body(self) -> dict:
-        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code, **self.extra)
         return ErrorResponse(error=info).model_dump()
 
 
@@ -33,10 +34,11 @@ _RPC_TO_HTTP = {
 }
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
+def from_rpc_error(exc: grpc.aio.AioRpcError, service: str = "policy service") -> ApiError:
+    """The HTTP error for a failed call; a 5xx names `service`, the backend that failed."""
     status, type_ = _RPC_TO_HTTP.get(exc.code(), (502, "api_error"))
     param = dict(exc.trailing_metadata() or ()).get(PARAM_METADATA_KEY)
     message = exc.details() or exc.code().name
     if status >= 500:
-        message = f"policy service: {message}"
+        message = f"{service}: {message}"
     return ApiError(status, message, type_, param=param)

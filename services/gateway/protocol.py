@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ErrorInfo(BaseModel):
+    # extra: alignloop adds fields of its own to some errors (a 409's run_id), beside OpenAI's four.
+    model_config = ConfigDict(extra="allow")
+
     message: str
     type: str
     param: str | None = None

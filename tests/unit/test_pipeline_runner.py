@@ -82,7 +82,7 @@ def run_once(runner: Runner, **start) -> dict:
 
 
 def test_a_whole_run_promotes_the_rm_then_the_policy(env):
-    settings, promoted, champions = env
+    settings, promoted, _ = env
     runner, launcher = make_runner(settings, GOOD)
     out = run_once(runner, reason="test")
     assert out["run"].status == "succeeded" and out["run"].active is None

@@ -1,0 +1,150 @@
+"""`alignloop pipeline ...` against a fake gateway (httpx.MockTransport): arguments, errors, waiting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import httpx
+import pytest
+
+from alignloop import pipeline_cli
+from alignloop.cli import build_parser
+from alignloop.gateway_client import GatewayClient, GatewayError
+
+
+def run_json(run_id="run-7", status="running", **kw) -> dict:
+    steps = kw.pop("steps", [{"name": "snapshot", "status": "succeeded", "started_at": "2025-01-01T00:00:00.000Z",
+                              "finished_at": "2025-01-01T00:01:05.000Z", "detail": "412 pairs", "log_path": None,
+                              "mlflow_run_id": None, "summary": {}, "progress": 1.0}])
+    return {"id": run_id, "object": "pipeline.run", "status": status, "trigger": "operator", "reason": "",
+            "created_at": "2025-01-01T00:00:00.000Z", "started_at": "2025-01-01T00:00:00.000Z",
+            "finished_at": None, "steps": steps, "mlflow_run_id": None, "error": None, "outcome": None,
+            "config": {}, "requested_by": None, "promoted_policy_version": None,
+            "promoted_reward_version": None} | kw
+
+
+def error_json(status: int, message: str, code: str | None = None, **extra) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"message": message, "type": "invalid_request_error",
+                                                  "param": None, "code": code, **extra}})
+
+
+class FakeGateway:
+    """Answers each request with the next of `answers` (a Response, a dict sent as JSON, or an exception)."""
+
+    def __init__(self, *answers) -> None:
+        self.answers, self.requests = list(answers), []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer if isinstance(answer, httpx.Response) else httpx.Response(200, json=answer)
+
+
+@pytest.fixture
+def gateway(monkeypatch):
+    fake = FakeGateway({})
+    monkeypatch.setattr(pipeline_cli, "_client", lambda: GatewayClient(
+        "http://gw", "o-key", transport=httpx.MockTransport(fake)))
+    monkeypatch.setattr(pipeline_cli, "POLL_S", 0.0)
+    return fake
+
+
+def cli(*argv: str) -> int:
+    args = build_parser().parse_args(["pipeline", *argv])
+    return args.func(args)
+
+
+def test_config_is_a_json_object_or_a_file_holding_one(tmp_path):
+    assert pipeline_cli.config_arg('{"ppo": {"iterations": 2}}') == {"ppo": {"iterations": 2}}
+    path = tmp_path / "c.json"
+    path.write_text('{"reward": {"epochs": 1}}')
+    assert pipeline_cli.config_arg(f"@{path}") == {"reward": {"epochs": 1}}
+    for bad in ("{nope", "[1, 2]", f"@{tmp_path / 'missing.json'}"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            pipeline_cli.config_arg(bad)
+
+
+def test_parser():
+    args = build_parser().parse_args(["pipeline", "run", "--reason", "why", "--config", '{"a": 1}', "--wait"])
+    assert (args.reason, args.config, args.wait, args.timeout) == ("why", {"a": 1}, True, None)
+    assert build_parser().parse_args(["pipeline", "status"]).run_id is None
+    assert build_parser().parse_args(["pipeline", "list"]).limit == 20
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pipeline", "run", "--config", "[1]"])
+
+
+def test_client_sends_the_operator_key_and_words_errors():
+    fake = FakeGateway(error_json(400, "from 1 to 200", param="limit"))
+    client = GatewayClient("http://gw", "o-key", transport=httpx.MockTransport(fake))
+    with pytest.raises(GatewayError) as e:
+        client.list_runs(limit=500)
+    assert fake.requests[0].headers["authorization"] == "Bearer o-key"
+    assert fake.requests[0].url.params["limit"] == "500"
+    assert e.value.status == 400 and str(e.value) == "gateway: HTTP 400: limit: from 1 to 200"
+
+
+def test_client_says_when_the_gateway_is_not_there():
+    client = GatewayClient("http://gw", "k", transport=httpx.MockTransport(FakeGateway(httpx.ConnectError("no"))))
+    with pytest.raises(GatewayError) as e:
+        client.get_run("run-7")
+    assert e.value.status is None and "is `alignloop up` running?" in str(e.value)
+
+
+def test_run_prints_the_id(gateway, capsys):
+    gateway.answers = [run_json(status="queued")]
+    assert cli("run", "--reason", "why", "--config", '{"ppo": {"iterations": 2}}') == 0
+    assert capsys.readouterr().out == "run-7\n"
+    assert json.loads(gateway.requests[0].content) == {"reason": "why", "config": {"ppo": {"iterations": 2}}}
+
+
+def test_run_while_another_is_active_names_it_and_exits_4(gateway, capsys):
+    gateway.answers = [error_json(409, "Pipeline run run-6 is already queued or running",
+                                  "pipeline_run_in_progress", run_id="run-6")]
+    assert cli("run") == 4
+    assert "alignloop pipeline cancel run-6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("final", "exit_code"), [("succeeded", 0), ("failed", 1), ("cancelled", 1)])
+def test_run_wait_polls_until_the_end_then_prints_the_run(gateway, capsys, final, exit_code):
+    gateway.answers = [run_json(status="queued"), run_json(), run_json(status=final, outcome="not promoted: x")]
+    assert cli("run", "--wait") == exit_code
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and json.loads(out[0])["status"] == final
+    assert [r.url.path for r in gateway.requests] == ["/v1/admin/pipelines/runs"] + [
+        "/v1/admin/pipelines/runs/run-7"] * 2
+
+
+def test_run_wait_gives_up_after_the_timeout(gateway, capsys):
+    gateway.answers = [run_json(status="queued"), run_json()]
+    assert cli("run", "--timeout", "0.001") == pipeline_cli.EXIT_TIMEOUT
+
+
+def test_status_defaults_to_the_newest_run(gateway, capsys):
+    gateway.answers = [{"object": "list", "data": [run_json()]}]
+    assert cli("status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "run-7"
+    assert gateway.requests[0].url.params["limit"] == "1"
+
+
+def test_cancel_a_promoting_run_exits_4(gateway, capsys):
+    gateway.answers = [error_json(409, "Pipeline run run-7 cannot be cancelled: promoting", "run_not_cancellable")]
+    assert cli("cancel", "run-7") == 4
+    assert "cannot be cancelled" in capsys.readouterr().err
+
+
+def test_views_render(capsys):
+    run = run_json(steps=run_json()["steps"] + [{**run_json()["steps"][0], "name": "ppo", "status": "running",
+                                                 "finished_at": None, "progress": 0.42}])
+    pipeline_cli.out.print(pipeline_cli.run_view(run))
+    pipeline_cli.out.print(pipeline_cli.runs_view([run]))
+    text = capsys.readouterr().out
+    assert "1m05s" in text and "running 42%" in text and "run-7" in text
+
+
+def test_duration():
+    assert pipeline_cli.duration(None, None) == "-"
+    assert pipeline_cli.duration("2025-01-01T00:00:00.000Z", "2025-01-01T01:02:03.000Z") == "1h02m"
+    assert pipeline_cli.duration("2025-01-01T00:00:00.000Z", "2025-01-01T00:00:09.500Z") == "9s"
