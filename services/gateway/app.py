@@ -57,7 +57,10 @@ async def caller(request: Request) -> Caller:
     return request.app.state.keys.authenticate(request.headers.get("authorization"))
 
 
-async def operator(request: Request, who: Caller = Depends(caller)) -> Caller:
+AnyKey = Annotated[Caller, Depends(caller)]
+
+
+async def operator(request: Request, who: AnyKey) -> Caller:
     return request.app.state.keys.require_operator(who)
 
 
@@ -109,7 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise from_rpc_error(exc) from None
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller = Depends(caller)):
+    async def chat_completions(body: ChatCompletionRequest, request: Request, who: AnyKey):
         if body.model != settings.policy_model_name:
             raise ApiError(404, f"The model '{body.model}' does not exist; this gateway serves "
                                 f"'{settings.policy_model_name}'.", param="model", code="model_not_found")
@@ -132,13 +135,13 @@ def create_app(settings: Settings) -> FastAPI:
         return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash))
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models(request: Request, _: Caller = Depends(caller)) -> ModelList:
+    async def models(request: Request, _: AnyKey) -> ModelList:
         info = await policy_info(request)
         return ModelList(data=[ModelCard(id=settings.policy_model_name, created=int(app.state.started_at),
                                          version=info.model.version, max_model_len=info.max_model_len)])
 
     @app.post("/v1/feedback", response_model=FeedbackResult)
-    async def feedback(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    async def feedback(request: Request, who: AnyKey) -> JSONResponse:
         api: FeedbackApi = request.app.state.feedback
         item = api.parse_single(await _read_capped(request, settings.feedback_max_body_bytes))
         results, replayed = await api.submit([item], who.key_hash, request.headers.get(IDEMPOTENCY_HEADER),
@@ -146,7 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
         return _idempotent_response(results[0].model_dump(), replayed)
 
     @app.post("/v1/feedback/batch", response_model=FeedbackBatchResult)
-    async def feedback_batch(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    async def feedback_batch(request: Request, who: AnyKey) -> JSONResponse:
         api: FeedbackApi = request.app.state.feedback
         items = api.parse_batch(await _read_capped(request, settings.feedback_max_body_bytes))
         results, replayed = await api.submit(items, who.key_hash, request.headers.get(IDEMPOTENCY_HEADER),
@@ -154,7 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
         return _idempotent_response(FeedbackBatchResult(data=results).model_dump(), replayed)
 
     @app.get("/v1/admin/feedback/stats", response_model=FeedbackStats)
-    async def feedback_stats(request: Request, days: int = 30, _: Caller = Depends(operator)) -> FeedbackStats:
+    async def feedback_stats(request: Request, _: Operator, days: int = 30) -> FeedbackStats:
         if not 0 <= days <= 3660:
             raise ApiError(400, "days: from 0 (all) to 3660", param="days")
         return await request.app.state.feedback.stats(days)
@@ -204,7 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    async def prometheus_metrics(_: Caller = Depends(operator)) -> Response:
+    async def prometheus_metrics(_: Operator) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.state.started_at = time.time()
