@@ -1,4 +1,4 @@
-"""The `alignloop` command: up, status, down, models init, feedback export, reward train, pipeline runs."""
+"""The `alignloop` command: the local stack (up, status, down), models, feedback, reward, SFT, PPO, pipeline runs and simulated users."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from rich.table import Table
 
 from alignloop import components, credentials, pipeline_cli
 from alignloop.config import Settings, vllm_cpu_environment
+from alignloop.simulate import cli as simulate_cli
 from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
 
 console = Console(soft_wrap=True)  # log paths and tails must stay copy-pasteable
@@ -639,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     peval.add_argument("--promote", action="store_true", help="move @champion to the candidate if it passes")
     peval.set_defaults(func=cmd_ppo_evaluate)
     pipeline_cli.add_parser(sub)
+    simulate_cli.add_parser(sub)
     return parser
 
 
