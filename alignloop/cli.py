@@ -17,6 +17,7 @@ from rich.table import Table
 
 from alignloop import components, credentials, pipeline_cli
 from alignloop.config import Settings, vllm_cpu_environment
+from alignloop import demo as demo_cli
 from alignloop.simulate import cli as simulate_cli
 from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
 
@@ -641,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     peval.set_defaults(func=cmd_ppo_evaluate)
     pipeline_cli.add_parser(sub)
     simulate_cli.add_parser(sub)
+    demo_cli.add_parser(sub)
     return parser
 
 

@@ -117,7 +117,7 @@ def runs_view(runs: list[dict]) -> Table:
 # ---- commands -------------------------------------------------------------------------------------------
 
 
-def _wait(client: GatewayClient, run: dict, timeout_s: float | None) -> tuple[dict, bool]:
+def wait_for_run(client: GatewayClient, run: dict, timeout_s: float | None) -> tuple[dict, bool]:
     """Polls the run until it finishes, drawing its steps on stderr; returns it and whether time ran out."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     unreachable_since = None
@@ -150,7 +150,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
                 return 0
             err.print(f"pipeline run {escape(run['id'])} started")
             try:
-                run, timed_out = _wait(client, run, args.timeout)
+                run, timed_out = wait_for_run(client, run, args.timeout)
             except KeyboardInterrupt:
                 err.print(f"stopped watching; run {escape(run['id'])} goes on (`alignloop pipeline cancel "
                           f"{escape(run['id'])}` stops it)")

@@ -417,3 +417,14 @@ def test_the_command_refuses_what_cannot_work(stack, capsys, tmp_path, monkeypat
     assert cli() == 1
     assert "no credentials" in capsys.readouterr().err
     assert stack.feedback == []
+
+
+def test_demo_win_rate_counts_ties_half_and_judges_without_noise():
+    from alignloop.demo import win_rate
+
+    prompts = [[{"role": "user", "content": "Explain volcanoes in simple terms."}]] * 3
+    good = {"text": "Volcanoes are openings where molten rock escapes.", "finish_reason": "stop"}
+    cut = {"text": "Volcanoes are openings where molten rock", "finish_reason": "length"}
+    labeler = Labeler(noise=1.0, seed=0)  # judge() ignores the noise
+    assert win_rate(labeler, prompts, [good, good, cut], [cut, good, good]) == pytest.approx(0.5)
+    assert win_rate(labeler, prompts[:1], [good], [cut]) == 1.0
