@@ -51,6 +51,9 @@ class RunConfig(BaseModel):
     step_timeout_s: float = Field(6 * 3600.0, gt=0)
     # Skip RM training even with enough pairs (PPO against the champion RM).
     skip_reward: bool = False
+    # The RM gate's floor: a new RM below this held-out accuracy is refused even when the champion is the
+    # untrained placeholder (PPO against a worse-than-chance RM would climb the wrong way).
+    reward_min_accuracy: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("reward")
     @classmethod

@@ -77,6 +77,11 @@ def reward_gate(runner, ctx: Context, step: Step) -> None:
     if trained is None:
         ctx.outputs["reward_version"] = champion
         step.status, step.detail = "skipped", f"no new RM: PPO scores with the champion, v{champion}"
+    elif (trained.get("eval_accuracy") or 0.0) < ctx.config.reward_min_accuracy:
+        ctx.outputs["reward_version"] = champion
+        step.detail = (f"v{trained['model_version']} refused: held-out accuracy {_pct(trained.get('eval_accuracy'))}"
+                       f" < reward_min_accuracy {_pct(ctx.config.reward_min_accuracy)}; PPO would score with "
+                       f"the champion, v{champion}")
     elif trained.get("gate_passed"):
         ctx.outputs["reward_version"] = ctx.outputs["reward_candidate"] = str(trained["model_version"])
         step.detail = (f"v{trained['model_version']} passes ({trained.get('gate')}); it scores PPO and is "
@@ -85,8 +90,8 @@ def reward_gate(runner, ctx: Context, step: Step) -> None:
         ctx.outputs["reward_version"] = champion
         step.detail = (f"v{trained['model_version']} refused ({trained.get('gate')}); PPO scores with the "
                        f"champion, v{champion}")
-    step.summary = {"reward_version": ctx.outputs["reward_version"], "gate_passed": bool(
-        trained and trained.get("gate_passed"))}
+    step.summary = {"reward_version": ctx.outputs["reward_version"],
+                    "gate_passed": ctx.outputs.get("reward_candidate") is not None}
     if champion and ctx.outputs["reward_version"] == champion and _untrained(runner.settings, champion):
         ctx.stop_reason = ("no trained reward model yet (the champion RM is the untrained placeholder, whose "
                            "scores are noise): PPO needs users' preference pairs first")

@@ -20,6 +20,8 @@ FAST = {
     "evaluate": {"max_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 8, "min_win_rate": 0.0,
                  "min_reward_gain": -1000.0, "max_kl": -1},
     "min_pairs": 4,
+    # The tiny RM on a few dozen pairs is near chance; this test is about the run, not the RM's quality.
+    "reward_min_accuracy": 0.0,
     "serving_timeout_s": 120,
 }
 

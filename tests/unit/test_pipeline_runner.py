@@ -189,3 +189,14 @@ def test_recover_marks_a_run_left_running_failed(env):
     assert runner.store.get(run.run_id).status == "failed" and runner.store.active() is None
 
 
+
+
+def test_an_rm_below_the_accuracy_floor_is_refused_even_over_a_placeholder(env):
+    settings, promoted, _ = env
+    weak = {**GOOD, "reward train": (0, {"model_version": "2", "gate_passed": True, "eval_accuracy": 0.3}, 0)}
+    runner, launcher = make_runner(settings, weak)
+    out = run_once(runner)
+    assert "reward_min_accuracy" in out["steps"]["reward_gate"]["detail"]
+    # The champion RM (version 1) is the untrained placeholder: nothing to run PPO against.
+    assert out["steps"]["ppo"]["status"] == "skipped" and promoted == []
+    assert not any("ppo" in a for a in launcher.calls)
