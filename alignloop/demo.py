@@ -35,7 +35,7 @@ HELD_OUT_FRACTION = 0.1  # = PPO's default eval_fraction: these prompts are neve
 # PPO and gate settings that move SmolLM2-135M visibly within a few minutes on two cores (measured: 8
 # iterations at policy_lr 1e-5 win 79% of held-out pairs under the labeler's score used directly as reward).
 DEMO_CONFIG: dict[str, Any] = {
-    "reward": {"epochs": 1, "batch_size": 8, "max_length": 256, "lr": 5e-5},
+    "reward": {"epochs": 3, "batch_size": 8, "max_length": 256, "lr": 1e-4},
     "ppo": {"iterations": 8, "prompts_per_iteration": 8, "samples_per_prompt": 2, "max_new_tokens": 48,
             "policy_lr": 1e-5, "value_lr": 1e-4, "ppo_epochs": 2, "minibatch_size": 8, "beta": 0.02,
             "max_model_len": 512, "checkpoint_every": 0},
@@ -169,7 +169,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the whole loop once against the running stack (simulated users, a "
                           "pipeline run, promotion) and report win rate, thumbs-up rates, KL and step times",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--requests", type=int, default=160, help="simulated requests before the run (n=2 each)")
+    demo.add_argument("--requests", type=int, default=320, help="simulated requests before the run (n=2 each)")
     demo.add_argument("--after-requests", type=int, default=40, help="simulated requests after promotion")
     demo.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts judged for the win rate")
     demo.add_argument("--ppo-iterations", type=int, default=DEMO_CONFIG["ppo"]["iterations"])
