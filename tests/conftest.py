@@ -43,6 +43,8 @@ def stack_env(home: Path, **overrides: str) -> dict[str, str]:
         ALIGNLOOP_MATERIALIZER_PORT=str(free_port()),
         ALIGNLOOP_REWARD_PORT=str(free_port()),
         ALIGNLOOP_REWARD_METRICS_PORT=str(free_port()),
+        ALIGNLOOP_PIPELINE_PORT=str(free_port()),
+        ALIGNLOOP_PIPELINE_METRICS_PORT=str(free_port()),
         ALIGNLOOP_KAFKA_SESSION_TIMEOUT_MS="6000",
         ALIGNLOOP_ENFORCE_EAGER="true",
         ALIGNLOOP_MAX_MODEL_LEN=str(TEST_MAX_MODEL_LEN),

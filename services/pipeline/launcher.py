@@ -96,8 +96,13 @@ def last_json_line(log_path: Path, max_bytes: int = 1 << 20) -> dict | None:
 
 
 def tail(log_path: Path, lines: int = 5) -> str:
+    """Why a step failed, in one line: the command's own error line (the CLI prints "✗ reason"; torchrun's
+    summary would otherwise bury it), else the last few lines of the log."""
     try:
         text = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
+    errors = [line.strip() for line in text if line.lstrip().startswith("✗")]
+    if errors:
+        return errors[-1][:600]
     return " | ".join(line.strip() for line in text[-lines:] if line.strip())[-600:]

@@ -98,8 +98,8 @@ def reward_gate(runner, ctx: Context, step: Step) -> None:
 
 
 def ppo(runner, ctx: Context, step: Step) -> None:
-    """`ppo train` from the champion policy against the chosen RM (in-process), under torchrun when
-    nproc_per_node > 1; registers a new policy version."""
+    """`ppo train` from the champion policy against the chosen RM (in-process), under torchrun with
+    `nproc_per_node` workers; registers a new policy version."""
     cfg = ctx.config
     import sys
 
@@ -108,10 +108,9 @@ def ppo(runner, ctx: Context, step: Step) -> None:
             *run_config.flags(cfg.ppo)]
     if cfg.prompt_file:
         args += ["--prompt-file", cfg.prompt_file]
-    launcher = None
-    if cfg.nproc_per_node > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={cfg.nproc_per_node}", "-m", "alignloop.cli"]
+    # Always through torchrun, also with one process: the same launch path as on a GPU node.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={cfg.nproc_per_node}", "-m", "alignloop.cli"]
     _, summary = runner.run_command(ctx, step, args, launcher_argv=launcher)
     if not summary.get("model_version"):
         raise StepFailed("ppo train registered no model version")

@@ -132,7 +132,7 @@ class FeedbackStack(ComponentProcesses):
             time.sleep(0.1)
         raise AssertionError(f"only {n} of {len(ids)} completions reached the store")
 
-    def post(self, path: str, body, app: str | None = None, **headers: str) -> httpx.Response:
+    def post(self, path: str, body, app: str | None = None, timeout: float = 30, **headers: str) -> httpx.Response:
         content = body if isinstance(body, bytes | str) else json.dumps(body)
-        return httpx.post(f"{self.gateway}{path}", content=content, timeout=30,
+        return httpx.post(f"{self.gateway}{path}", content=content, timeout=timeout,
                           headers={**self.headers(app), "Content-Type": "application/json", **headers})

@@ -194,8 +194,9 @@ def test_feedback_waiting_for_an_unknown_completion_holds_up_no_one_else(tmp_pat
     with feedback_stack(tmp_path, "sqlite", feedback_completion_wait_s=30.0) as fs:
         answers = _answers(fs, 20)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # Its client waits longer than the collector's 30 s: the answer (404) must not race the timeout.
             stuck = pool.submit(fs.post, "/v1/feedback", {"kind": "thumbs", "completion_id": "cmpl-unknown",
-                                                          "value": "up"})
+                                                          "value": "up"}, timeout=90)
             time.sleep(0.5)  # it is inside the collector now, waiting for a record that will not come
             for cid in answers:
                 r = fs.post("/v1/feedback", {"kind": "thumbs", "completion_id": cid, "value": "up"})

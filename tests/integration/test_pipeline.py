@@ -32,16 +32,9 @@ def loop_stack(tmp_path_factory):
     prompt_file = home / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     stack = start_stack(home, ALIGNLOOP_PIPELINE_DEFAULTS=json.dumps({**FAST, "prompt_file": str(prompt_file)}),
-                        ALIGNLOOP_PIPELINE_PORT=str(_port()), ALIGNLOOP_PIPELINE_METRICS_PORT=str(_port()),
                         ALIGNLOOP_POLICY_POLL_S="1", ALIGNLOOP_REWARD_POLL_S="1")
     yield stack
     stack.stop()
-
-
-def _port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()
 
 
 def _headers(key: str) -> dict:

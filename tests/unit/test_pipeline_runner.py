@@ -92,6 +92,7 @@ def test_a_whole_run_promotes_the_rm_then_the_policy(env):
     # PPO and the gate score with the candidate RM, in-process; RM training judges without promoting.
     ppo_argv = next(a for a in launcher.calls if "ppo" in a and "train" in a)
     assert ppo_argv[ppo_argv.index("--reward") + 1] == "inprocess:2"
+    assert ppo_argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=1" in ppo_argv
     assert "--no-promote" in next(a for a in launcher.calls if "reward" in a)
     assert Path(out["steps"]["ppo"]["log_path"]).read_text().strip().endswith("}")
 
