@@ -58,23 +58,32 @@ def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
-def grpc_ready(target: str, ask: Callable) -> bool:
-    """Opens a channel to `target` and returns `ask(channel)`; False when the call fails (not up yet)."""
+def grpc_ask(target: str, ask: Callable):
+    """Opens a channel to `target` and returns `ask(channel)`; None when the call fails (not up, or gone)."""
     import grpc
 
     with grpc.insecure_channel(target) as channel:
         try:
-            return bool(ask(channel))
+            return ask(channel)
         except grpc.RpcError:
-            return False
+            return None
 
 
-def policy_ready(target: str) -> bool:
+def grpc_ready(target: str, ask: Callable) -> bool:
+    return bool(grpc_ask(target, ask))
+
+
+def policy_info(target: str, timeout: float = 2):
+    """The policy service's GetInfo (the version it serves, whether it is ready), or None."""
     from alignloop.v1 import policy_pb2 as pb
     from alignloop.v1 import policy_pb2_grpc as pb_grpc
 
-    return grpc_ready(target,
-                      lambda ch: pb_grpc.PolicyServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=2).ready)
+    return grpc_ask(target, lambda ch: pb_grpc.PolicyServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=timeout))
+
+
+def policy_ready(target: str) -> bool:
+    info = policy_info(target)
+    return info is not None and info.ready
 
 
 def broker(settings: Settings) -> Component:
@@ -150,12 +159,18 @@ def feedback_collector(settings: Settings) -> Component:
     )
 
 
-def reward_ready(target: str) -> bool:
+def reward_info(target: str, timeout: float = 2):
+    """The reward service's GetInfo (the version it serves, whether it is ready), or None."""
     from alignloop.v1 import reward_pb2 as pb
     from alignloop.v1 import reward_pb2_grpc as pb_grpc
 
-    return grpc_ready(
-        target, lambda ch: pb_grpc.RewardServiceStub(ch).GetInfo(pb.GetRewardInfoRequest(), timeout=2).ready)
+    return grpc_ask(target, lambda ch: pb_grpc.RewardServiceStub(ch).GetInfo(pb.GetRewardInfoRequest(),
+                                                                              timeout=timeout))
+
+
+def reward_ready(target: str) -> bool:
+    info = reward_info(target)
+    return info is not None and info.ready
 
 
 def reward(settings: Settings) -> Component:

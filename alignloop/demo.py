@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from alignloop.config import Settings
 from alignloop.gateway_client import GatewayClient, GatewayError
 from alignloop.simulate import prompts as prompt_sets
 from alignloop.simulate.labeler import Labeler
-from alignloop.simulate.traffic import simulate
+from alignloop.simulate.traffic import HttpError, post_json, simulate
 
 err = Console(stderr=True, soft_wrap=True)
 HELD_OUT_FRACTION = 0.1  # = PPO's default eval_fraction: these prompts are never trained on
@@ -48,10 +49,8 @@ MIX = {"comparison": 0.5, "ranking": 0.2, "thumbs": 0.2, "rating": 0.1}
 
 def answer(client: httpx.Client, messages: list[dict], seed: int, max_tokens: int) -> dict:
     """One seeded answer from the served policy: text, finish reason and the version that wrote it."""
-    resp = client.post("/v1/chat/completions", json={"model": "alignloop-policy", "messages": messages,
-                                                     "max_tokens": max_tokens, "seed": seed, "temperature": 1.0})
-    resp.raise_for_status()
-    body = resp.json()
+    body = post_json(client, "/v1/chat/completions", {"model": "alignloop-policy", "messages": messages,
+                                                      "max_tokens": max_tokens, "seed": seed, "temperature": 1.0})
     choice = body["choices"][0]
     return {"text": choice["message"]["content"] or "", "finish_reason": choice["finish_reason"],
             "version": (body.get("system_fingerprint") or "").rpartition("/v")[2]}
@@ -73,11 +72,11 @@ def win_rate(labeler: Labeler, prompts: list[list[dict]], new: list[dict], old: 
 
 
 def _step_seconds(run: dict) -> dict[str, float]:
-    from alignloop.pipeline_cli import _time
+    from alignloop.pipeline_cli import parse_time
 
     out = {}
     for step in run["steps"]:
-        start, end = _time(step.get("started_at")), _time(step.get("finished_at"))
+        start, end = parse_time(step.get("started_at")), parse_time(step.get("finished_at"))
         if start and end:
             out[step["name"]] = round((end - start).total_seconds(), 1)
     return out
@@ -88,9 +87,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     keys = credentials.load(settings.credentials_path)
     base = settings.gateway_url
     started = time.monotonic()
-    held_out = [p for p in prompt_sets.generate(args.seed) if prompt_sets.is_held_out(p, HELD_OUT_FRACTION)]
+    training, held_out = prompt_sets.split(prompt_sets.generate(args.seed), HELD_OUT_FRACTION)
     held_out = held_out[:args.eval_prompts]
-    training = [p for p in prompt_sets.generate(args.seed) if not prompt_sets.is_held_out(p, HELD_OUT_FRACTION)]
     labeler = Labeler(noise=args.noise, seed=args.seed)
 
     err.print(f"[bold]1/5[/] baseline: the served policy answers {len(held_out)} held-out prompts")
@@ -105,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise GatewayError(f"no answers from the chat API: {traffic.errors[:3]}")
 
     err.print("[bold]3/5[/] pipeline run (snapshot → RM → gate → PPO → gate → promote → serving)")
-    config = json.loads(json.dumps(DEMO_CONFIG))
+    config = copy.deepcopy(DEMO_CONFIG)
     config["ppo"]["iterations"] = args.ppo_iterations
     from alignloop.pipeline_cli import wait_for_run
 
@@ -157,7 +155,7 @@ def print_report(report: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         report = run_demo(args)
-    except (GatewayError, httpx.HTTPError, FileNotFoundError) as exc:
+    except (GatewayError, HttpError, httpx.HTTPError, FileNotFoundError) as exc:
         err.print(f"[red]✗ {exc}[/] (is `make run` / `alignloop up` running?)")
         return 1
     print_report(report)

@@ -59,16 +59,16 @@ def _client() -> GatewayClient:
 # ---- rendering ------------------------------------------------------------------------------------------
 
 
-def _time(iso: str | None) -> datetime | None:
+def parse_time(iso: str | None) -> datetime | None:
     return datetime.fromisoformat(iso) if iso else None
 
 
 def duration(start: str | None, end: str | None, now: datetime | None = None) -> str:
     """'1h02m', '3m05s', '12s'; '-' before it starts; up to now while it runs."""
-    began = _time(start)
+    began = parse_time(start)
     if began is None:
         return "-"
-    seconds = int(((_time(end) or now or datetime.now(UTC)) - began).total_seconds())
+    seconds = int(((parse_time(end) or now or datetime.now(UTC)) - began).total_seconds())
     hours, rest = divmod(max(seconds, 0), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,3 +75,19 @@ def fetch_version(tracking_uri: str, ref: ModelVersionRef, cache_dir: Path) -> P
     shutil.rmtree(partial, ignore_errors=True)
     (dest / ".complete").touch()
     return dest
+
+
+def is_untrained(tracking_uri: str, ref: ModelVersionRef) -> bool:
+    """Whether a registered reward-model version is an untrained placeholder (tag alignloop.untrained=true on
+    the version, or on the run that logged it)."""
+    from mlflow.exceptions import MlflowException
+
+    from alignloop.contracts import UNTRAINED_TAG
+
+    client = _client(tracking_uri)
+    mv = client.get_model_version(ref.name, ref.version)
+    tags = dict(mv.tags or {})
+    if UNTRAINED_TAG not in tags and mv.run_id:
+        with contextlib.suppress(MlflowException):  # the run may have been deleted: the version's tags count
+            tags = client.get_run(mv.run_id).data.tags | tags
+    return str(tags.get(UNTRAINED_TAG, "")).lower() == "true"

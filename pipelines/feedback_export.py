@@ -113,11 +113,6 @@ class ExportResult:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
-def _utc(ts: datetime) -> datetime:
-    # SQLite hands back naive datetimes; the materializer writes UTC.
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 def load_feedback(engine: Engine, since: date | None = None) -> list[dict]:
     """Feedback rows (created on or after `since`, UTC), oldest first."""
     table = Feedback.__table__
@@ -127,7 +122,7 @@ def load_feedback(engine: Engine, since: date | None = None) -> list[dict]:
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(stmt).mappings()]
     for r in rows:
-        r["created_at"] = _utc(r["created_at"])
+        r["created_at"] = store.as_utc(r["created_at"])
         r["completion_ids"] = list(r["completion_ids"] or [])
     rows.sort(key=lambda r: (r["created_at"], r["feedback_id"]))
     return rows

@@ -310,7 +310,8 @@ def tracking_uri(uri: str):
     return _use_tracking_uri(uri)
 
 
-def _experiment_id(client, name: str) -> str:
+def ensure_experiment(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created if it does not exist yet."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -385,7 +386,7 @@ def register_folder(
     uri = settings.tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
-    run = client.create_run(_experiment_id(client, EXPERIMENT_NAME), run_name=run_name, tags=dict(tags))
+    run = client.create_run(ensure_experiment(client, EXPERIMENT_NAME), run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     try:
         mv = register_run_folder(settings, name, run_id, folder, tags=tags, description=description,

@@ -4,18 +4,19 @@ A prompt file is JSON lines, one prompt a line: {"prompt": "text"} (a single use
 {"messages": [{"role": ..., "content": ...}, ...]} ending before the answer; the format of
 `alignloop ppo train --prompt-file`.
 
-`is_held_out` splits prompts by a hash of their messages with the rule of pipelines/ppo/prompts.py, so that
-for the same fraction the prompts held out here are the ones `alignloop ppo evaluate` evaluates on: a demo can
-train on the rest and measure on prompts no feedback was ever given for.
+`split` uses the held-out rule PPO uses (`alignloop.prompt_split`), so that for the same fraction the prompts
+held out here are the ones `alignloop ppo evaluate` evaluates on: a demo can train on the rest and measure on
+prompts no feedback was ever given for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+
+from alignloop.prompt_split import is_held_out
 
 Messages = list[dict[str, str]]
 
@@ -96,12 +97,6 @@ def _prompt(row: object, where: str) -> Messages:
 
 def _is_message(m: object) -> bool:
     return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-
-
-def is_held_out(messages: Messages, fraction: float) -> bool:
-    """Whether `messages` falls in the held-out `fraction` (the same answer for the same prompt, always)."""
-    digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return int(digest[:16], 16) / 2**64 < fraction
 
 
 def split(prompts: Sequence[Messages], fraction: float) -> tuple[list[Messages], list[Messages]]:

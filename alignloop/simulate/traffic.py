@@ -128,14 +128,16 @@ class Report:
         return out
 
 
-class _HttpError(Exception):
+class HttpError(Exception):
+    """An error status the gateway answered (after retries, for the retryable ones)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, _HttpError):
+    if isinstance(exc, HttpError):
         return exc.status in RETRY_STATUSES
     return isinstance(exc, httpx.TransportError)
 
@@ -145,6 +147,20 @@ def _error_message(response: httpx.Response) -> str:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return response.text[:200] or response.reason_phrase
+
+
+def post_json(client: httpx.Client, path: str, body: dict[str, Any], retry: RetryPolicy = RetryPolicy()) -> Any:
+    """POSTs `body` and returns the decoded answer, retrying what a busy or restarting gateway answers (429,
+    502-504, connection errors) within `retry`; any other error status raises at once."""
+    for attempt in Retrying(stop=stop_after_attempt(retry.attempts),
+                            wait=wait_random_exponential(multiplier=retry.initial_s, max=retry.max_s),
+                            retry=retry_if_exception(_retryable), reraise=True):
+        with attempt:
+            response = client.post(path, json=body)
+            if not response.is_success:
+                raise HttpError(response.status_code, _error_message(response))
+            return response.json()
+    raise AssertionError("unreachable: tenacity reraises the last error")
 
 
 class _Run:
@@ -163,15 +179,7 @@ class _Run:
         self.stop = threading.Event()
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        for attempt in Retrying(stop=stop_after_attempt(self.retry.attempts),
-                                wait=wait_random_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
-                                retry=retry_if_exception(_retryable), reraise=True):
-            with attempt:
-                response = self.client.post(path, json=body)
-                if not response.is_success:
-                    raise _HttpError(response.status_code, _error_message(response))
-                return response.json()
-        raise AssertionError("unreachable: tenacity reraises the last error")
+        return post_json(self.client, path, body, self.retry)
 
     def _failed(self, where: str, exc: Exception) -> None:
         message = f"{where}: {exc or type(exc).__name__}"
@@ -196,10 +204,10 @@ class _Run:
             choices = sorted(response["choices"], key=lambda c: c["index"])
             ids = [c["completion_id"] for c in choices]
             answers = [Answer(c["message"]["content"], c.get("finish_reason")) for c in choices]
-        except (_HttpError, httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (HttpError, httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             # A refused key or model, or a gateway never reached: every other request would end the same way.
             unreachable = isinstance(exc, httpx.ConnectError) and not self.report.responses
-            if unreachable or (isinstance(exc, _HttpError) and exc.status in FATAL_STATUSES):
+            if unreachable or (isinstance(exc, HttpError) and exc.status in FATAL_STATUSES):
                 with self.lock:
                     self.report.stopped = self.report.stopped or f"chat: {exc}"
                 self.stop.set()
@@ -219,7 +227,7 @@ class _Run:
         try:
             item = self.feedback_item(kind, prompt, ids, answers, labeler, rng)
             self.post("/v1/feedback", item)
-        except (_HttpError, httpx.HTTPError, ValueError) as exc:
+        except (HttpError, httpx.HTTPError, ValueError) as exc:
             self._failed("feedback", exc)
             return
         with self.lock:

@@ -6,6 +6,7 @@ SQLite by default (`ALIGNLOOP_HOME/feedback.db`), PostgreSQL when `ALIGNLOOP_STO
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
@@ -104,3 +105,9 @@ def insert_ignoring_duplicates(conn: Connection, table: Table, rows: Sequence[di
         conn.execute(stmt, list(rows))
         return len(ids) - existing
     return len(conn.execute(stmt.returning(*(table.c[k] for k in key)), list(rows)).all())
+
+
+def as_utc(ts: datetime) -> datetime:
+    """A stored timestamp as an aware UTC datetime: SQLite hands back naive ones (everything is written in UTC),
+    PostgreSQL aware ones."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)

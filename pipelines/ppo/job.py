@@ -7,6 +7,7 @@ hash). Registration does not promote: `alignloop ppo evaluate` gates that.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from rich.console import Console
 
 from alignloop import progress
 from alignloop.config import Settings, vllm_cpu_environment
+from alignloop.prompt_split import content_hash
 from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
-from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
+from pipelines.models_init import ensure_experiment, register_run_folder, tracking_uri
 from pipelines.ppo import prompts as prompt_sources
 from pipelines.ppo.train import Args, Inputs, train
 
@@ -107,7 +109,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
             raise ValueError("--value-from-reward needs --reward inprocess and an RM on the policy's tokenizer")
         value_init = rm_folder
 
-    digest = prompt_sources.content_hash(train_prompts)
+    digest = content_hash(train_prompts)
     out = out or settings.home / "runs" / f"ppo-{digest[:12]}"
     lineage = {"alignloop.kind": "ppo", "alignloop.parent_policy_version": policy_ref.version if policy_ref else "",
                "alignloop.reference_policy_version": reference_ref.version if reference_ref else "",
@@ -132,7 +134,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
             from mlflow import MlflowClient
 
             stack.enter_context(tracking_uri(settings.tracking_uri))
-            experiment_id = _experiment_id(MlflowClient(settings.tracking_uri), EXPERIMENT_NAME)
+            experiment_id = ensure_experiment(MlflowClient(settings.tracking_uri), EXPERIMENT_NAME)
             # A context manager: the run ends FAILED if training raises, FINISHED otherwise.
             active = stack.enter_context(mlflow.start_run(experiment_id=experiment_id,
                                                           run_name=f"ppo-{digest[:12]}", tags=lineage))
@@ -142,7 +144,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
             progress.report(iteration, args.iterations, reward=metrics["reward"], kl=metrics["kl"])
             if track:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                    if isinstance(v, int | float) and v == v}, step=iteration, synchronous=False)
+                                    if isinstance(v, int | float) and math.isfinite(v)}, step=iteration, synchronous=False)
 
         result = train(Inputs(policy_dir, reference_dir, train_prompts, reward, value_init, demonstrations), args,
                        out, resume=resume, engine_env=vllm_cpu_environment(settings), on_iteration=log,

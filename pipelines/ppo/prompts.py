@@ -11,22 +11,13 @@ side), so `alignloop ppo evaluate` judges on prompts the run never optimised.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from alignloop.prompt_split import content_hash, is_held_out
+
 Messages = list[dict]
-
-
-def content_hash(value) -> str:
-    """sha256 of a canonical JSON form: the same prompts (or prompt set, or demonstrations) give the same hash."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-
-def is_held_out(messages: Messages, eval_fraction: float) -> bool:
-    return int(content_hash(messages)[:16], 16) / 2**64 < eval_fraction
 
 
 def check_messages(messages, where: str) -> Messages:

@@ -21,9 +21,9 @@ import torch
 from rich.console import Console
 
 from alignloop.config import Settings
-from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, resolve_alias
+from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, is_untrained, resolve_alias
 from alignloop.reward_model import UNTRAINED_TAG, RewardModel
-from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
+from pipelines.models_init import ensure_experiment, register_run_folder, tracking_uri
 from pipelines.reward.datasets import RewardData
 
 EXPERIMENT_NAME = "alignloop-reward"
@@ -74,7 +74,7 @@ class Tracker:
             return
         import mlflow
 
-        experiment_id = _experiment_id(_client(self.uri), EXPERIMENT_NAME)
+        experiment_id = ensure_experiment(_client(self.uri), EXPERIMENT_NAME)
         tags = {"alignloop.kind": "reward-training", "alignloop.dataset_hash": data.hash}
         with tracking_uri(self.uri), \
                 mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
@@ -126,14 +126,6 @@ def fetch_alias(settings: Settings, alias: str) -> tuple[ModelVersionRef, str]:
     return ref, str(fetch_version(settings.tracking_uri, ref, settings.models_dir))
 
 
-def _is_untrained(client, ref: ModelVersionRef) -> bool:
-    tags = dict(client.get_model_version(ref.name, ref.version).tags or {})
-    if ref.run_id:
-        with contextlib.suppress(Exception):  # the run may have been deleted; the version tag is what counts
-            tags = client.get_run(ref.run_id).data.tags | tags
-    return str(tags.get(UNTRAINED_TAG, "")).lower() == "true"
-
-
 def register_and_gate(
     settings: Settings,
     tracker: Tracker,
@@ -176,7 +168,7 @@ def register_and_gate(
         champion = resolve_alias(settings.tracking_uri, name, alias)
     except ModelNotRegistered:
         champion = None
-    champion_untrained = champion is not None and _is_untrained(client, champion)
+    champion_untrained = champion is not None and is_untrained(settings.tracking_uri, champion)
     champion_accuracy = None
     if champion is not None and not champion_untrained:
         with console.status(f"scoring the champion (version {champion.version}) on the same held-out pairs"):

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from alignloop.config import Settings
+from alignloop.prompt_split import content_hash
 from pipelines import demonstrations as demos
 from pipelines.ppo import core
 from pipelines.ppo.models import demonstration_ids, load_policy, pack, pad_id, policy_forward, save_policy
-from pipelines.ppo.prompts import content_hash
 from pipelines.sft.args import Args
 from pipelines.training import linear_schedule, pick_device, seed_everything
 
@@ -112,10 +112,11 @@ def run(settings: Settings, conversations: list[demos.Conversation], args: Args,
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.models_init import _experiment_id, register_run_folder, tracking_uri
+    from pipelines.models_init import ensure_experiment, register_run_folder, tracking_uri
 
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
-    with tracking_uri(settings.tracking_uri), mlflow.start_run(experiment_id=_experiment_id(client, "alignloop-sft"),
+    experiment_id = ensure_experiment(client, "alignloop-sft")
+    with tracking_uri(settings.tracking_uri), mlflow.start_run(experiment_id=experiment_id,
                           run_name=f"sft-{data_hash[:12]}", tags=tags) as active:
         mlflow.log_params(asdict(args) | {"base": base, "demonstrations": len(examples)})
         stats = train(policy, tokenizer, examples, args, device, console,

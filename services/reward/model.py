@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignloop.config import Settings
-from alignloop.registry import ModelVersionRef, fetch_version
-from alignloop.reward_model import UNTRAINED_TAG, RewardModel, render
+from alignloop.registry import ModelVersionRef, fetch_version, is_untrained
+from alignloop.reward_model import RewardModel, render
 
 log = logging.getLogger("alignloop.reward.model")
 
@@ -43,20 +43,13 @@ class ServedModel:
         return self.model.score(self.tokenizer, texts, batch_size=chunk)
 
 
-def version_tags(tracking_uri: str, ref: ModelVersionRef) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    return dict(client.get_model_version(ref.name, ref.version).tags)
-
-
 def load_version(settings: Settings, ref: ModelVersionRef) -> ServedModel:
     """Fetches the version's folder (cached in ALIGNLOOP_HOME/models), loads it and runs one warm-up pass, so
     that the first calls after a swap do not pay for lazy initialisation. Blocking: call it off the event
     loop."""
     started = time.monotonic()
     folder = fetch_version(settings.tracking_uri, ref, settings.models_dir)
-    untrained = version_tags(settings.tracking_uri, ref).get(UNTRAINED_TAG, "false").lower() == "true"
+    untrained = is_untrained(settings.tracking_uri, ref)
     device = pick_device(settings.reward_device)
     model, tokenizer = RewardModel.load(folder, device=device)
     served = ServedModel(ref.name, ref.version, folder, model, tokenizer, device, untrained)
