@@ -14,6 +14,7 @@ Three consequences the trainer relies on:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -39,9 +40,9 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, target_modules: str 
 
 
 def is_lora(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    # Without adapters peft was never imported (nor need it be: it pulls in accelerate, seconds on a CPU).
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -46,7 +46,7 @@ class PipelineRun(BaseModel):
     object: Literal["pipeline.run"] = "pipeline.run"
     status: str = Field(description="queued | running | succeeded | failed | cancelled; a run that a gate "
                                     "stopped before promotion succeeded (see outcome)")
-    trigger: str = Field(description="operator | schedule")
+    trigger: str = Field(description="operator | schedule | feedback")
     reason: str = ""
     created_at: str | None = None
     started_at: str | None = None

@@ -82,36 +82,27 @@ class PipelineApi:
         self.stub = stub
         self.timeout_s = timeout_s
 
-    async def start(self, body: StartRunRequest, key_hash: str) -> PipelineRun:
-        request = pb.StartRunRequest(
-            trigger="operator", reason=body.reason, requested_by=key_hash,
-            config_json=json.dumps(body.config) if body.config is not None else "",
-        )
+    async def _call(self, method, request, run_id: str | None = None):
         try:
-            run = await self.stub.StartRun(request, timeout=self.timeout_s)
+            return await method(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc) from None
+            raise rpc_error(exc, run_id) from None
+
+    async def start(self, body: StartRunRequest, key_hash: str) -> PipelineRun:
+        run = await self._call(self.stub.StartRun, pb.StartRunRequest(
+            trigger="operator", reason=body.reason, requested_by=key_hash,
+            config_json=json.dumps(body.config) if body.config is not None else ""))
         log.info("pipeline run %s started by operator %s", run.run_id, key_hash)
         return run_from_pb(run)
 
     async def get(self, run_id: str) -> PipelineRun:
-        try:
-            run = await self.stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, run_id) from None
-        return run_from_pb(run)
+        return run_from_pb(await self._call(self.stub.GetRun, pb.GetRunRequest(run_id=run_id), run_id))
 
     async def list(self, limit: int) -> PipelineRunList:
-        try:
-            response = await self.stub.ListRuns(pb.ListRunsRequest(limit=limit), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc) from None
+        response = await self._call(self.stub.ListRuns, pb.ListRunsRequest(limit=limit))
         return PipelineRunList(data=[run_from_pb(r) for r in response.runs])
 
     async def cancel(self, run_id: str, key_hash: str) -> PipelineRun:
-        try:
-            run = await self.stub.CancelRun(pb.CancelRunRequest(run_id=run_id), timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, run_id) from None
+        run = await self._call(self.stub.CancelRun, pb.CancelRunRequest(run_id=run_id), run_id)
         log.info("pipeline run %s cancelled by operator %s", run_id, key_hash)
         return run_from_pb(run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from concurrent import futures
 
 import grpc
@@ -32,14 +31,13 @@ def main() -> None:
     server.add_insecure_port(settings.pipeline_target)
     server.start()
 
-    stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (stopping.set(), runner._wake.set()))
+        signal.signal(sig, lambda *_: runner.stop())
     logging.getLogger("alignloop.pipeline").info("pipeline runner on %s (interval %s s, min new feedback %s)",
                                                  settings.pipeline_target, settings.pipeline_interval_s,
                                                  settings.pipeline_min_new_feedback)
     # The worker runs in this thread; a shutdown cancels the run in progress (its step processes are killed).
-    runner.serve(stopping)
+    runner.serve()
     server.stop(grace=5).wait()
 
 

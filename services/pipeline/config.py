@@ -58,20 +58,20 @@ class RunConfig(BaseModel):
     @field_validator("reward")
     @classmethod
     def _reward_keys(cls, v: dict) -> dict:
-        return _known(v, REWARD_KEYS, "reward")
+        return _known(v, REWARD_KEYS)
 
     @field_validator("ppo")
     @classmethod
     def _ppo_keys(cls, v: dict) -> dict:
-        return _known(v, _ppo_keys(), "ppo")
+        return _known(v, _ppo_keys())
 
     @field_validator("evaluate")
     @classmethod
     def _evaluate_keys(cls, v: dict) -> dict:
-        return _known(v, EVALUATE_KEYS, "evaluate")
+        return _known(v, EVALUATE_KEYS)
 
 
-def _known(values: dict, allowed: frozenset[str], section: str) -> dict:
+def _known(values: dict, allowed: frozenset[str]) -> dict:
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")

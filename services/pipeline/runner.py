@@ -42,8 +42,8 @@ class Runner:
         self.launcher = launcher or LocalLauncher()
         self.tracking = tracking
         self._wake = threading.Event()
-        self._promoting: set[str] = set()
-        self.stopping = threading.Event()  # set on shutdown: the run in progress is cancelled
+        self.promoting: set[str] = set()  # runs past the point of no return (the promote step has begun)
+        self.stopping = threading.Event()  # set by `stop`: the run in progress is cancelled, `serve` returns
 
     # ---- API (called from the gRPC server's threads) -------------------------------------------------------
     def start(self, *, trigger: str, reason: str = "", config_json: str = "", requested_by: str = "") -> PipelineRun:
@@ -61,7 +61,7 @@ class Runner:
             raise LookupError(run_id)
         if run.status not in ("queued", "running"):
             raise NotCancellable(f"run {run_id} has already {run.status}")
-        if run_id in self._promoting:
+        if run_id in self.promoting:
             raise NotCancellable(f"run {run_id} is promoting; roll back afterwards with `alignloop models "
                                  "rollback`")
         if run.status == "queued":
@@ -83,13 +83,17 @@ class Runner:
                           error="the pipeline runner restarted while this run was in progress")
         log.warning("run %s was left %s by a previous runner: marked failed", run.run_id, run.status)
 
-    def serve(self, stopping: threading.Event) -> None:
-        """Executes queued runs until `stopping` is set; checks the schedule in between."""
-        self.stopping = stopping
-        while not stopping.is_set():
+    def stop(self) -> None:
+        """Asks `serve` to return; a run in progress is cancelled (its step's processes are killed)."""
+        self.stopping.set()
+        self._wake.set()
+
+    def serve(self) -> None:
+        """Executes queued runs until `stop`; checks the schedule in between."""
+        while not self.stopping.is_set():
             run = self.store.active()
             if run is not None and run.status == "queued":
-                self.execute(run, stopping)
+                self.execute(run)
                 continue
             self.check_schedule()
             self._wake.wait(self.settings.pipeline_check_s)
@@ -105,7 +109,7 @@ class Runner:
         trigger = None
         last = self.store.latest()
         if s.pipeline_interval_s > 0 and (last is None or
-                                          time.time() - _ts(last.created_at) >= s.pipeline_interval_s):
+                                          time.time() - timestamp(last.created_at) >= s.pipeline_interval_s):
             trigger, reason = "schedule", f"every {s.pipeline_interval_s:g} s"
         if trigger is None and s.pipeline_min_new_feedback > 0:
             fresh = self.store.feedback_since(self.store.last_snapshot_at())
@@ -125,10 +129,10 @@ class Runner:
         last = self.store.latest()
         if last is None:
             return 0.0
-        return max(0.0, _ts(last.created_at) + self.settings.pipeline_interval_s - time.time())
+        return max(0.0, timestamp(last.created_at) + self.settings.pipeline_interval_s - time.time())
 
     # ---- one run -----------------------------------------------------------------------------------------
-    def execute(self, run: PipelineRun, stopping: threading.Event | None = None) -> None:
+    def execute(self, run: PipelineRun) -> None:
         """Runs every step of `run` (a queued run) and records how it ended."""
         cfg = run_config.RunConfig.model_validate(run.config)
         folder = self.settings.home / "pipeline" / run.run_id
@@ -148,7 +152,7 @@ class Runner:
                 if ctx.stop_reason is not None:
                     step.status, step.detail = "skipped", ctx.stop_reason
                     continue
-                self._check_cancel(ctx, stopping)
+                self._check_cancel(ctx)
                 self._run_step(ctx, step, fn, tracker)
             outcome = ctx.outputs.get("outcome") or (f"not promoted: {ctx.stop_reason}" if ctx.stop_reason else "")
         except Cancelled as exc:
@@ -159,13 +163,13 @@ class Runner:
             log.exception("run %s failed", run.run_id)
             status, error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
-            self._promoting.discard(run.run_id)
+            self.promoting.discard(run.run_id)
             for step in steps.values():
                 if step.status in ("pending", "running"):
                     step.status = "cancelled" if status == "cancelled" else "skipped"
                     step.finished_at = step.finished_at or (time.time() if step.started_at else 0.0)
-            self.store.save_steps(run.run_id, list(steps.values()))
-            self.store.update(run.run_id, status=status, error=error[:4000], outcome=outcome, finished_at=now(),
+            self.store.update(run.run_id, steps=[st.as_json() for st in steps.values()], status=status,
+                              error=error[:4000], outcome=outcome, finished_at=now(),
                               promoted_policy_version=ctx.outputs.get("promoted_policy", ""),
                               promoted_reward_version=ctx.outputs.get("promoted_reward", ""))
             metrics.RUNS_FINISHED.labels(status).inc()
@@ -174,8 +178,8 @@ class Runner:
                 tracker.end_parent(status, outcome or error)
         log.info("run %s %s %s", run.run_id, status, outcome or error)
 
-    def _check_cancel(self, ctx: Context, stopping: threading.Event | None) -> None:
-        if stopping is not None and stopping.is_set():
+    def _check_cancel(self, ctx: Context) -> None:
+        if self.stopping.is_set():
             raise Cancelled("the pipeline runner is shutting down")
         if self.store.cancel_requested(ctx.run_id):
             raise Cancelled("cancelled by an operator")
@@ -224,10 +228,11 @@ class Runner:
         deadline = time.monotonic() + ctx.config.step_timeout_s
         last_save = 0.0
         while (code := handle.poll()) is None:
-            if self.stopping.is_set() or self.store.cancel_requested(ctx.run_id):
+            try:
+                self._check_cancel(ctx)
+            except Cancelled:
                 handle.kill()
-                raise Cancelled("the pipeline runner is shutting down" if self.stopping.is_set() else
-                                "cancelled by an operator")
+                raise
             if time.monotonic() > deadline:
                 handle.kill()
                 raise StepFailed(f"still running after step_timeout_s={ctx.config.step_timeout_s:g}; killed")
@@ -245,10 +250,6 @@ class Runner:
         return code, summary
 
 
-def _ts(value) -> float:
-    return timestamp(value)
-
-
 # ---- MLflow ----------------------------------------------------------------------------------------------
 class Tracker:
     """The pipeline run as a parent MLflow run, each step a child with its log attached."""
@@ -261,8 +262,9 @@ class Tracker:
         self.experiment_id: str | None = None
 
     def start_parent(self, run: PipelineRun, cfg: run_config.RunConfig) -> str:
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        from pipelines.models_init import ensure_experiment
+
+        self.experiment_id = ensure_experiment(self.client, EXPERIMENT)
         created = self.client.create_run(self.experiment_id, run_name=run.run_id,
                                          tags={"alignloop.kind": "pipeline", "alignloop.trigger": run.trigger,
                                                "alignloop.reason": run.reason[:5000],
@@ -277,15 +279,16 @@ class Tracker:
         return child.info.run_id
 
     def end_step(self, child: str, step: Step, ok: bool) -> None:
-        numbers = {k: float(v) for k, v in (step.summary or {}).items()
-                   if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
-        for key, value in list(numbers.items())[:100]:
-            self.client.log_metric(child, key, value)
-        self.client.set_tag(child, "alignloop.step_status", step.status)
-        self.client.set_tag(child, "alignloop.detail", step.detail[:5000])
-        for key in ("run_id", "model_version", "candidate_version"):
-            if (step.summary or {}).get(key):
-                self.client.set_tag(child, f"alignloop.step_{key}", str(step.summary[key]))
+        """The step's figures (numbers of its summary) and verdict in one batch, then its log."""
+        from mlflow.entities import Metric, RunTag
+
+        summary = step.summary or {}
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), stamp, 0) for k, v in summary.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+        tags = {"alignloop.step_status": step.status, "alignloop.detail": step.detail[:5000]}
+        tags |= {f"alignloop.step_{k}": str(summary[k]) for k in ("run_id", "model_version", "candidate_version") if summary.get(k)}
+        self.client.log_batch(child, metrics=metrics[:100], tags=[RunTag(k, v) for k, v in tags.items()])
         if step.log_path and Path(step.log_path).exists():
             self.client.log_artifact(child, step.log_path)
         self.client.set_terminated(child, "FINISHED" if ok else

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from alignloop.store import as_utc
 from alignloop.store.schema import Feedback, PipelineRun
 
 STEP_NAMES = ("snapshot", "reward_train", "reward_gate", "ppo", "policy_gate", "promote", "serving")
@@ -44,11 +45,6 @@ class Step:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def _utc(ts: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything written here is UTC.
-    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
 
 
 class RunStore:
@@ -104,7 +100,8 @@ class RunStore:
 
     def last_snapshot_at(self) -> datetime | None:
         with Session(self.engine) as s:
-            return _utc(s.scalar(select(func.max(PipelineRun.snapshot_at))))
+            latest = s.scalar(select(func.max(PipelineRun.snapshot_at)))
+        return as_utc(latest) if latest is not None else None
 
     def feedback_since(self, since: datetime | None) -> int:
         """Feedback events stored after `since` (all of them when None)."""
@@ -120,5 +117,4 @@ def steps_of(run: PipelineRun) -> list[Step]:
 
 
 def timestamp(ts: datetime | None) -> float:
-    ts = _utc(ts)
-    return ts.timestamp() if ts else 0.0
+    return as_utc(ts).timestamp() if ts is not None else 0.0

@@ -5,7 +5,7 @@ ends the run "not promoted"."""
 
 from __future__ import annotations
 
-import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +92,7 @@ def reward_gate(runner, ctx: Context, step: Step) -> None:
                        f"champion, v{champion}")
     step.summary = {"reward_version": ctx.outputs["reward_version"],
                     "gate_passed": ctx.outputs.get("reward_candidate") is not None}
-    if champion and ctx.outputs["reward_version"] == champion and _untrained(runner.settings, champion):
+    if champion and ctx.outputs["reward_version"] == champion and _untrained_rm(runner.settings, champion):
         ctx.stop_reason = ("no trained reward model yet (the champion RM is the untrained placeholder, whose "
                            "scores are noise): PPO needs users' preference pairs first")
 
@@ -101,8 +101,6 @@ def ppo(runner, ctx: Context, step: Step) -> None:
     """`ppo train` from the champion policy against the chosen RM (in-process), under torchrun with
     `nproc_per_node` workers; registers a new policy version."""
     cfg = ctx.config
-    import sys
-
     args = ["ppo", "train", "--policy", "@champion", "--reference", "@reference",
             "--reward", f"inprocess:{ctx.outputs['reward_version']}", "--out", str(ctx.folder / "ppo"),
             *run_config.flags(cfg.ppo)]
@@ -140,7 +138,7 @@ def promote(runner, ctx: Context, step: Step) -> None:
     """Moves @champion: the RM (if its gate passed), then the policy. Not cancellable from here on."""
     from pipelines import promotion
 
-    runner._promoting.add(ctx.run_id)
+    runner.promoting.add(ctx.run_id)
     s = runner.settings
     moves = []
     reason = f"pipeline run {ctx.run_id}"
@@ -195,38 +193,19 @@ def _champion_version(settings, name: str, alias: str) -> str:
         raise StepFailed(f"{name}@{alias} is not registered (`alignloop models init` registers one)") from None
 
 
-def _untrained(settings, version: str) -> bool:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from alignloop.contracts import UNTRAINED_TAG
-
-    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    mv = client.get_model_version(settings.reward_model_name, version)
-    tags = dict(mv.tags or {})
-    if UNTRAINED_TAG not in tags and mv.run_id:
-        # The run may have been deleted; the version's own tags are what count.
-        with contextlib.suppress(MlflowException):
-            tags = client.get_run(mv.run_id).data.tags | tags
-    return str(tags.get(UNTRAINED_TAG, "")).lower() == "true"
-
-
 def _served_version(settings, service: str) -> str:
-    import grpc
+    """The version the policy or reward service answers with now ("" when it does not answer)."""
+    from alignloop import components
 
-    from alignloop.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+    info = (components.policy_info(settings.policy_target, timeout=5) if service == "policy" else
+            components.reward_info(settings.reward_target, timeout=5))
+    return info.model.version if info is not None else ""
 
-    target = settings.policy_target if service == "policy" else settings.reward_target
-    with grpc.insecure_channel(target) as channel:
-        try:
-            if service == "policy":
-                info = policy_pb2_grpc.PolicyServiceStub(channel).GetInfo(policy_pb2.GetInfoRequest(), timeout=5)
-            else:
-                info = reward_pb2_grpc.RewardServiceStub(channel).GetInfo(reward_pb2.GetRewardInfoRequest(),
-                                                                          timeout=5)
-        except grpc.RpcError:
-            return ""
-    return info.model.version
+
+def _untrained_rm(settings, version: str) -> bool:
+    from alignloop.registry import ModelVersionRef, is_untrained
+
+    return is_untrained(settings.tracking_uri, ModelVersionRef(settings.reward_model_name, version, None, ""))
 
 
 def _pct(value) -> str:

@@ -63,7 +63,7 @@ def env(tmp_path, monkeypatch):
 
     monkeypatch.setattr("pipelines.promotion.promote", promote)
     monkeypatch.setattr(steps_module, "_champion_version", lambda s, name, alias: champions[name])
-    monkeypatch.setattr(steps_module, "_untrained", lambda s, version: version == "1")
+    monkeypatch.setattr(steps_module, "_untrained_rm", lambda s, version: version == "1")
     monkeypatch.setattr(steps_module, "_served_version",
                         lambda s, service: champions["alignloop-policy" if service == "policy" else "alignloop-reward"])
     return settings, promoted, champions
