@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     materializer_port: int = 9464  # the materializer's /metrics
     reward_port: int = 50053
     reward_metrics_port: int = 9465  # the reward service's /metrics
+    # Where clients reach each gRPC service; unset: host:port (everything on one machine). In compose or
+    # Kubernetes, where `host` is the bind address 0.0.0.0, set these to the services' DNS names.
+    policy_address: str | None = None
+    policy_canary_address: str | None = None
+    feedback_address: str | None = None
+    reward_address: str | None = None
+    pipeline_address: str | None = None
     # Set to reach an external broker / tracking server instead of the embedded ones.
     kafka_bootstrap_servers: str | None = None
     mlflow_tracking_uri: str | None = None
@@ -55,6 +62,12 @@ class Settings(BaseSettings):
     policy_model_alias: str = "champion"
     # How often the policy service checks where the alias points; a new version is loaded in place.
     policy_poll_s: float = 5.0
+    # The challenger's policy service (canary traffic): the same service following `policy_canary_alias`.
+    policy_canary_port: int = 50055
+    policy_canary_alias: str = "challenger"
+    # Start without a model and load one when the alias first appears (the canary service: there is
+    # usually no challenger). False: a missing alias is an error at start.
+    policy_wait_for_alias: bool = False
     # `alignloop up` registers this model when the registry has none: "smollm2" or "tiny".
     bootstrap_model: str = "smollm2"
 
@@ -70,6 +83,8 @@ class Settings(BaseSettings):
     max_n: int = 8
     grpc_timeout_s: float = 600.0
     completion_queue_size: int = 10_000
+    # How often the gateway asks the canary policy service what it serves and its share of traffic.
+    canary_poll_s: float = 2.0
 
     # feedback
     feedback_batch_max: int = 1000
@@ -172,19 +187,23 @@ class Settings(BaseSettings):
 
     @property
     def policy_target(self) -> str:
-        return f"{self.host}:{self.policy_port}"
+        return self.policy_address or f"{self.host}:{self.policy_port}"
+
+    @property
+    def policy_canary_target(self) -> str:
+        return self.policy_canary_address or f"{self.host}:{self.policy_canary_port}"
 
     @property
     def feedback_target(self) -> str:
-        return f"{self.host}:{self.feedback_port}"
+        return self.feedback_address or f"{self.host}:{self.feedback_port}"
 
     @property
     def reward_target(self) -> str:
-        return f"{self.host}:{self.reward_port}"
+        return self.reward_address or f"{self.host}:{self.reward_port}"
 
     @property
     def pipeline_target(self) -> str:
-        return f"{self.host}:{self.pipeline_port}"
+        return self.pipeline_address or f"{self.host}:{self.pipeline_port}"
 
     @property
     def store(self) -> str:
