@@ -23,6 +23,7 @@ async def follow_alias(tracking_uri: str, name: str, alias: str, poll_s: float, 
     `load(ref)`. A failed load is logged, the old version keeps serving, and that version is retried after
     RETRY_FAILED_S. An unreachable registry is logged and polled again."""
     failed: dict[str, float] = {}  # version -> when it last failed to load
+    missing = False  # said once, not on every poll (a canary's alias is removed when the canary ends)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(poll_s):
@@ -32,11 +33,14 @@ async def follow_alias(tracking_uri: str, name: str, alias: str, poll_s: float, 
         try:
             ref = await asyncio.to_thread(resolve_alias, tracking_uri, name, alias)
         except ModelNotRegistered as exc:
-            log.warning("%s; still serving version %s", exc, current())
+            if not missing:
+                log.warning("%s; still serving version %s", exc, current())
+            missing = True
             continue
         except Exception as exc:  # the registry is down or slow: keep serving what we have
             log.warning("could not resolve %s@%s: %s", name, alias, exc)
             continue
+        missing = False
         if ref.version == current():
             continue
         if time.monotonic() - failed.get(ref.version, -RETRY_FAILED_S) < RETRY_FAILED_S:

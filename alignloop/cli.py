@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignloop import components, credentials, pipeline_cli
+from alignloop import components, credentials, models_cli, pipeline_cli
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop import demo as demo_cli
 from alignloop.simulate import cli as simulate_cli
@@ -514,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = models.add_parser("rollback", help="point NAME@champion back at the previous champion")
     rollback.add_argument("name")
     rollback.set_defaults(func=cmd_models_move)
+    models_cli.add_commands(models)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
     add_app.add_argument("name")

@@ -128,6 +128,21 @@ def policy(settings: Settings) -> Component:
     )
 
 
+def policy_canary(settings: Settings) -> Component:
+    """The challenger's policy service: idle (no engine) until an operator names a challenger."""
+    return Component(
+        name="policy-canary",
+        argv=[sys.executable, "-m", "services.policy"],
+        port=settings.policy_canary_port,
+        url=f"grpc://{settings.policy_canary_target}",
+        # Ready = answering: it has nothing to serve until there is a challenger.
+        probe=lambda: policy_info(settings.policy_canary_target) is not None,
+        env={**vllm_cpu_environment(settings), "ALIGNLOOP_POLICY_PORT": str(settings.policy_canary_port),
+             "ALIGNLOOP_POLICY_MODEL_ALIAS": settings.policy_canary_alias, "ALIGNLOOP_POLICY_WAIT_FOR_ALIAS": "true"},
+        start_timeout_s=60,
+    )
+
+
 def feedback_ready(target: str) -> bool:
     from alignloop.v1 import feedback_pb2 as pb
     from alignloop.v1 import feedback_pb2_grpc as pb_grpc
@@ -228,4 +243,4 @@ def infrastructure(settings: Settings) -> list[Component]:
 
 def services(settings: Settings) -> list[Component]:
     return [feedback_materializer(settings), feedback_collector(settings), reward(settings), policy(settings),
-            pipeline(settings), gateway(settings)]
+            policy_canary(settings), pipeline(settings), gateway(settings)]

@@ -9,3 +9,7 @@ RUN_ID_METADATA_KEY = "alignloop-run-id"
 
 # A registered reward-model version that was never trained (the bootstrap placeholder) carries this tag = "true".
 UNTRAINED_TAG = "alignloop.untrained"
+
+# The share of chat traffic (0..100) the gateway sends to the challenger (`alignloop-policy@challenger`), as a
+# tag on the registered policy model; `pipelines/promotion.py` writes it, the canary policy service reports it.
+CANARY_PERCENT_TAG = "alignloop.canary_percent"

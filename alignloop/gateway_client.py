@@ -11,6 +11,7 @@ from alignloop import credentials
 from alignloop.config import Settings
 
 PIPELINE_RUNS = "/v1/admin/pipelines/runs"
+MODELS = "/v1/admin/models"
 
 
 class GatewayError(Exception):
@@ -77,6 +78,16 @@ class GatewayClient:
 
     def cancel_run(self, run_id: str) -> dict:
         return self.request("POST", f"{PIPELINE_RUNS}/{quote(run_id, safe='')}/cancel")
+
+    # ---- model versions ---------------------------------------------------------------------------------
+    def model_versions(self, days: int = 30, limit: int = 50) -> dict:
+        return self.request("GET", f"{MODELS}/versions", params={"days": days, "limit": limit})
+
+    def set_canary(self, version: str, percent: int, reason: str = "") -> dict:
+        return self.request("PUT", f"{MODELS}/canary", json={"version": version, "percent": percent, "reason": reason})
+
+    def clear_canary(self) -> dict:
+        return self.request("DELETE", f"{MODELS}/canary")
 
 
 def _error(response: httpx.Response) -> GatewayError:

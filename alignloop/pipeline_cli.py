@@ -47,12 +47,12 @@ def config_arg(text: str) -> dict:
     return value
 
 
-def _failed(exc: GatewayError) -> int:
+def report_failure(exc: GatewayError) -> int:
     err.print(f"[red]✗ {escape(str(exc))}[/]")
     return {409: EXIT_CONFLICT, 400: EXIT_REFUSED}.get(exc.status, EXIT_FAILED)
 
 
-def _client() -> GatewayClient:
+def operator_client() -> GatewayClient:
     return GatewayClient.from_settings(Settings())
 
 
@@ -143,7 +143,7 @@ def wait_for_run(client: GatewayClient, run: dict, timeout_s: float | None) -> t
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
     wait = args.wait or args.timeout is not None
     try:
-        with _client() as client:
+        with operator_client() as client:
             run = client.start_run(args.reason, args.config)
             if not wait:
                 print(run["id"])
@@ -162,7 +162,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
                       f"time): `alignloop pipeline status {escape(active)}` shows it, `alignloop pipeline "
                       f"cancel {escape(active)}` stops it[/]")
             return EXIT_CONFLICT
-        return _failed(exc)
+        return report_failure(exc)
     print(json.dumps(run))
     if timed_out:
         err.print(f"[yellow]still {run['status']} after {args.timeout:g} s; the run goes on: "
@@ -173,10 +173,10 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
 def cmd_pipeline_status(args: argparse.Namespace) -> int:
     try:
-        with _client() as client:
+        with operator_client() as client:
             runs = [client.get_run(args.run_id)] if args.run_id else client.list_runs(limit=1)
     except GatewayError as exc:
-        return _failed(exc)
+        return report_failure(exc)
     if not runs:
         err.print("no pipeline runs yet: `alignloop pipeline run` starts one")
         return EXIT_FAILED
@@ -189,10 +189,10 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
 
 def cmd_pipeline_list(args: argparse.Namespace) -> int:
     try:
-        with _client() as client:
+        with operator_client() as client:
             runs = client.list_runs(limit=args.limit)
     except GatewayError as exc:
-        return _failed(exc)
+        return report_failure(exc)
     if args.json:
         print(json.dumps({"object": "list", "data": runs}))
     elif not runs:
@@ -204,10 +204,10 @@ def cmd_pipeline_list(args: argparse.Namespace) -> int:
 
 def cmd_pipeline_cancel(args: argparse.Namespace) -> int:
     try:
-        with _client() as client:
+        with operator_client() as client:
             run = client.cancel_run(args.run_id)
     except GatewayError as exc:
-        return _failed(exc)
+        return report_failure(exc)
     out.print(f"pipeline run {escape(run['id'])}: {_status(run['status'])}")
     return 0
 

@@ -91,3 +91,30 @@ def is_untrained(tracking_uri: str, ref: ModelVersionRef) -> bool:
         with contextlib.suppress(MlflowException):  # the run may have been deleted: the version's tags count
             tags = client.get_run(mv.run_id).data.tags | tags
     return str(tags.get(UNTRAINED_TAG, "")).lower() == "true"
+
+
+@dataclass(frozen=True)
+class CanaryShare:
+    """Where `name@alias` points (None: nowhere) and the share of traffic (0..100) it is given."""
+
+    version: str | None
+    percent: int
+
+
+def canary_of(model, alias: str) -> CanaryShare:
+    """The challenger `alias` of an MLflow RegisteredModel and its traffic share; 0% when it points nowhere."""
+    from alignloop.contracts import CANARY_PERCENT_TAG
+
+    version = (model.aliases or {}).get(alias)
+    if version is None:
+        return CanaryShare(None, 0)
+    try:
+        percent = int((model.tags or {}).get(CANARY_PERCENT_TAG) or 0)
+    except ValueError:
+        percent = 0
+    return CanaryShare(str(version), max(0, min(100, percent)))
+
+
+def canary_share(tracking_uri: str, name: str, alias: str) -> CanaryShare:
+    """Where `name@alias` points now and its share of traffic, in one registry call."""
+    return canary_of(_client(tracking_uri).get_registered_model(name), alias)

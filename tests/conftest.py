@@ -38,6 +38,7 @@ def stack_env(home: Path, **overrides: str) -> dict[str, str]:
         ALIGNLOOP_KAFKA_PORT=str(free_port()),
         ALIGNLOOP_MLFLOW_PORT=str(free_port()),
         ALIGNLOOP_POLICY_PORT=str(free_port()),
+        ALIGNLOOP_POLICY_CANARY_PORT=str(free_port()),
         ALIGNLOOP_GATEWAY_PORT=str(free_port()),
         ALIGNLOOP_FEEDBACK_PORT=str(free_port()),
         ALIGNLOOP_MATERIALIZER_PORT=str(free_port()),
@@ -78,6 +79,10 @@ class Stack:
     @property
     def policy(self) -> str:
         return f"127.0.0.1:{self.env['ALIGNLOOP_POLICY_PORT']}"
+
+    @property
+    def policy_canary(self) -> str:
+        return f"127.0.0.1:{self.env['ALIGNLOOP_POLICY_CANARY_PORT']}"
 
     @property
     def mlflow(self) -> str:

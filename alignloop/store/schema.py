@@ -38,7 +38,7 @@ class Completion(Base):
     model_version: Mapped[str] = mapped_column(String(32))
     sampling: Mapped[dict] = mapped_column(Json)
     stream: Mapped[bool] = mapped_column(Boolean)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -246,9 +246,11 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 verdicts[i] = Verdict(pb.ACCEPTED, accepted_at=accepted_at)
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        rows = await asyncio.get_running_loop().run_in_executor(self.executor, stats.query, self.engine,
-                                                                request.days)
-        return pb.StatsResponse(rows=rows)
+        loop = asyncio.get_running_loop()
+        rows, served = await asyncio.gather(
+            loop.run_in_executor(self.executor, stats.query, self.engine, request.days),
+            loop.run_in_executor(self.executor, stats.served, self.engine, request.days))
+        return pb.StatsResponse(rows=rows, served=served)
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         if not self.producer.healthy():

@@ -1,4 +1,5 @@
-"""Feedback analytics from the store: counts and thumbs per model version and day."""
+"""Feedback analytics from the store: counts and thumbs per model version and day, and answers served per
+version."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, case, func, select
 
-from alignloop.store.schema import Feedback
+from alignloop.store.schema import Completion, Feedback
 from alignloop.v1 import feedback_pb2 as pb
 
 
 def _count(condition) -> object:
     return func.sum(case((condition, 1), else_=0))
+
+
+def _since(days: int) -> datetime | None:
+    """Midnight UTC `days - 1` days ago (today counts as one); None for all time."""
+    if days <= 0:
+        return None
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=days - 1)
 
 
 def query(engine: Engine, days: int) -> list[pb.StatsRow]:
@@ -33,9 +42,8 @@ def query(engine: Engine, days: int) -> list[pb.StatsRow]:
         .group_by(f.model_name, f.model_version, f.day)
         .order_by(f.day, f.model_name, f.model_version)
     )
-    if days > 0:
-        since = (datetime.now(UTC) - timedelta(days=days - 1)).strftime("%Y-%m-%d")
-        stmt = stmt.where(f.day >= since)
+    if (since := _since(days)) is not None:
+        stmt = stmt.where(f.day >= since.strftime("%Y-%m-%d"))
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
     return [
@@ -44,3 +52,15 @@ def query(engine: Engine, days: int) -> list[pb.StatsRow]:
                     comparisons=r[9] or 0, corrections=r[10] or 0, flagged=r[11] or 0)
         for r in rows
     ]
+
+
+def served(engine: Engine, days: int) -> list[pb.ServedRow]:
+    """Responses and completions per (model name, model version) since the same day as `query`."""
+    c = Completion
+    stmt = (select(c.model_name, c.model_version, func.count(func.distinct(c.response_id)), func.count())
+            .group_by(c.model_name, c.model_version).order_by(c.model_name, c.model_version))
+    if (since := _since(days)) is not None:
+        stmt = stmt.where(c.created_at >= since)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return [pb.ServedRow(model_name=r[0], model_version=r[1], responses=r[2], completions=r[3]) for r in rows]

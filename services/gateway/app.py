@@ -30,6 +30,14 @@ from services.gateway.completion_log import CompletionLog
 from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.feedback import IDEMPOTENCY_HEADER, FeedbackApi
 from services.gateway.feedback_protocol import FeedbackBatchResult, FeedbackResult, FeedbackStats
+from services.gateway.model_protocol import (
+    ModelAliases,
+    ModelVersionList,
+    PromoteRequest,
+    RollbackRequest,
+    SetCanaryRequest,
+)
+from services.gateway.models_api import ModelsApi
 from services.gateway.pipeline_protocol import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
@@ -39,6 +47,7 @@ from services.gateway.pipeline_protocol import (
 )
 from services.gateway.pipelines import PipelineApi
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
+from services.gateway.routing import PolicyRouter
 
 log = logging.getLogger("alignloop.gateway")
 
@@ -77,15 +86,25 @@ def create_app(settings: Settings) -> FastAPI:
         )
         channel = grpc.aio.insecure_channel(settings.policy_target)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
+        canary_channel = grpc.aio.insecure_channel(settings.policy_canary_target)
+        app.state.router = PolicyRouter(app.state.policy, pb_grpc.PolicyServiceStub(canary_channel),
+                                        poll_s=settings.canary_poll_s)
+        canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")
         reward_channel = grpc.aio.insecure_channel(settings.reward_target)
-        app.state.chat = ChatService(app.state.policy, app.state.completion_log, settings.grpc_timeout_s,
+        app.state.chat = ChatService(app.state.router, app.state.completion_log, settings.grpc_timeout_s,
                                      reward_grpc.RewardServiceStub(reward_channel))
         feedback_channel = grpc.aio.insecure_channel(settings.feedback_target)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
         app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
         pipeline_channel = grpc.aio.insecure_channel(settings.pipeline_target)
-        app.state.pipeline = PipelineApi(pipeline_grpc.PipelineServiceStub(pipeline_channel))
+        pipeline_stub = pipeline_grpc.PipelineServiceStub(pipeline_channel)
+        app.state.pipeline = PipelineApi(pipeline_stub)
+        app.state.models = ModelsApi(pipeline_stub, app.state.feedback_stub, app.state.router,
+                                     settings.policy_model_name)
         yield
+        canary_poll.cancel()
+        await asyncio.gather(canary_poll, return_exceptions=True)
+        await canary_channel.close()
         await channel.close()
         await feedback_channel.close()
         await pipeline_channel.close()
@@ -184,6 +203,30 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/admin/pipelines/runs/{run_id}/cancel", response_model=PipelineRun)
     async def cancel_pipeline_run(run_id: str, request: Request, who: Operator) -> PipelineRun:
         return await request.app.state.pipeline.cancel(run_id, who.key_hash)
+
+    @app.get("/v1/admin/models/versions", response_model=ModelVersionList)
+    async def model_versions(request: Request, _: Operator, days: int = 30, limit: int = 50) -> ModelVersionList:
+        if not 0 <= days <= 3660:
+            raise ApiError(400, "days: from 0 (all) to 3660", param="days")
+        if not 1 <= limit <= 500:
+            raise ApiError(400, "limit: from 1 to 500", param="limit")
+        return await request.app.state.models.versions(days, limit)
+
+    @app.put("/v1/admin/models/canary", response_model=ModelAliases)
+    async def set_canary(body: SetCanaryRequest, request: Request, who: Operator) -> ModelAliases:
+        return await request.app.state.models.set_canary(body, who.key_hash)
+
+    @app.delete("/v1/admin/models/canary", response_model=ModelAliases)
+    async def clear_canary(request: Request, who: Operator) -> ModelAliases:
+        return await request.app.state.models.clear_canary(who.key_hash)
+
+    @app.post("/v1/admin/models/promote", response_model=ModelAliases)
+    async def promote_model(body: PromoteRequest, request: Request, who: Operator) -> ModelAliases:
+        return await request.app.state.models.promote(body, who.key_hash)
+
+    @app.post("/v1/admin/models/rollback", response_model=ModelAliases)
+    async def rollback_model(request: Request, who: Operator, body: RollbackRequest | None = None) -> ModelAliases:
+        return await request.app.state.models.rollback((body or RollbackRequest()).model, who.key_hash)
 
     @app.get("/healthz")
     async def healthz() -> dict:

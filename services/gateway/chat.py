@@ -13,9 +13,7 @@ import grpc
 
 from alignloop.topics import ChatMessageV1, CompletionRecordV1, SamplingV1
 from alignloop.v1 import policy_pb2 as pb
-from alignloop.v1 import policy_pb2_grpc as pb_grpc
-from alignloop.v1 import reward_pb2
-from alignloop.v1 import reward_pb2_grpc
+from alignloop.v1 import reward_pb2, reward_pb2_grpc
 from services.gateway import metrics
 from services.gateway.completion_log import CompletionLog
 from services.gateway.errors import ApiError, from_rpc_error
@@ -33,6 +31,7 @@ from services.gateway.protocol import (
     TopLogprob,
     Usage,
 )
+from services.gateway.routing import CHALLENGER, PolicyRouter
 
 log = logging.getLogger("alignloop.gateway.chat")
 
@@ -139,12 +138,39 @@ def fingerprint(model: pb.ModelRef) -> str:
 
 
 class ChatService:
-    def __init__(self, stub: pb_grpc.PolicyServiceStub, completion_log: CompletionLog, timeout_s: float,
+    def __init__(self, router: PolicyRouter, completion_log: CompletionLog, timeout_s: float,
                  reward: reward_pb2_grpc.RewardServiceStub | None = None) -> None:
-        self.stub = stub
+        self.router = router
         self.completion_log = completion_log
         self.timeout_s = timeout_s
         self.reward = reward
+
+    async def _generate(self, generate: pb.GenerateRequest, turn: _Turn) -> pb.GenerateResponse:
+        stub, role = self.router.choose(turn.key_hash, turn.req.user)
+        try:
+            try:
+                return await stub.Generate(generate, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if role != CHALLENGER or not self.router.challenger_failed(exc):
+                    raise
+            return await self.router.champion.Generate(generate, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def _open_stream(self, generate: pb.GenerateRequest, turn: _Turn):
+        """The open call and its first message (sent once the policy accepted the request)."""
+        stub, role = self.router.choose(turn.key_hash, turn.req.user)
+        call = stub.GenerateStream(generate, timeout=self.timeout_s)
+        try:
+            try:
+                return call, await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if role != CHALLENGER or not self.router.challenger_failed(exc):
+                    raise
+            call = self.router.champion.GenerateStream(generate, timeout=self.timeout_s)
+            return call, await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
 
     async def complete(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
         """All choices at once. With best_of, best_of answers are sampled in the same policy call, the reward
@@ -156,10 +182,7 @@ class ChatService:
         generate = to_policy_request(req, turn.response_id)
         if req.best_of:
             generate.sampling.n = req.best_of
-        try:
-            resp = await self.stub.Generate(generate, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        resp = await self._generate(generate, turn)
         answers = sorted(resp.completions, key=lambda c: c.index)
         ranking = await self._rank(req, answers) if req.best_of else None
         shown = ranking.order[:req.n] if ranking else answers
@@ -218,11 +241,7 @@ class ChatService:
         """Opens the stream and waits for the policy to accept the request (its first message comes before any
         token), so that a bad request still gets a 4xx status; returns the SSE data payloads that follow."""
         turn = _Turn(req, key_hash)
-        call = self.stub.GenerateStream(to_policy_request(req, turn.response_id), timeout=self.timeout_s)
-        try:
-            first = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        call, first = await self._open_stream(to_policy_request(req, turn.response_id), turn)
         if first is grpc.aio.EOF:
             raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
         return self._events(turn, call, first)

@@ -230,18 +230,19 @@ class FeedbackApi:
             by_day[row.day].append(row)
         return FeedbackStats(
             days=days,
-            by_model_version=[ModelVersionStats(model_name=n, model_version=v, **_summed(rows))
+            by_model_version=[ModelVersionStats(model_name=n, model_version=v, **summed(rows))
                               for (n, v), rows in sorted(by_version.items())],
-            by_day=[DayStats(day=d, **_summed(rows)) for d, rows in sorted(by_day.items())],
+            by_day=[DayStats(day=d, **summed(rows)) for d, rows in sorted(by_day.items())],
             by_model_version_and_day=[
                 ModelVersionDayStats(model_name=r.model_name, model_version=r.model_version, day=r.day,
-                                     **_summed([r]))
+                                     **summed([r]))
                 for r in response.rows
             ],
         )
 
 
-def _summed(rows) -> dict:
+def summed(rows) -> dict:
+    """StatsRow protos added up, with the rates derived from the sums."""
     s = StatsEntry()
     rating_sum = 0.0
     for r in rows:

@@ -40,3 +40,7 @@ class RequestMetrics:
             await send(message)
 
         await self.app(scope, receive, send_and_count)
+POLICY_REQUESTS = Counter("alignloop_gateway_policy_requests_total",
+                          "Chat requests sent to each policy service (champion, challenger).", ["role"])
+CANARY_FALLBACKS = Counter("alignloop_gateway_canary_fallbacks_total",
+                           "Requests meant for the challenger that the champion answered (canary unreachable).")

@@ -43,6 +43,8 @@ class Runner:
         self.tracking = tracking
         self._wake = threading.Event()
         self.promoting: set[str] = set()  # runs past the point of no return (the promote step has begun)
+        # Held while aliases move (a run's promote step, an operator's promote, rollback or canary change).
+        self.registry_lock = threading.Lock()
         self.stopping = threading.Event()  # set by `stop`: the run in progress is cancelled, `serve` returns
 
     # ---- API (called from the gRPC server's threads) -------------------------------------------------------

@@ -7,10 +7,12 @@ import json
 import grpc
 
 from alignloop.contracts import PARAM_METADATA_KEY, RUN_ID_METADATA_KEY
+from alignloop.registry import ModelNotRegistered
 from alignloop.store.schema import PipelineRun
 from alignloop.v1 import pipeline_pb2 as pb
 from alignloop.v1 import pipeline_pb2_grpc as pb_grpc
 from services.pipeline.config import ConfigError
+from services.pipeline.model_ops import BadRequest, ModelOps, Refused
 from services.pipeline.runner import NotCancellable, Runner
 from services.pipeline.runs import RunInProgress, steps_of, timestamp
 
@@ -32,9 +34,29 @@ def to_proto(run: PipelineRun) -> pb.PipelineRun:
                           promoted_reward_version=run.promoted_reward_version or "")
 
 
+def _model_call(context: grpc.ServicerContext, call):
+    """Runs a registry move, turning its errors into gRPC statuses."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except BadRequest as exc:
+        context.set_trailing_metadata(((PARAM_METADATA_KEY, exc.param),))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except Refused as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except ModelNotRegistered as exc:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.message)
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"the model registry: {exc.message}")
+
+
 class PipelineServicer(pb_grpc.PipelineServiceServicer):
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
+        self.models = ModelOps(runner)
 
     def StartRun(self, request: pb.StartRunRequest, context: grpc.ServicerContext) -> pb.PipelineRun:
         trigger = request.trigger or "operator"
@@ -78,3 +100,21 @@ class PipelineServicer(pb_grpc.PipelineServiceServicer):
         active = self.runner.store.active()
         return pb.PipelineHealthResponse(ready=True, active_run_id=active.run_id if active else "",
                                          next_scheduled_in_s=self.runner.next_scheduled_in())
+
+    def ListModelVersions(self, request: pb.ListModelVersionsRequest,
+                          context: grpc.ServicerContext) -> pb.ListModelVersionsResponse:
+        return _model_call(context, lambda: self.models.list(request.model, request.limit))
+
+    def SetCanary(self, request: pb.SetCanaryRequest, context: grpc.ServicerContext) -> pb.ModelAliases:
+        return _model_call(context, lambda: self.models.set_canary(request.version, request.percent, request.reason,
+                                                                   request.requested_by))
+
+    def ClearCanary(self, request: pb.ClearCanaryRequest, context: grpc.ServicerContext) -> pb.ModelAliases:
+        return _model_call(context, self.models.clear_canary)
+
+    def PromoteModel(self, request: pb.PromoteModelRequest, context: grpc.ServicerContext) -> pb.ModelAliases:
+        return _model_call(context, lambda: self.models.promote(request.model, request.version, request.reason,
+                                                                request.requested_by))
+
+    def RollbackModel(self, request: pb.RollbackModelRequest, context: grpc.ServicerContext) -> pb.ModelAliases:
+        return _model_call(context, lambda: self.models.rollback(request.model))

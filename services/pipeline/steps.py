@@ -136,9 +136,14 @@ def policy_gate(runner, ctx: Context, step: Step) -> None:
 
 def promote(runner, ctx: Context, step: Step) -> None:
     """Moves @champion: the RM (if its gate passed), then the policy. Not cancellable from here on."""
+    runner.promoting.add(ctx.run_id)
+    with runner.registry_lock:
+        _promote(runner, ctx, step)
+
+
+def _promote(runner, ctx: Context, step: Step) -> None:
     from pipelines import promotion
 
-    runner.promoting.add(ctx.run_id)
     s = runner.settings
     moves = []
     reason = f"pipeline run {ctx.run_id}"

@@ -6,6 +6,10 @@ finishes the requests it has (pause_generation mode "wait"), reloads the weights
 folder and drops its prefix cache; then the gate opens. No request fails and no answer mixes two versions;
 each response names the version that produced all of it. A version of another architecture cannot be loaded
 in place: it is logged and the service keeps serving (a restart picks it up).
+
+The canary service is this same service following `policy_canary_alias` with `policy_wait_for_alias`: it starts
+with no engine (GetInfo: not ready; Generate: UNAVAILABLE), builds one when a challenger is first named, and
+reports the challenger's traffic share from the registry so the gateway can split by it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -25,7 +29,7 @@ from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_serving import start_server, stop_on_signals
-from alignloop.registry import fetch_version, resolve_alias
+from alignloop.registry import ModelNotRegistered, ModelVersionRef, canary_share, fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare
@@ -38,20 +42,30 @@ SHAPE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size",
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    def __init__(self, engine, tokenizer, model: pb.ModelRef, max_model_len: int) -> None:
-        self.engine = engine
+    def __init__(self, alias: str, engine=None, tokenizer=None, model: pb.ModelRef | None = None,
+                 max_model_len: int = 0) -> None:
+        self.alias = alias
+        self.engine = engine  # None until a version is loaded (a service waiting for its alias)
         self.tokenizer = tokenizer
-        self.model = model
+        self.model = model or pb.ModelRef()
         self.max_model_len = max_model_len
+        self.canary_percent = 0
         self.aborted_requests = 0
         self.swaps = 0
         # Closed while a new version is loaded: requests wait here instead of failing.
         self.open = asyncio.Event()
         self.open.set()
 
-    async def _admit(self) -> tuple[pb.ModelRef, object]:
+    def attach(self, engine, tokenizer, model: pb.ModelRef, max_model_len: int) -> None:
+        """The first version, loaded after the service started waiting for its alias."""
+        self.tokenizer, self.model, self.max_model_len = tokenizer, model, max_model_len
+        self.engine = engine
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> tuple[pb.ModelRef, object]:
         """Waits while a swap is under way; the version (and its tokenizer) this request is served by."""
         await self.open.wait()
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no model version has the alias {self.alias!r} yet")
         return self.model, self.tokenizer
 
     async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, tokenizer, *,
@@ -81,7 +95,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 await asyncio.shield(self.engine.abort(request_id))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        model, tokenizer = await self._admit()
+        model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=False)
         s = request.sampling
         final = None
@@ -97,7 +111,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        model, tokenizer = await self._admit()
+        model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=True)
         s = request.sampling
         outputs = self._outputs(request, prepared)
@@ -123,14 +137,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             await outputs.aclose()
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
-        return pb.GetInfoResponse(
-            model=self.model,
-            max_model_len=self.max_model_len,
-            active_requests=self.engine.get_num_unfinished_requests(),
-            ready=not self.engine.errored,
-            aborted_requests=self.aborted_requests,
-            swaps=self.swaps,
-        )
+        info = pb.GetInfoResponse(model=self.model, max_model_len=self.max_model_len, alias=self.alias,
+                                  canary_percent=self.canary_percent, aborted_requests=self.aborted_requests,
+                                  swaps=self.swaps)
+        if self.engine is not None:
+            info.active_requests = self.engine.get_num_unfinished_requests()
+            info.ready = not self.engine.errored
+        return info
 
     async def swap(self, version: str, folder: Path) -> float:
         """Loads `folder`'s weights in place (see the module docstring); returns the seconds requests waited."""
@@ -176,33 +189,80 @@ async def follow_alias(settings: Settings, servicer: PolicyServicer, served_dir:
                                       current=lambda: servicer.model.version, load=load, stop=stop, log=log)
 
 
-async def serve(settings: Settings) -> None:
-    ref = resolve_alias(settings.tracking_uri, settings.policy_model_name, settings.policy_model_alias)
-    log.info("serving %s version %s (alias %s)", ref.name, ref.version, settings.policy_model_alias)
-    model_dir = fetch_version(settings.tracking_uri, ref, settings.models_dir)
+async def wait_for_alias(settings: Settings, stop: asyncio.Event) -> ModelVersionRef | None:
+    """Polls until `policy_model_name@policy_model_alias` names a version; None if stopped first."""
+    name, alias = settings.policy_model_name, settings.policy_model_alias
+    log.info("waiting for a version with the alias %s@%s", name, alias)
+    while not stop.is_set():
+        try:
+            return await asyncio.to_thread(resolve_alias, settings.tracking_uri, name, alias)
+        except ModelNotRegistered:
+            pass
+        except Exception as exc:  # registry down: keep waiting
+            log.warning("could not resolve %s@%s: %s", name, alias, exc)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.policy_poll_s):
+                await stop.wait()
+    return None
 
-    engine = build_engine(settings, model_dir, served_name=ref.name)
+
+async def follow_canary_share(settings: Settings, servicer: PolicyServicer, stop: asyncio.Event) -> None:
+    """Keeps `servicer.canary_percent` at the registry's share for the version this service serves (0 while
+    the alias names another version, still loading, or none)."""
+    while not stop.is_set():
+        try:
+            share = await asyncio.to_thread(canary_share, settings.tracking_uri, settings.policy_model_name,
+                                            settings.policy_model_alias)
+            servicer.canary_percent = share.percent if share.version == servicer.model.version else 0
+        except Exception as exc:  # registry down: keep the last known share
+            log.warning("could not read the canary share: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.policy_poll_s):
+                await stop.wait()
+
+
+def load_engine(settings: Settings, ref: ModelVersionRef):
+    """Fetches `ref` and builds its engine; (engine, tokenizer, folder)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    max_model_len = engine.model_config.max_model_len
+    model_dir = fetch_version(settings.tracking_uri, ref, settings.models_dir)
+    engine = build_engine(settings, model_dir, served_name=ref.name)
+    return engine, AutoTokenizer.from_pretrained(str(model_dir)), model_dir
 
-    model = pb.ModelRef(name=ref.name, version=ref.version)
-    servicer = PolicyServicer(engine, tokenizer, model, max_model_len)
+
+async def serve(settings: Settings) -> None:
+    alias = settings.policy_model_alias
+    stop = stop_on_signals()
+    # Without wait-for-alias, a missing alias fails the start, before the port is taken.
+    ref = None if settings.policy_wait_for_alias else resolve_alias(settings.tracking_uri,
+                                                                   settings.policy_model_name, alias)
+    servicer = PolicyServicer(alias)
     address = f"{settings.host}:{settings.policy_port}"
     server = await start_server(address,
                                 lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv))
     log.info("policy service listening on %s", address)
-
-    stop = stop_on_signals()
-    poller = asyncio.create_task(follow_alias(settings, servicer, model_dir, stop), name="follow-alias")
-    await stop.wait()
-    poller.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await poller
-    log.info("stopping: finishing in-flight requests (5 s grace)")
-    await server.stop(grace=5)
-    engine.shutdown()
+    tasks: list[asyncio.Task] = []
+    try:
+        if ref is None:
+            ref = await wait_for_alias(settings, stop)
+        if ref is not None:
+            log.info("serving %s version %s (alias %s)", ref.name, ref.version, alias)
+            # Built on the loop: AsyncLLM binds its output handler to the running loop.
+            engine, tokenizer, model_dir = load_engine(settings, ref)
+            servicer.attach(engine, tokenizer, pb.ModelRef(name=ref.name, version=ref.version),
+                            engine.model_config.max_model_len)
+            tasks.append(asyncio.create_task(follow_alias(settings, servicer, model_dir, stop), name="follow-alias"))
+            if alias == settings.policy_canary_alias:
+                tasks.append(asyncio.create_task(follow_canary_share(settings, servicer, stop), name="canary-share"))
+            await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("stopping: finishing in-flight requests (5 s grace)")
+        await server.stop(grace=5)
+        if servicer.engine is not None:
+            servicer.engine.shutdown()
 
 
 def main() -> None:

@@ -114,3 +114,99 @@ def test_promotion_is_served_in_place_without_failing_a_request(swap_stack, tmp_
             break
         time.sleep(0.3)
     assert resp.system_fingerprint.endswith("/v1")
+
+
+def test_canary_splits_traffic_attributes_feedback_and_graduates(swap_stack):
+    """An operator gives a challenger half the traffic; both versions answer, feedback lands on the version
+    that answered, /v1/admin/models/versions shows them side by side; promoting the challenger ends the canary."""
+    import httpx
+
+    settings = settings_of(swap_stack)
+    creds = swap_stack.credentials
+    ops = httpx.Client(base_url=swap_stack.gateway, headers={"Authorization": f"Bearer {creds['operator_key']}"},
+                       timeout=60)
+    app = httpx.Client(base_url=swap_stack.gateway, headers={"Authorization": f"Bearer {creds['app_key']}"},
+                       timeout=60)
+    champion = resolve_alias(settings.tracking_uri, settings.policy_model_name, "champion").version
+    challenger = next(v.version for v in promotion.versions(settings, settings.policy_model_name)[0]
+                      if v.version != champion)
+
+    assert app.put("/v1/admin/models/canary", json={"version": challenger, "percent": 50}).status_code == 403
+    refused = ops.put("/v1/admin/models/canary", json={"version": champion, "percent": 50})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "version"
+    set_ = ops.put("/v1/admin/models/canary", json={"version": challenger, "percent": 50, "reason": "test"})
+    assert set_.status_code == 200, set_.text
+    assert (set_.json()["champion"], set_.json()["challenger"], set_.json()["canary_percent"]) == (
+        champion, challenger, 50)
+
+    def ask(**extra) -> dict:
+        got = app.post("/v1/chat/completions", json={"model": "alignloop-policy", "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": "hi"}], **extra})
+        assert got.status_code == 200, got.text
+        return got.json()
+
+    # The canary service builds its engine when the challenger is named; the gateway routes once it is ready.
+    deadline = time.monotonic() + 300
+    info = None
+    while time.monotonic() < deadline and not (info and info.ready and info.model.version == challenger
+                                               and info.canary_percent == 50):
+        time.sleep(1)
+        with grpc.insecure_channel(swap_stack.policy_canary) as channel:
+            try:
+                info = pb_grpc.PolicyServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+            except grpc.RpcError:
+                info = None
+    assert info is not None and info.ready and info.alias == "challenger", info
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not ask()["system_fingerprint"].endswith(f"/v{challenger}"):
+        time.sleep(0.5)
+    answers = [ask() for _ in range(40)]
+    by_version: dict[str, list[str]] = {}
+    for a in answers:
+        by_version.setdefault(a["system_fingerprint"].rsplit("/v", 1)[1], []).append(a["choices"][0]["completion_id"])
+    assert set(by_version) == {champion, challenger}, by_version.keys()
+    assert 8 <= len(by_version[challenger]) <= 32  # 50% of 40: far outside this is a broken split
+    # A request naming its user always goes the same way.
+    for user in ("alice", "bob", "carol"):
+        assert len({ask(user=user)["system_fingerprint"] for _ in range(4)}) == 1
+
+    # Feedback is attributed to the version that answered: thumbs up for the challenger, down for the champion.
+    for version, ids in by_version.items():
+        for cid in ids:
+            sent = app.post("/v1/feedback", json={"kind": "thumbs", "completion_id": cid,
+                                                  "value": "up" if version == challenger else "down"})
+            assert sent.status_code == 200, sent.text
+    deadline = time.monotonic() + 60
+    while True:
+        listing = ops.get("/v1/admin/models/versions", params={"days": 1}).json()
+        rows = {v["version"]: v for v in listing["data"]}
+        if rows[challenger]["feedback"]["total"] >= len(by_version[challenger]) and \
+                rows[champion]["feedback"]["total"] >= len(by_version[champion]) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert listing["champion"] == champion
+    assert listing["canary"] == {"version": challenger, "percent": 50, "serving": True}
+    assert (rows[challenger]["traffic_percent"], rows[champion]["traffic_percent"]) == (50, 50)
+    assert rows[challenger]["feedback"]["thumbs_up_rate"] == 1.0
+    assert rows[champion]["feedback"]["thumbs_up_rate"] == 0.0
+    assert rows[challenger]["feedback"]["thumbs_up"] == len(by_version[challenger])
+    assert rows[challenger]["responses"] >= len(by_version[challenger])
+    assert "challenger" in rows[challenger]["aliases"] and "champion" in rows[champion]["aliases"]
+    assert app.get("/v1/admin/models/versions").status_code == 403
+
+    # The challenger graduates: it becomes champion and the canary ends; the champion's service swaps to it.
+    promoted = ops.post("/v1/admin/models/promote", json={"version": challenger, "reason": "canary won"})
+    assert promoted.status_code == 200, promoted.text
+    body = promoted.json()
+    assert (body["champion"], body["challenger"], body["canary_percent"], body["previous_champion"]) == (
+        challenger, None, 0, champion)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fingerprints = {ask()["system_fingerprint"] for _ in range(6)}
+        if fingerprints == {f"alignloop-policy/v{challenger}"}:
+            break
+        time.sleep(0.5)
+    assert fingerprints == {f"alignloop-policy/v{challenger}"}
+    assert ops.get("/v1/admin/models/versions").json()["canary"] == {"version": None, "percent": 0, "serving": False}
+    back = ops.post("/v1/admin/models/rollback")
+    assert back.status_code == 200 and back.json()["champion"] == champion

@@ -16,6 +16,7 @@ from services.gateway.chat import ChatService, to_policy_request
 from alignloop.contracts import PARAM_METADATA_KEY
 from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.protocol import ChatCompletionRequest
+from services.gateway.routing import PolicyRouter
 
 MODEL = pb.ModelRef(name="alignloop-policy", version="3")
 
@@ -127,7 +128,7 @@ def test_complete_builds_choices_usage_and_one_record_per_choice():
         prompt_tokens=4, model=MODEL,
     )
     log = FakeLog()
-    out = asyncio.run(ChatService(FakeStub(unary=resp), log, 10).complete(request(n=2), "h"))
+    out = asyncio.run(ChatService(PolicyRouter(FakeStub(unary=resp)), log, 10).complete(request(n=2), "h"))
     assert [c.message.content for c in out.choices] == ["Hi!", "Yo"]
     assert out.usage.model_dump() == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
     assert out.system_fingerprint == "alignloop-policy/v3"
@@ -139,7 +140,7 @@ def test_complete_builds_choices_usage_and_one_record_per_choice():
 def test_complete_turns_invalid_argument_into_a_400():
     stub = FakeStub(unary=rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens too big", "max_tokens"))
     with pytest.raises(ApiError) as e:
-        asyncio.run(ChatService(stub, FakeLog(), 10).complete(request(), "h"))
+        asyncio.run(ChatService(PolicyRouter(stub), FakeLog(), 10).complete(request(), "h"))
     assert (e.value.status_code, e.value.param) == (400, "max_tokens")
 
 
@@ -158,7 +159,7 @@ def test_stream_emits_role_chunks_deltas_finish_usage_and_done():
     ])
     log = FakeLog()
     req = request(n=2, stream=True, stream_options={"include_usage": True})
-    events = asyncio.run(_collect(ChatService(FakeStub(stream=call), log, 10), req))
+    events = asyncio.run(_collect(ChatService(PolicyRouter(FakeStub(stream=call)), log, 10), req))
 
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -181,7 +182,7 @@ def test_stream_error_before_first_message_is_an_http_error():
             raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long", "messages")
 
     with pytest.raises(ApiError) as e:
-        asyncio.run(_collect(ChatService(FakeStub(stream=Failing([])), FakeLog(), 10), request(stream=True)))
+        asyncio.run(_collect(ChatService(PolicyRouter(FakeStub(stream=Failing([]))), FakeLog(), 10), request(stream=True)))
     assert (e.value.status_code, e.value.param) == (400, "messages")
 
 
@@ -195,7 +196,7 @@ def test_stream_error_midway_is_reported_in_band_then_done():
     call = Breaks([pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="a", token_ids=[1])],
                                              prompt_tokens=1, model=MODEL)])
     log = FakeLog()
-    events = asyncio.run(_collect(ChatService(FakeStub(stream=call), log, 10), request(stream=True)))
+    events = asyncio.run(_collect(ChatService(PolicyRouter(FakeStub(stream=call)), log, 10), request(stream=True)))
     assert json.loads(events[-2])["error"]["message"].startswith("policy service: engine died")
     assert events[-1] == "[DONE]"
     assert log.records == []  # an unfinished choice is not recorded as served
@@ -210,7 +211,7 @@ def test_stream_keeps_logprobs_of_tokens_that_complete_no_character_yet():
         pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="é", token_ids=[10], finish_reason="stop",
                                                         logprobs=[pb.TokenLogprob(token_id=10, token="é")])]),
     ])
-    events = asyncio.run(_collect(ChatService(FakeStub(stream=call), FakeLog(), 10),
+    events = asyncio.run(_collect(ChatService(PolicyRouter(FakeStub(stream=call)), FakeLog(), 10),
                                   request(stream=True, logprobs=True)))
     chunks = [json.loads(e) for e in events[:-1]]
     streamed = [entry for c in chunks for entry in (c["choices"][0].get("logprobs") or {}).get("content", [])]

@@ -46,7 +46,7 @@ class FakeGateway:
 @pytest.fixture
 def gateway(monkeypatch):
     fake = FakeGateway({})
-    monkeypatch.setattr(pipeline_cli, "_client", lambda: GatewayClient(
+    monkeypatch.setattr(pipeline_cli, "operator_client", lambda: GatewayClient(
         "http://gw", "o-key", transport=httpx.MockTransport(fake)))
     monkeypatch.setattr(pipeline_cli, "POLL_S", 0.0)
     return fake
@@ -148,3 +148,56 @@ def test_duration():
     assert pipeline_cli.duration(None, None) == "-"
     assert pipeline_cli.duration("2025-01-01T00:00:00.000Z", "2025-01-01T01:02:03.000Z") == "1h02m"
     assert pipeline_cli.duration("2025-01-01T00:00:00.000Z", "2025-01-01T00:00:09.500Z") == "9s"
+
+
+# ---- alignloop models versions / canary ------------------------------------------------------------------
+
+
+@pytest.fixture
+def models_gateway(monkeypatch):
+    from alignloop import models_cli
+
+    fake = FakeGateway({})
+    monkeypatch.setattr(models_cli, "operator_client", lambda: GatewayClient(
+        "http://gw", "o-key", transport=httpx.MockTransport(fake)))
+    return fake
+
+
+def models(*argv: str) -> int:
+    args = build_parser().parse_args(["models", *argv])
+    return args.func(args)
+
+
+def test_models_canary_sets_and_clears_the_split(models_gateway, capsys):
+    models_gateway.answers = [{"model": "alignloop-policy", "champion": "2", "challenger": "3", "canary_percent": 20,
+                               "previous_champion": None}]
+    assert models("canary", "3", "--percent", "20") == 0
+    sent = models_gateway.requests[-1]
+    assert (sent.method, sent.url.path) == ("PUT", "/v1/admin/models/canary")
+    assert json.loads(sent.content) == {"version": "3", "percent": 20, "reason": ""}
+    assert "challenger v3 gets 20%" in capsys.readouterr().out
+    models_gateway.answers = [{"model": "alignloop-policy", "champion": "2", "challenger": None, "canary_percent": 0,
+                               "previous_champion": None}]
+    assert models("canary", "--clear") == 0
+    assert models_gateway.requests[-1].method == "DELETE" and "no canary" in capsys.readouterr().out
+    assert models("canary") == 2 and models("canary", "3", "--clear") == 2  # one or the other
+    models_gateway.answers = [httpx.Response(400, json={"error": {"message": "percent: too big", "param": "percent",
+                                                                  "type": "invalid_request_error", "code": None}})]
+    assert models("canary", "3", "--percent", "101") == pipeline_cli.EXIT_REFUSED
+
+
+def test_models_versions_prints_a_table_or_json(models_gateway, capsys):
+    listing = {"object": "list", "model": "alignloop-policy", "days": 30, "champion": "2",
+               "canary": {"version": "3", "percent": 10, "serving": True},
+               "data": [{"version": "3", "aliases": ["challenger"], "created_at": None, "run_id": None,
+                         "traffic_percent": 10, "responses": 4, "completions": 4, "tags": {},
+                         "feedback": {"total": 2, "thumbs_up": 1, "thumbs_down": 1, "thumbs_up_rate": 0.5,
+                                      "ratings": 0, "rating_mean": None, "rankings": 0, "comparisons": 0,
+                                      "corrections": 0, "flagged": 0}}]}
+    models_gateway.answers = [listing]
+    assert models("versions", "--days", "7") == 0
+    assert models_gateway.requests[-1].url.params["days"] == "7"
+    text = capsys.readouterr().out
+    assert "challenger" in text and "50.0%" in text and "canary: v3 at 10%" in text
+    assert models("versions", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == listing
