@@ -25,6 +25,10 @@ class Args:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    # "gae": a critic and GAE (InstructGPT's PPO). "rloo": no critic; an answer's advantage is its return (RM
+    # score − beta·KL) minus the mean return of the other answers to its prompt (Ahmadian et al. 2024). Needs
+    # samples_per_prompt >= 2; skips the critic's forward and backward passes.
+    advantage_estimator: str = "gae"
     # optimisation
     ppo_epochs: int = 4
     minibatch_size: int = 8  # answers per optimiser step (per rank)

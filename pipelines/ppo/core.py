@@ -9,6 +9,7 @@ Per-token reward (InstructGPT eq. 2, as a sum over the answer's tokens):
 
 Advantages by GAE (Schulman et al. 2016) with `gamma` and `lam`, returns = advantages + values; the
 clipped surrogate and the clipped value loss are those of PPO (Schulman et al. 2017) as CleanRL writes them.
+Or, without a critic, by a leave-one-out baseline over the answers to the same prompt (`rloo_advantages`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         last_gae = last_gae * mask[:, t]
         advantages[:, t] = last_gae
     return advantages, (advantages + values) * mask
+
+
+def rloo_advantages(rewards: torch.Tensor, groups: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): an answer's return R_i (its
+    per-token rewards summed: RM score − beta·KL) minus the mean return of the other answers in its group
+    (the same prompt), on each of its tokens; and the returns [batch]. An answer alone in its group gets 0."""
+    returns = masked_sum(rewards, mask, 1)
+    n_groups = int(groups.max().item()) + 1 if groups.numel() else 0
+    sums = torch.zeros(n_groups, dtype=returns.dtype, device=returns.device).index_add_(0, groups, returns)
+    counts = torch.zeros(n_groups, dtype=returns.dtype, device=returns.device).index_add_(
+        0, groups, torch.ones_like(returns))
+    others = counts[groups] - 1
+    baseline = (sums[groups] - returns) / others.clamp(min=1)
+    advantages = torch.where(others > 0, returns - baseline, torch.zeros_like(returns))
+    return advantages[:, None] * mask, returns
 
 
 @dataclass

@@ -7,10 +7,11 @@ One iteration:
   2. score       the RM's reward of each answer (the reward service, the RM in-process, or a function)
   3. evaluate    log π_old, log π_ref and V_old of every answer token, by the trainer's own forward passes
                  (vLLM's logprobs are only compared with them: the `logprob_gap` metric)
-  4. advantages  r_t = −beta·(log π_old − log π_ref) (+ RM score on the last token); GAE(gamma, lam);
-                 advantages whitened over the batch
+  4. advantages  r_t = −beta·(log π_old − log π_ref) (+ RM score on the last token); GAE(gamma, lam), or
+                 with `advantage_estimator="rloo"` no critic: the answer's return minus the mean return of
+                 the other answers to its prompt; advantages whitened over the batch
   5. optimise    `ppo_epochs` passes over shuffled minibatches: clipped surrogate (`clip_range`), clipped
-                 value loss (`clip_range_value`), optional PPO-ptx (`gamma_ptx` × LM loss on demonstrations)
+                 value loss (`clip_range_value`, with a critic), optional PPO-ptx (`gamma_ptx` × LM loss on demonstrations)
   6. sync        the new policy weights into the vLLM engine in place
   7. beta        the adaptive KL controller (if `kl_target`) moves beta towards the target KL
 
@@ -93,13 +94,13 @@ def save_checkpoint(folder: Path, iteration: int, policy, critic, optimizers: di
     final = folder / f"iter-{iteration:06d}"
     partial = folder / f".iter-{iteration:06d}.partial"
     partial.mkdir(parents=True, exist_ok=True)
-    policy, critic = _unwrap(policy), _unwrap(critic)
+    policy, critic = _unwrap(policy), _unwrap(critic) if critic is not None else None
     if lora.is_lora(policy):  # only what is trained: adapters and the critic's head
         torch.save(lora.trainable_state(policy), partial / "policy_adapters.pt")
-        critic_state = lora.trainable_state(critic)
+        critic_state = lora.trainable_state(critic) if critic is not None else None
     else:
         policy.save_pretrained(str(partial / "policy"), safe_serialization=True)
-        critic_state = critic.state_dict()
+        critic_state = critic.state_dict() if critic is not None else None
     torch.save({"critic": critic_state,
                 "optimizers": {k: v.state_dict() for k, v in optimizers.items()},
                 "beta": kl_ctl.beta, "iteration": iteration,
@@ -126,13 +127,17 @@ def load_checkpoint(path: Path, policy, critic, optimizers: dict, kl_ctl) -> dic
     from safetensors.torch import load_file
 
     state = torch.load(path / "state.pt", weights_only=False)
-    policy, critic = _unwrap(policy), _unwrap(critic)
+    policy, critic = _unwrap(policy), _unwrap(critic) if critic is not None else None
+    if (critic is None) != (state["critic"] is None):
+        raise ValueError(f"checkpoint {path} was written {'with' if critic is None else 'without'} a critic: "
+                         "resume with the run's own --advantage-estimator, or start afresh (--no-resume)")
     if lora.is_lora(policy) != (path / "policy_adapters.pt").exists():
         raise ValueError(f"checkpoint {path} was written {'without' if lora.is_lora(policy) else 'with'} LoRA: "
                          "resume with the run's own --lora-rank, or start afresh (--no-resume)")
     if lora.is_lora(policy):
         lora.load_trainable_state(policy, torch.load(path / "policy_adapters.pt"))
-        lora.load_trainable_state(critic, state["critic"])
+        if critic is not None:
+            lora.load_trainable_state(critic, state["critic"])
     else:
         weights = {}
         for f in sorted((path / "policy").glob("*.safetensors")):
@@ -142,7 +147,8 @@ def load_checkpoint(path: Path, policy, critic, optimizers: dict, kl_ctl) -> dic
         if unexpected or any("lm_head" not in k for k in missing):
             raise ValueError(f"checkpoint {path} does not fit this policy (missing {missing}, "
                              f"unexpected {unexpected})")
-        critic.load_state_dict(state["critic"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
     for k, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][k])
     kl_ctl.beta = state["beta"]
@@ -160,6 +166,7 @@ class Rollouts:
     scores: torch.Tensor  # [B] RM scores (after clipping and penalties)
     sampler_logprobs: torch.Tensor  # [B, T] what the engine reported
     finish_reasons: list[str]
+    groups: torch.Tensor  # [B] which prompt each answer is to (the leave-one-out baseline's groups)
 
 
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -202,7 +209,8 @@ def collect(engine, reward, tokenizer, prompts: Sequence[list], args: Args, iter
     for i, s in enumerate(samples):
         if s.logprobs:
             sampler[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
-    return Rollouts(batch, scores, sampler, finish)
+    groups = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
+    return Rollouts(batch, scores, sampler, finish, groups)
 
 
 def minibatches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -239,10 +247,15 @@ def ppo_iteration(policy, reference, critic, optimizers: dict, kl_ctl, ro: Rollo
     with timer("training"), torch.no_grad():
         old_logprobs, _ = policy_forward(policy, batch)
         ref_logprobs = reference_logprobs(reference, policy, batch)
-        old_values = critic(batch)
         rewards, kl = core.kl_penalized_rewards(ro.scores.to(device), old_logprobs, ref_logprobs, mask,
                                                 kl_ctl.beta)
-        advantages, returns = core.gae(rewards, old_values, mask, args.gamma, args.lam)
+        if critic is None:
+            old_values = None
+            advantages, answer_returns = core.rloo_advantages(rewards, ro.groups.to(device), mask)
+            returns = answer_returns[:, None] * mask
+        else:
+            old_values = critic(batch)
+            advantages, returns = core.gae(rewards, old_values, mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
         gap = core.masked_mean((ro.sampler_logprobs.to(device) - old_logprobs).abs(), mask)
@@ -254,7 +267,7 @@ def ppo_iteration(policy, reference, critic, optimizers: dict, kl_ctl, ro: Rollo
             stats.setdefault(k, []).append(float(v))
 
     generator = torch.Generator().manual_seed(iteration_seed(args.seed, iteration, 7919))
-    policy_opt, value_opt = optimizers["policy"], optimizers["value"]
+    policy_opt, value_opt = optimizers["policy"], optimizers.get("value")
     with timer("training"):
         for _ in range(args.ppo_epochs):
             for rows in minibatches(batch.input_ids.shape[0], args.minibatch_size, generator):
@@ -274,18 +287,19 @@ def ppo_iteration(policy, reference, critic, optimizers: dict, kl_ctl, ro: Rollo
                 pg.loss.backward()
                 policy_grad = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 policy_opt.step()
-
-                values = critic(mb)
-                v_loss, v_clip = core.value_loss(values, old_values[rows], returns[rows], mb_mask,
-                                                 args.clip_range_value)
-                value_opt.zero_grad(set_to_none=True)
-                (args.vf_coef * v_loss).backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                value_opt.step()
                 note(policy_loss=pg.loss.item(), clip_fraction=pg.clip_fraction.item(),
-                     approx_kl=pg.approx_kl.item(), value_loss=v_loss.item(), value_clip_fraction=v_clip.item(),
-                     entropy=core.masked_mean(entropy.detach(), mb_mask).item(), ptx_loss=ptx.item(),
-                     policy_grad_norm=float(policy_grad))
+                     approx_kl=pg.approx_kl.item(), entropy=core.masked_mean(entropy.detach(), mb_mask).item(),
+                     ptx_loss=ptx.item(), policy_grad_norm=float(policy_grad))
+
+                if critic is not None:
+                    values = critic(mb)
+                    v_loss, v_clip = core.value_loss(values, old_values[rows], returns[rows], mb_mask,
+                                                     args.clip_range_value)
+                    value_opt.zero_grad(set_to_none=True)
+                    (args.vf_coef * v_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    value_opt.step()
+                    note(value_loss=v_loss.item(), value_clip_fraction=v_clip.item())
 
     kl_per_answer = kl.sum(1)
     lengths = mask.sum(1)
@@ -294,8 +308,9 @@ def ppo_iteration(policy, reference, critic, optimizers: dict, kl_ctl, ro: Rollo
             "kl": kl_per_answer.mean().item(), "non_score_reward": (-kl_ctl.beta * kl_per_answer).mean().item(),
             "beta": kl_ctl.beta, "answer_tokens": lengths.mean().item(), "logprob_gap": gap.item(),
             "truncated_share": sum(f == "length" for f in ro.finish_reasons) / max(1, len(ro.finish_reasons)),
-            "returns": core.masked_mean(returns, mask).item(),
-            "value_explained_variance": _explained_variance(old_values, returns, mask)}
+            "returns": core.masked_mean(returns, mask).item()}
+    if old_values is not None:
+        out["value_explained_variance"] = _explained_variance(old_values, returns, mask)
     return out
 
 
@@ -326,6 +341,9 @@ def validate(args: Args) -> None:
         (args.rollout_engine in ("vllm", "hf"), "rollout_engine must be vllm or hf"),
         (args.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
         (args.lora_alpha > 0, "lora_alpha must be > 0"),
+        (args.advantage_estimator in ("gae", "rloo"), "advantage_estimator must be gae or rloo"),
+        (args.advantage_estimator != "rloo" or args.samples_per_prompt >= 2,
+         "advantage_estimator rloo needs samples_per_prompt >= 2 (a baseline from the other answers)"),
         (bool(args.lora_target_modules.strip(" ,")), "lora_target_modules must name modules or be all-linear"),
     ]
     for ok, message in checks:
@@ -379,8 +397,10 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
 
     tokenizer = AutoTokenizer.from_pretrained(str(inputs.policy_dir))
     policy = load_policy(inputs.policy_dir, dtype).to(device).train()
-    critic = (ValueModel.from_reward_model(inputs.value_init_dir, dtype) if inputs.value_init_dir
-              else ValueModel.from_policy_folder(inputs.policy_dir, dtype)).to(device).train()
+    critic = None
+    if args.advantage_estimator == "gae":
+        critic = (ValueModel.from_reward_model(inputs.value_init_dir, dtype) if inputs.value_init_dir
+                  else ValueModel.from_policy_folder(inputs.policy_dir, dtype)).to(device).train()
     # With LoRA, a run that starts from π_ref reads π_ref from its own network with the adapters off.
     reference = None
     if not (args.lora_rank and inputs.policy_dir.resolve() == inputs.reference_dir.resolve()):
@@ -388,8 +408,9 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
     if args.lora_rank:
         adapters = {"rank": args.lora_rank, "alpha": args.lora_alpha, "target_modules": args.lora_target_modules}
         policy = lora.add_adapters(policy, **adapters)
-        critic.body = lora.add_adapters(critic.body, **adapters)  # the head stays wholly trainable
-    for m in (policy, critic):  # as in TRL/OpenRLHF: the old and new log-probs must see the same network
+        if critic is not None:
+            critic.body = lora.add_adapters(critic.body, **adapters)  # the head stays wholly trainable
+    for m in (policy, critic) if critic is not None else (policy,):  # as in TRL/OpenRLHF: the old and new log-probs must see the same network
         for module in m.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -398,11 +419,11 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
 
         ids = [device.index] if device.type == "cuda" else None
         policy = DDP(policy, device_ids=ids)
-        critic = DDP(critic, device_ids=ids)
+        critic = DDP(critic, device_ids=ids) if critic is not None else None
     optimizers = {
-        "policy": torch.optim.AdamW(trainable(policy), lr=args.policy_lr, weight_decay=args.weight_decay),
-        "value": torch.optim.AdamW(trainable(critic), lr=args.value_lr, weight_decay=args.weight_decay),
-    }
+        "policy": torch.optim.AdamW(trainable(policy), lr=args.policy_lr, weight_decay=args.weight_decay)}
+    if critic is not None:
+        optimizers["value"] = torch.optim.AdamW(trainable(critic), lr=args.value_lr, weight_decay=args.weight_decay)
     kl_ctl = (core.AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
               else core.FixedKLController(args.beta))
 
@@ -451,7 +472,8 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
                 if args.anneal_lr:
                     frac = 1.0 - (iteration - 1) / args.iterations
                     optimizers["policy"].param_groups[0]["lr"] = frac * args.policy_lr
-                    optimizers["value"].param_groups[0]["lr"] = frac * args.value_lr
+                    if "value" in optimizers:
+                        optimizers["value"].param_groups[0]["lr"] = frac * args.value_lr
                 # The same prompts for a resumed run: drawn from a generator seeded by (seed, iteration).
                 prompt_rng = random.Random(iteration_seed(args.seed, iteration, 0))
                 draw = [inputs.train_prompts[prompt_rng.randrange(len(inputs.train_prompts))]

@@ -100,3 +100,20 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     assert ctl.beta == pytest.approx(0.1 * 1.02 * 0.98)
     with pytest.raises(ValueError):
         core.AdaptiveKLController(0.1, target=0, horizon=1)
+
+
+def test_rloo_advantage_is_the_return_minus_the_other_answers_mean():
+    # Two prompts: answers 0, 1, 2 to prompt 0, answers 3, 4 to prompt 1, answer 5 alone to prompt 2.
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 0, 0]], dtype=torch.float32)
+    rewards = torch.tensor([[0.5, 1.5, 9.0], [3.0, 9.0, 9.0], [1.0, 1.0, 1.0], [2.0, 2.0, 9.0], [1.0, 9.0, 9.0],
+                            [5.0, 9.0, 9.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    advantages, returns = core.rloo_advantages(rewards, groups, mask)
+    assert returns.tolist() == [2.0, 3.0, 3.0, 4.0, 1.0, 5.0]  # padding is not summed
+    expected = [2 - 3, 3 - 2.5, 3 - 2.5, 4 - 1, 1 - 4, 0.0]  # alone in its group: no baseline, no signal
+    assert torch.allclose(advantages, torch.tensor(expected)[:, None] * mask)
+    # The same amount added to the return of every answer to a prompt changes nothing.
+    bonus = torch.zeros_like(rewards)
+    bonus[:3, 0] = 7.0
+    shifted, _ = core.rloo_advantages(rewards + bonus, groups, mask)
+    assert torch.allclose(shifted[:3], advantages[:3])
