@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     completion_queue_size: int = 10_000
     # How often the gateway asks the canary policy service what it serves and its share of traffic.
     canary_poll_s: float = 2.0
+    # Where operators' browsers reach MLflow's UI, for the console's links to runs; unset: the tracking URI,
+    # right when everything runs on one machine, an internal address in a cluster.
+    mlflow_ui_url: str | None = None
 
     # feedback
     feedback_batch_max: int = 1000

@@ -28,4 +28,26 @@ fi
 
 step "installing alignloop itself (editable)"
 "${PIP[@]}" install "${PIP_FLAGS[@]}" --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+
+# The web pages' end-to-end tests drive Debian's chromium through Playwright (Playwright's own browser download
+# is not used). Without it those tests skip and say why; nothing else needs it.
+if [ ! -x /usr/bin/chromium ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "note: no apt-get here: install Chromium at /usr/bin/chromium for the web tests (tests/integration/test_web.py)"
+  else
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ]; then
+      if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO=(sudo -n); else SUDO=(none); fi
+    fi
+    if [ "${SUDO[0]:-}" = none ]; then
+      echo "note: not root and no password-less sudo: run 'apt-get install -y chromium' as root for the web tests"
+    else
+      step "installing Debian's chromium (for the web pages' end-to-end tests)"
+      "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q \
+        && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+             chromium fonts-dejavu-core \
+        || echo "note: installing chromium failed: the web tests will skip"
+    fi
+  fi
+fi
 step "environment ready: $VENV"

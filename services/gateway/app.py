@@ -1,4 +1,4 @@
-"""The gateway's FastAPI app: OpenAI-compatible /v1 routes, health, metrics."""
+"""The gateway's FastAPI app: OpenAI-compatible /v1 routes, health, metrics; web.py adds the pages."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from alignloop.v1 import pipeline_pb2_grpc as pipeline_grpc
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from alignloop.v1 import reward_pb2_grpc as reward_grpc
-from services.gateway import metrics
+from services.gateway import metrics, web
 from services.gateway.auth import Caller, KeyRing
 from services.gateway.chat import ChatService
 from services.gateway.completion_log import CompletionLog
@@ -253,6 +253,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def prometheus_metrics(_: Operator) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    web.register(app, settings, operator)
     app.state.started_at = time.time()
     return app
 
