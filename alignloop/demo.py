@@ -36,17 +36,20 @@ HELD_OUT_FRACTION = 0.1  # = PPO's default eval_fraction: these prompts are neve
 # PPO and gate settings that move SmolLM2-135M visibly within a few minutes on two cores (measured: 8
 # iterations at policy_lr 1e-5 win 79% of held-out pairs under the labeler's score used directly as reward).
 DEMO_CONFIG: dict[str, Any] = {
-    "reward": {"epochs": 3, "batch_size": 8, "max_length": 256, "lr": 1e-4},
+    # Served answers are short (max_tokens 48): 128 tokens hold prompt and answer, at half the cost of 256.
+    "reward": {"epochs": 2, "batch_size": 8, "max_length": 128, "lr": 1e-4},
     # No critic (rloo): a critic starting from scratch is mostly noise over a dozen iterations, and skipping it
-    # halves the training passes, so more iterations fit the same minutes.
-    "ppo": {"iterations": 12, "prompts_per_iteration": 8, "samples_per_prompt": 2, "max_new_tokens": 48,
-            "advantage_estimator": "rloo", "policy_lr": 1e-5, "ppo_epochs": 2, "minibatch_size": 8, "beta": 0.02,
+    # leaves the time for 4 answers per prompt, whose leave-one-out baseline is what makes the signal.
+    "ppo": {"iterations": 10, "prompts_per_iteration": 8, "samples_per_prompt": 4, "max_new_tokens": 48,
+            "advantage_estimator": "rloo", "policy_lr": 2e-5, "ppo_epochs": 1, "minibatch_size": 16, "beta": 0.02,
             "max_model_len": 512, "checkpoint_every": 0},
     "evaluate": {"max_prompts": 16, "samples_per_prompt": 1, "max_new_tokens": 48, "min_win_rate": 0.5,
                  "max_kl": 50.0},
     "min_pairs": 20,
 }
-MIX = {"comparison": 0.5, "ranking": 0.2, "thumbs": 0.2, "rating": 0.1}
+# Mostly rankings of the n answers: a ranking of 4 is C(4,2) = 6 preference pairs for one request, the most
+# reward-model signal per simulated user (InstructGPT's labelers ranked 4 to 9 answers for the same reason).
+MIX = {"ranking": 0.6, "comparison": 0.2, "thumbs": 0.1, "rating": 0.1}
 
 
 def answer(client: httpx.Client, messages: list[dict], seed: int, max_tokens: int) -> dict:
@@ -97,9 +100,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     before = answers(base, keys.app_key, held_out, args.max_tokens, args.seed)
     old_version = before[0]["version"]
 
-    err.print(f"[bold]2/5[/] traffic: {args.requests} simulated users' requests (n=2) with feedback "
+    err.print(f"[bold]2/5[/] traffic: {args.requests} simulated users' requests (n={args.n}) with feedback "
               f"(label noise {args.noise:.0%})")
-    traffic = simulate(base, keys.app_key, requests=args.requests, n=2, mix=MIX, labeler=labeler,
+    traffic = simulate(base, keys.app_key, requests=args.requests, n=args.n, mix=MIX, labeler=labeler,
                        max_tokens=args.max_tokens, seed=args.seed, prompts=training, concurrency=4)
     if traffic.responses == 0:
         raise GatewayError(f"no answers from the chat API: {traffic.errors[:3]}")
@@ -118,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> dict:
               "same held-out prompts; more simulated traffic")
     after = answers(base, keys.app_key, held_out, args.max_tokens, args.seed)
     rate = win_rate(labeler, held_out, after, before)
-    simulate(base, keys.app_key, requests=args.after_requests, n=2, mix=MIX, labeler=labeler.fork("after"),
+    simulate(base, keys.app_key, requests=args.after_requests, n=args.n, mix=MIX, labeler=labeler.fork("after"),
              max_tokens=args.max_tokens, seed=args.seed + 1, prompts=training, concurrency=4)
 
     err.print("[bold]5/5[/] report")
@@ -169,7 +172,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the whole loop once against the running stack (simulated users, a "
                           "pipeline run, promotion) and report win rate, thumbs-up rates, KL and step times",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--requests", type=int, default=320, help="simulated requests before the run (n=2 each)")
+    demo.add_argument("--requests", type=int, default=200, help="simulated requests before the run")
+    demo.add_argument("--n", type=int, default=4, help="answers per simulated request (ranked, compared, rated)")
     demo.add_argument("--after-requests", type=int, default=40, help="simulated requests after promotion")
     demo.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts judged for the win rate")
     demo.add_argument("--ppo-iterations", type=int, default=DEMO_CONFIG["ppo"]["iterations"])

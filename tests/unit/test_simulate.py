@@ -428,3 +428,17 @@ def test_demo_win_rate_counts_ties_half_and_judges_without_noise():
     labeler = Labeler(noise=1.0, seed=0)  # judge() ignores the noise
     assert win_rate(labeler, prompts, [good, good, cut], [cut, good, good]) == pytest.approx(0.5)
     assert win_rate(labeler, prompts[:1], [good], [cut]) == 1.0
+
+
+def test_the_demos_run_config_is_one_the_runner_accepts():
+    import json
+
+    from alignloop.demo import DEMO_CONFIG, MIX
+    from pipelines.ppo.args import Args
+    from pipelines.ppo.train import validate
+    from services.pipeline import config as run_config
+
+    cfg = run_config.resolve("", json.dumps(DEMO_CONFIG))
+    assert cfg.ppo["advantage_estimator"] == "rloo"
+    validate(Args(**cfg.ppo))  # e.g. rloo needs samples_per_prompt >= 2
+    assert abs(sum(MIX.values()) - 1) < 1e-9
