@@ -11,6 +11,7 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,23 @@ class StackError(RuntimeError):
     """A component could not be started; the message names it and its log."""
 
 
+# If the supervisor is killed outright, its children get SIGTERM instead of living on (PR_SET_PDEATHSIG).
+# util-linux's setpriv sets it and execs the component: nothing runs between fork and exec in our process. (A
+# preexec_fn did, and a child forked while another thread of the supervisor held the dynamic loader's lock
+# hung before exec, and the supervisor with it, waiting for that exec.)
+_SETPRIV = shutil.which("setpriv")
+_PRCTL = None if _SETPRIV else ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in the child
+
+
 def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: if the supervisor is killed outright, its children get SIGTERM instead of living on.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    _PRCTL(1, signal.SIGTERM)
+
+
+def _with_parent_death_signal(argv: list[str]) -> tuple[list[str], object]:
+    """argv and preexec_fn for a child that gets SIGTERM when the supervisor dies."""
+    if _SETPRIV:
+        return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv], None
+    return argv, _die_with_parent
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -88,9 +103,10 @@ class Supervisor:
         with open(log_path, "ab") as log:
             log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {component.name} =====\n".encode())
             log.flush()
+            argv, preexec = _with_parent_death_signal(component.argv)
             process = subprocess.Popen(
-                component.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=preexec,
             )
         running = Running(component, process, log_path)
         self.running.append(running)

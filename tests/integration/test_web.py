@@ -5,6 +5,7 @@ Screenshots of each page go to test-artifacts/web/ (git-ignored)."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,10 @@ if not CHROMIUM.exists():
 def browser() -> Iterator:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        # A short TMPDIR of its own: in-process vLLM engines of earlier tests point this process's TMPDIR deep
+        # into their temporary homes, past the length Chromium allows for its singleton socket path.
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"],
+                                      env={**os.environ, "TMPDIR": "/tmp"})
         yield chromium
         chromium.close()
 
