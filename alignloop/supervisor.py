@@ -106,7 +106,7 @@ class Supervisor:
             argv, preexec = _with_parent_death_signal(component.argv)
             process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=preexec,
+                start_new_session=True, preexec_fn=preexec,  # noqa: PLW1509 (only without setpriv)
             )
         running = Running(component, process, log_path)
         self.running.append(running)
