@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -129,15 +129,14 @@ def policy(settings: Settings) -> Component:
 
 
 def policy_canary(settings: Settings) -> Component:
-    """The challenger's policy service: idle (no engine) until an operator names a challenger."""
-    return Component(
-        name="policy-canary",
-        argv=[sys.executable, "-m", "services.policy"],
-        port=settings.policy_canary_port,
-        url=f"grpc://{settings.policy_canary_target}",
+    """The challenger's policy service: the policy service following `policy_canary_alias` on its own port,
+    idle (no engine) until an operator names a challenger."""
+    base = policy(settings)
+    return replace(
+        base, name="policy-canary", port=settings.policy_canary_port, url=f"grpc://{settings.policy_canary_target}",
         # Ready = answering: it has nothing to serve until there is a challenger.
         probe=lambda: policy_info(settings.policy_canary_target) is not None,
-        env={**vllm_cpu_environment(settings), "ALIGNLOOP_POLICY_PORT": str(settings.policy_canary_port),
+        env={**base.env, "ALIGNLOOP_POLICY_PORT": str(settings.policy_canary_port),
              "ALIGNLOOP_POLICY_MODEL_ALIAS": settings.policy_canary_alias, "ALIGNLOOP_POLICY_WAIT_FOR_ALIAS": "true"},
         start_timeout_s=60,
     )

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from alignloop.config import Settings
 from alignloop.contracts import CANARY_PERCENT_TAG
-from alignloop.registry import ModelNotRegistered, canary_of, resolve_alias
+from alignloop.registry import CanaryShare, ModelNotRegistered, canary_of, resolve_alias
 
 HISTORY_TAG = "alignloop.champion_history"
 ALIAS = "champion"
@@ -100,14 +100,8 @@ def rollback(settings: Settings, name: str) -> Move:
     return Move(name, current, target)
 
 
-@dataclass(frozen=True)
-class Canary:
-    name: str
-    version: str | None  # None: no challenger
-    percent: int
-
-
-def set_canary(settings: Settings, name: str, version: str, percent: int, *, reason: str = "operator") -> Canary:
+def set_canary(settings: Settings, name: str, version: str, percent: int, *,
+               reason: str = "operator") -> CanaryShare:
     """Makes `version` the challenger and gives it `percent` (0..100) of the chat traffic."""
     if not 0 <= percent <= 100:
         raise ValueError("percent must be from 0 to 100")
@@ -118,25 +112,24 @@ def set_canary(settings: Settings, name: str, version: str, percent: int, *, rea
     client.set_registered_model_alias(name, settings.policy_canary_alias, str(version))
     client.set_registered_model_tag(name, CANARY_PERCENT_TAG, str(percent))
     client.set_model_version_tag(name, str(version), "alignloop.canary_reason", reason)
-    return Canary(name, str(version), percent)
+    return CanaryShare(str(version), percent)
 
 
-def clear_canary(settings: Settings, name: str) -> Canary:
+def clear_canary(settings: Settings, name: str) -> CanaryShare:
     """Ends the canary: no challenger, no traffic share. Returns what it was."""
     from mlflow.exceptions import MlflowException
 
     client = _client(settings)
-    was = _current(settings, name, settings.policy_canary_alias)
-    tags = client.get_registered_model(name).tags or {}
-    if was is not None:
+    model = client.get_registered_model(name)
+    was = canary_of(model, settings.policy_canary_alias)
+    if was.version is not None:
         client.delete_registered_model_alias(name, settings.policy_canary_alias)
-    if CANARY_PERCENT_TAG in tags:
+    if CANARY_PERCENT_TAG in (model.tags or {}):
         try:
             client.delete_registered_model_tag(name, CANARY_PERCENT_TAG)
         except MlflowException:  # removed meanwhile by another caller
             pass
-    percent = int(tags.get(CANARY_PERCENT_TAG) or 0) if was is not None else 0
-    return Canary(name, was, percent)
+    return was
 
 
 def current_aliases(settings: Settings, name: str) -> tuple[dict[str, str], int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from alignloop.registry import ModelNotRegistered
 from alignloop.v1 import pipeline_pb2 as pb
 from pipelines import promotion
 
@@ -106,5 +105,3 @@ class ModelOps:
         log.info("%s@champion rolled back: %s → %s", name, move.previous, move.current)
         return self.aliases(name, previous=move.previous or "")
 
-
-__all__ = ["BadRequest", "ModelNotRegistered", "ModelOps", "Refused"]

@@ -170,3 +170,20 @@ export const FLAGS = [
   ["hallucination", "Makes up facts (hallucination)"],
   ["inappropriate", "Inappropriate (harmful, offensive)"],
 ];
+
+/**
+ * The sign-in of the pages for application keys (chat, labeling): the key is checked with GET /v1/models,
+ * whose card names the served model; `onSignedIn(key, card)` gets both.
+ */
+export function setupAppSignIn({ onSignedIn, onSignedOut }) {
+  setupSignIn({
+    storageKey: "alignloop.app_key",
+    check: (key) => call(key, "GET", "/v1/models"),
+    onSignedIn(key, models) {
+      const card = models.data[0];
+      document.getElementById("who-text").textContent = `${card.id} v${card.version}`;
+      onSignedIn(key, card);
+    },
+    onSignedOut,
+  });
+}

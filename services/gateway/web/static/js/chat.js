@@ -1,8 +1,7 @@
 // The chat page: a conversation with streamed answers, thumbs (with an optional comment and flags) on every
 // answer, and Regenerate, after which the user can pick the better answer (a `comparison`).
-import { call, describe, el, FLAGS, randomId, setupSignIn, streamChat } from "./api.js";
+import { call, describe, el, FLAGS, randomId, setupAppSignIn, streamChat } from "./api.js";
 
-const STORAGE_KEY = "alignloop.app_key";
 const USER_KEY = "alignloop.chat_user";
 
 const state = {
@@ -310,14 +309,10 @@ $("new-chat").addEventListener("click", () => {
   $("message").focus();
 });
 
-setupSignIn({
-  storageKey: STORAGE_KEY,
-  check: (key) => call(key, "GET", "/v1/models"),
-  onSignedIn(key, models) {
+setupAppSignIn({
+  onSignedIn(key, card) {
     state.key = key;
-    const card = models.data[0];
     state.model = card.id;
-    $("who-text").textContent = `${card.id} v${card.version}`;
     $("chat").hidden = false;
     $("message").focus();
   },

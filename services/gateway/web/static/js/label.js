@@ -1,8 +1,7 @@
 // The labeling view, after InstructGPT's interface: one prompt, K answers sampled with n=K, a 1–7 rating and
 // the metadata flags for each, and an ordering (drag, or Up/Down buttons) submitted as one `ranking`.
-import { call, describe, el, FLAGS, randomId, setupSignIn } from "./api.js";
+import { call, describe, el, FLAGS, randomId, setupAppSignIn } from "./api.js";
 
-const STORAGE_KEY = "alignloop.app_key";
 const LETTERS = "ABCDEFGHIJKLMNOP";
 
 const $ = (id) => document.getElementById(id);
@@ -233,14 +232,10 @@ $("next-task").addEventListener("click", () => {
   $("prompt").focus();
 });
 
-setupSignIn({
-  storageKey: STORAGE_KEY,
-  check: (key) => call(key, "GET", "/v1/models"),
-  onSignedIn(key, models) {
+setupAppSignIn({
+  onSignedIn(key, card) {
     state.key = key;
-    const card = models.data[0];
     state.model = card.id;
-    $("who-text").textContent = `${card.id} v${card.version}`;
     $("labeling").hidden = false;
     $("prompt").focus();
   },
