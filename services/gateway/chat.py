@@ -20,7 +20,6 @@ from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.protocol import (
     AssistantMessage,
     Candidate,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
@@ -32,6 +31,7 @@ from services.gateway.protocol import (
     Usage,
 )
 from services.gateway.routing import CHALLENGER, PolicyRouter
+from services.gateway.streaming import ChunkRenderer, sse
 
 log = logging.getLogger("alignloop.gateway.chat")
 
@@ -237,37 +237,27 @@ class ChatService:
         return _Ranking(order=order, rewards=rewards, version=scored.model.version,
                         model=f"{scored.model.name}/v{scored.model.version}")
 
-    async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[str]:
+    async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[bytes]:
         """Opens the stream and waits for the policy to accept the request (its first message comes before any
-        token), so that a bad request still gets a 4xx status; returns the SSE data payloads that follow."""
+        token), so that a bad request still gets a 4xx status; returns the server-sent events that follow."""
         turn = _Turn(req, key_hash)
         call, first = await self._open_stream(to_policy_request(req, turn.response_id), turn)
         if first is grpc.aio.EOF:
             raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
         return self._events(turn, call, first)
 
-    async def _events(self, turn: _Turn, call, first: pb.GenerateStreamResponse) -> AsyncIterator[str]:
+    async def _events(self, turn: _Turn, call, first: pb.GenerateStreamResponse) -> AsyncIterator[bytes]:
         req = turn.req
         model = first.model
         prompt_tokens = first.prompt_tokens
         texts = [""] * req.n
         tokens = [0] * req.n
-        created = int(turn.received_at)
-
-        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-            return ChatCompletionChunk(
-                id=turn.response_id,
-                created=created,
-                model=model.name,
-                system_fingerprint=fingerprint(model),
-                choices=choices,
-                usage=usage,
-            ).model_dump_json(exclude_none=True)
+        render = ChunkRenderer(turn.response_id, int(turn.received_at), model.name, fingerprint(model),
+                               turn.completion_ids[:req.n])
 
         try:
             for i in range(req.n):
-                yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
-                                         completion_id=turn.completion_ids[i])])
+                yield render.role(i)
             first_token_seen = False
             msg = first
             while msg is not grpc.aio.EOF:
@@ -278,11 +268,14 @@ class ChatService:
                     texts[d.index] += d.text
                     tokens[d.index] += len(d.token_ids)
                     finish = d.finish_reason or None
-                    # Empty text with tokens happens mid-way through a multi-byte character: nothing to show,
-                    # unless the client wants those tokens' logprobs.
-                    if not d.text and not finish and not (req.logprobs and d.logprobs):
+                    if not finish and not req.logprobs:
+                        # Empty text with tokens happens mid-way through a multi-byte character: nothing to show.
+                        if d.text:
+                            yield render.content(d.index, d.text)
                         continue
-                    yield chunk([ChunkChoice(
+                    if not d.text and not finish and not d.logprobs:
+                        continue
+                    yield render.chunk([ChunkChoice(
                         index=d.index,
                         delta=DeltaMessage(content=d.text),
                         logprobs=to_openai_logprobs(d.logprobs) if req.logprobs else None,
@@ -297,17 +290,17 @@ class ChatService:
             metrics.GENERATED_TOKENS.inc(sum(tokens))
             if req.stream_options and req.stream_options.include_usage:
                 total = sum(tokens)
-                yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=total,
-                                      total_tokens=prompt_tokens + total))
-            yield "[DONE]"
+                yield render.chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=total,
+                                             total_tokens=prompt_tokens + total))
+            yield sse("[DONE]")
         except grpc.aio.AioRpcError as exc:
             # Headers are gone already: report in-band, as OpenAI and vLLM do, then end the stream.
-            yield json.dumps(from_rpc_error(exc).body())
-            yield "[DONE]"
+            yield sse(json.dumps(from_rpc_error(exc).body()))
+            yield sse("[DONE]")
         except Exception:
             log.exception("stream %s failed", turn.response_id)
-            yield json.dumps(ApiError(500, "internal error while streaming", "api_error").body())
-            yield "[DONE]"
+            yield sse(json.dumps(ApiError(500, "internal error while streaming", "api_error").body()))
+            yield sse("[DONE]")
         finally:
             # Covers the client going away: cancelling the call makes the policy service abort the engine request.
             call.cancel()

@@ -9,14 +9,15 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
+from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.credentials import Credentials, key_hash
 from alignloop.v1 import policy_pb2 as pb
 from services.gateway.auth import KeyRing, Role
 from services.gateway.chat import ChatService, to_policy_request
-from alignloop.contracts import PARAM_METADATA_KEY
 from services.gateway.errors import ApiError, from_rpc_error
-from services.gateway.protocol import ChatCompletionRequest
+from services.gateway.protocol import ChatCompletionRequest, ChunkChoice, DeltaMessage
 from services.gateway.routing import PolicyRouter
+from services.gateway.streaming import ChunkRenderer
 
 MODEL = pb.ModelRef(name="alignloop-policy", version="3")
 
@@ -145,8 +146,14 @@ def test_complete_turns_invalid_argument_into_a_400():
 
 
 async def _collect(service, req):
+    """The data of each server-sent event of the stream."""
     events = await service.stream(req, "h")
-    return [e async for e in events]
+    data = []
+    async for event in events:
+        text = event.decode()
+        assert text.startswith("data: ") and text.endswith("\n\n") and "\n" not in text[:-2], text
+        data.append(text.removeprefix("data: ").removesuffix("\n\n"))
+    return data
 
 
 def test_stream_emits_role_chunks_deltas_finish_usage_and_done():
@@ -280,3 +287,12 @@ def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
     producer.release.set()
     log.close()
     assert producer.sent == ["cmpl-0", "cmpl-1", "cmpl-2"]
+
+
+@pytest.mark.parametrize("text", [" hello", "", "é✓ 漢字", "line\nbreak\t\"quoted\" \\ \x01\x1f", "\u2028 /</script>"])
+def test_content_chunks_from_the_template_equal_the_protocol_models(text):
+    render = ChunkRenderer("chatcmpl-1", 1700000000, "alignloop-policy", "alignloop-policy/v3", ["cmpl-a", "cmpl-b"])
+    for index, completion_id in enumerate(["cmpl-a", "cmpl-b"]):
+        by_models = render.chunk([ChunkChoice(index=index, delta=DeltaMessage(content=text), completion_id=completion_id)])
+        assert render.content(index, text) == by_models
+        assert json.loads(by_models.decode().removeprefix("data: "))["choices"][0]["delta"]["content"] == text
