@@ -430,6 +430,15 @@ def test_demo_win_rate_counts_ties_half_and_judges_without_noise():
     assert win_rate(labeler, prompts[:1], [good], [cut]) == 1.0
 
 
+def test_demo_answer_stats_count_answers_that_ended_by_themselves():
+    from alignloop.demo import answer_stats
+
+    stats = answer_stats([{"text": "Volcanoes erupt.", "finish_reason": "stop"},
+                          {"text": "Volcanoes are openings where molten", "finish_reason": "length"}])
+    assert stats == {"finished_share": 0.5, "mean_words": 3.5}
+    assert answer_stats([]) == {"finished_share": 0.0, "mean_words": 0.0}
+
+
 def test_the_demos_run_config_is_one_the_runner_accepts():
     import json
 
