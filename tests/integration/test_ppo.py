@@ -67,14 +67,15 @@ def test_ppo_raises_the_reward_and_a_larger_beta_stays_closer_to_the_reference(t
 
 
 def test_rloo_raises_the_reward_without_a_critic_and_resumes(tiny_policy, tmp_path):
-    args = fast_args(advantage_estimator="rloo", iterations=30, checkpoint_every=15)
+    # 40 iterations, as the GAE test: at 30 the rise was +0.75 in one run of many, too near the bar.
+    args = fast_args(advantage_estimator="rloo", iterations=40, checkpoint_every=20)
     history = run_ppo(tiny_policy, tmp_path / "run", args).history
     before, after = window(history, "reward", True), window(history, "reward", False)
     assert after > before + 0.8, f"mean reward {before:.2f} -> {after:.2f}"
     assert "value_loss" not in history[-1] and "value_explained_variance" not in history[-1]
     # Its checkpoints hold no critic; a GAE run cannot resume from one.
     with pytest.raises(ValueError, match="without a critic"):
-        run_ppo(tiny_policy, tmp_path / "run", fast_args(iterations=31, checkpoint_every=15))
+        run_ppo(tiny_policy, tmp_path / "run", fast_args(iterations=41, checkpoint_every=20))
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         run_ppo(tiny_policy, tmp_path / "one", fast_args(advantage_estimator="rloo", samples_per_prompt=1))
 
