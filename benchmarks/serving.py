@@ -133,6 +133,12 @@ def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
 RequestFn = Callable[[int, int], Awaitable[tuple[int, float | None]]]
 
 
+def rotated(names: list[str], k: int) -> list[str]:
+    """`names` starting at position k (mod len): turn k's order, so that no target always goes first."""
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
 def settle(label: str, below_percent: float = 25.0, seconds: int = 2, timeout_s: float = 120.0) -> None:
     """Waits until the machine's CPU use stays under `below_percent` (of all cores) for `seconds` seconds in a
     row. "Ready" comes before everything a target started has gone quiet (alignloop's other services finish
@@ -165,9 +171,8 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace) -> di
     await asyncio.to_thread(settle, "all targets started")
     for round_no in range(args.rounds + 1):
         label = "warm-up" if round_no == 0 else f"round {round_no}/{args.rounds}"
-        shift = round_no % len(names)
         line = []
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, round_no):
             await asyncio.to_thread(settle, name)
             wall, done = await run_round(targets[name], round_no, args.concurrency)
             tokens = sum(n for n, _ in done)
@@ -182,7 +187,7 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace) -> di
         err.print(f"  {label}: " + ", ".join(line))
     for i in range(args.solo):
         # Rounds past the measured ones: prompts no earlier request has cached.
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in rotated(names, i):
             await asyncio.to_thread(settle, name)
             _, ttft = await targets[name](args.rounds + 1 + i, i)
             if ttft is not None:

@@ -149,9 +149,9 @@ def create_app(settings: Settings) -> FastAPI:
         chat: ChatService = request.app.state.chat
         if body.stream:
             events = await chat.stream(body, who.key_hash)
-            # Starlette's own streaming response, as vLLM's server uses: one plain send per token. (sse-starlette
-            # wrapped every send in a timeout scope, 8 µs an event, and its keep-alive pings are for idle
-            # streams, which a token stream is not.)
+            # Starlette's own streaming response, as vLLM's server uses: one plain send per token. sse-starlette
+            # wraps every send in a timeout scope (benchmarks/sse_events.py: about 10× the cost of a send here),
+            # and its keep-alive pings are for idle streams, which a token stream is not.
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash))

@@ -268,12 +268,12 @@ class ChatService:
                     texts[d.index] += d.text
                     tokens[d.index] += len(d.token_ids)
                     finish = d.finish_reason or None
-                    if not finish and not req.logprobs:
-                        # Empty text with tokens happens mid-way through a multi-byte character: nothing to show.
-                        if d.text:
-                            yield render.content(d.index, d.text)
+                    # Empty text with tokens happens mid-way through a multi-byte character: nothing to show,
+                    # unless the client wants those tokens' logprobs.
+                    if not (d.text or finish or (req.logprobs and d.logprobs)):
                         continue
-                    if not d.text and not finish and not d.logprobs:
+                    if not finish and not req.logprobs:
+                        yield render.content(d.index, d.text)  # the per-token event, from the template
                         continue
                     yield render.chunk([ChunkChoice(
                         index=d.index,
