@@ -30,6 +30,9 @@ class Component:
     start_timeout_s: float = 60.0
     # A second port it listens on (its /metrics), checked before the start like `port`.
     metrics_port: int | None = None
+    # Components its readiness waits for: started at the same time, its start_timeout_s runs from when the
+    # last of them is ready.
+    needs: tuple[str, ...] = ()
 
 
 def tansu_binary() -> Path:
@@ -227,6 +230,7 @@ def gateway(settings: Settings) -> Component:
         url=settings.gateway_url,
         probe=lambda: http_ok(f"{settings.gateway_url}/readyz"),
         start_timeout_s=60,
+        needs=("policy", "feedback"),  # its /readyz asks them
     )
 
 

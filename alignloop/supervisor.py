@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from alignloop.components import Component
@@ -63,13 +64,14 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while `pid` runs. A zombie (exited, not yet reaped by its parent) counts as gone: `alignloop down`
+    would otherwise wait out its whole timeout on a supervisor whose parent has not called wait() yet."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 @dataclass
@@ -113,30 +115,49 @@ class Supervisor:
         self._write_state()
         return running
 
-    def wait_ready(self, running: Running) -> None:
+    def _check(self, running: Running, since: float | None) -> bool:
+        """True once `running` answers its probe; raises if it exited, or if start_timeout_s passed `since`
+        (None: its clock has not started)."""
         c = running.component
-        deadline = time.monotonic() + c.start_timeout_s
-        with self.console.status(f"starting {c.name} (log: {running.log_path})"):
-            while time.monotonic() < deadline:
-                if self.stopping.is_set():
-                    raise StackError("interrupted while starting")
-                if running.process.poll() is not None:
-                    raise StackError(
-                        f"{c.name} exited with code {running.process.returncode} while starting; "
-                        f"see its log: {running.log_path}\n{tail(running.log_path)}"
-                    )
-                if c.probe():
-                    self.console.print(f"[green]✓[/] {c.name:<8} {c.url}")
-                    return
-                time.sleep(0.25)
-        raise StackError(
-            f"{c.name} was not ready after {c.start_timeout_s:.0f} s; see its log: {running.log_path}\n"
-            f"{tail(running.log_path)}"
-        )
+        if running.process.poll() is not None:
+            raise StackError(
+                f"{c.name} exited with code {running.process.returncode} while starting; "
+                f"see its log: {running.log_path}\n{tail(running.log_path)}"
+            )
+        if c.probe():
+            return True
+        if since is not None and time.monotonic() > since + c.start_timeout_s:
+            raise StackError(
+                f"{c.name} was not ready after {c.start_timeout_s:.0f} s; see its log: {running.log_path}\n"
+                f"{tail(running.log_path)}"
+            )
+        return False
 
     def bring_up(self, components: list[Component]) -> None:
-        for c in components:
-            self.wait_ready(self.start(c))
+        """Starts `components` together and waits until each is ready.
+
+        They depend only on what earlier calls brought up, or wait by themselves for what they name in
+        `needs`, so nothing is gained by starting them one by one: together, the cheap starts hide behind the
+        policy's engine start (about a minute on CPU), and `alignloop up` takes the longest start, not the sum."""
+        started = time.monotonic()
+        waiting = list(map(self.start, components))
+        ready_at: dict[str, float] = {}
+        with self.console.status("starting") as status:
+            while waiting:
+                if self.stopping.is_set():
+                    raise StackError("interrupted while starting")
+                for running in list(waiting):
+                    c = running.component
+                    pending = any(n in {r.component.name for r in waiting} for n in c.needs)
+                    since = None if pending else max([started] + [ready_at.get(n, started) for n in c.needs])
+                    if self._check(running, since):
+                        ready_at[c.name] = time.monotonic()
+                        self.console.print(f"[green]✓[/] {c.name:<8} {c.url}  ({ready_at[c.name] - started:.0f} s)")
+                        waiting.remove(running)
+                status.update(f"starting {', '.join(r.component.name for r in waiting)} "
+                              f"(logs: {self.settings.logs_dir})")
+                if waiting:
+                    time.sleep(0.25)
 
     # ---- running -----------------------------------------------------------------------------------------
     def watch(self) -> int:
@@ -156,7 +177,7 @@ class Supervisor:
     def stop_all(self, timeout_s: float = 20.0) -> None:
         """SIGTERM each process group, last started first; SIGKILL what has not ended in time."""
         for r in reversed(self.running):
-            stop_group(r.process.pid, timeout_s, lambda: r.process.poll() is not None)
+            stop_group(r.process.pid, timeout_s, lambda r=r: r.process.poll() is not None)
             if r.process.poll() is None:
                 r.process.wait(5)
             self.console.print(f"[dim]stopped {r.component.name}[/]")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from alignloop import credentials
 from alignloop.config import Settings
-from alignloop.supervisor import port_in_use
+from alignloop.supervisor import pid_alive, port_in_use
 
 
 def test_settings_precedence_env_over_toml(tmp_path, monkeypatch):
@@ -55,6 +59,22 @@ def test_port_in_use_sees_listeners_only():
         s.listen()
         assert port_in_use("127.0.0.1", port)
     assert not port_in_use("127.0.0.1", port)
+
+
+def test_pid_alive_counts_an_unreaped_child_as_gone():
+    # `alignloop down` polls the supervisor's pid; under a parent that has not reaped it yet (a test, a
+    # process manager) the exited supervisor is a zombie, which must not look alive for the whole timeout.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        assert pid_alive(child.pid)
+        deadline = time.monotonic() + 30
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.05)
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not pid_alive(child.pid)
 
 
 # ---- the policy service's request preparation, against a real (tiny) tokenizer ---------------------------
