@@ -7,6 +7,7 @@ the supervisor say which one and where its log is, stop the rest, and exit non-z
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -86,6 +87,7 @@ class Supervisor:
         self.settings = settings
         self.console = console or Console()
         self.running: list[Running] = []
+        self.waves: list[list[Running]] = []  # what each bring_up started, in order
         self.stopping = threading.Event()
 
     # ---- starting ----------------------------------------------------------------------------------------
@@ -140,7 +142,11 @@ class Supervisor:
         `needs`, so nothing is gained by starting them one by one: together, the cheap starts hide behind the
         policy's engine start (about a minute on CPU), and `alignloop up` takes the longest start, not the sum."""
         started = time.monotonic()
-        waiting = list(map(self.start, components))
+        wave: list[Running] = []
+        self.waves.append(wave)  # before any start: whatever did start is stopped if a later one fails
+        for c in components:
+            wave.append(self.start(c))
+        waiting = list(wave)
         ready_at: dict[str, float] = {}
         with self.console.status("starting") as status:
             while waiting:
@@ -175,14 +181,40 @@ class Supervisor:
 
     # ---- stopping ----------------------------------------------------------------------------------------
     def stop_all(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM each process group, last started first; SIGKILL what has not ended in time."""
-        for r in reversed(self.running):
-            stop_group(r.process.pid, timeout_s, lambda r=r: r.process.poll() is not None)
-            if r.process.poll() is None:
-                r.process.wait(5)
-            self.console.print(f"[dim]stopped {r.component.name}[/]")
+        """Stops what was started, last wave first; within a wave, what `needs` others (the gateway) before the
+        rest. Each step's processes are stopped together: SIGTERM to each process group, SIGKILL to what has
+        not ended after `timeout_s`. One after another, the policy services' engine shutdowns added up."""
+        for wave in reversed(self.waves):
+            dependents = [r for r in wave if r.component.needs]
+            for step in (dependents, [r for r in wave if not r.component.needs]):
+                self._stop_together(step, timeout_s)
         self.running.clear()
+        self.waves.clear()
         self.state_path.unlink(missing_ok=True)
+
+    def _stop_together(self, step: list[Running], timeout_s: float) -> None:
+        pending = []
+        for r in step:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.process.pid, signal.SIGTERM)
+            pending.append(r)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for r in list(pending):
+                if r.process.poll() is not None and not group_alive(r.process.pid):
+                    self.console.print(f"[dim]stopped {r.component.name}[/]")
+                    pending.remove(r)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for r in pending:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.process.wait(5)
+            self.console.print(f"[dim]stopped {r.component.name} (killed: still running after {timeout_s:.0f} s)[/]")
 
     # ---- state shared with `alignloop status` / `alignloop down` -----------------------------------------
     @property

@@ -71,3 +71,44 @@ def test_an_exit_is_named_with_its_log_even_while_waiting_for_a_need(supervisor)
     message = str(exc.value)
     assert "b exited with code 3 while starting" in message
     assert "b.log" in message and "boom" in message
+
+
+# A child that notes when SIGTERM arrives and when it exits, taking 1 s to shut down.
+SLOW_EXIT = """
+import signal, sys, time
+log = open(sys.argv[1], "a")
+def bye(*_):
+    log.write(f"term {time.time()}\\n"); log.flush()
+    time.sleep(1.0)
+    log.write(f"exit {time.time()}\\n"); log.flush()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def events(path) -> dict[str, float]:
+    return {k: float(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+
+
+def test_stop_all_stops_a_wave_together_and_dependents_first(supervisor, tmp_path):
+    logs = {n: tmp_path / f"{n}.events" for n in ("infra", "a", "b", "front")}
+
+    def comp(name: str, **kw) -> Component:
+        return component(name, lambda: True, argv=[sys.executable, "-c", SLOW_EXIT, str(logs[name])], **kw)
+
+    supervisor.bring_up([comp("infra")])
+    supervisor.bring_up([comp("a"), comp("b"), comp("front", needs=("a",))])
+    deadline = time.monotonic() + 30  # each child has installed its SIGTERM handler once it printed
+    while not all((tmp_path / "logs" / f"{n}.log").read_text().count("up") for n in logs):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    supervisor.stop_all(timeout_s=10)
+
+    infra, a, b, front = (events(logs[n]) for n in ("infra", "a", "b", "front"))
+    assert front["exit"] <= min(a["term"], b["term"])  # what needs others goes first
+    assert max(a["term"], b["term"]) < min(a["exit"], b["exit"])  # a and b together, not one after the other
+    assert max(a["exit"], b["exit"]) <= infra["term"]  # the earlier wave last
+    assert supervisor.running == [] and supervisor.waves == []
