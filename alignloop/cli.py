@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from alignloop import components, credentials, models_cli, pipeline_cli
-from alignloop.config import Settings, vllm_cpu_environment
 from alignloop import demo as demo_cli
+from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.simulate import cli as simulate_cli
-from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_group
+from alignloop.supervisor import StackError, Supervisor, pid_alive, read_state, stop_groups
 
 console = Console(soft_wrap=True)  # log paths and tails must stay copy-pasteable
 
@@ -168,9 +168,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             while pid_alive(sup_pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
     # Whatever the supervisor did not get to (it was killed, or timed out) goes now.
-    for c in state["components"]:
-        if pid_alive(c["pid"]):
-            stop_group(c["pid"], 10)
+    stop_groups([c["pid"] for c in state["components"] if pid_alive(c["pid"])], 10)
     (settings.run_dir / "stack.json").unlink(missing_ok=True)
     console.print("alignloop stopped")
     return 0

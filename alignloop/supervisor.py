@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,12 @@ class Supervisor:
     def __init__(self, settings: Settings, console: Console | None = None) -> None:
         self.settings = settings
         self.console = console or Console()
-        self.running: list[Running] = []
         self.waves: list[list[Running]] = []  # what each bring_up started, in order
         self.stopping = threading.Event()
+
+    @property
+    def running(self) -> list[Running]:
+        return [r for wave in self.waves for r in wave]
 
     # ---- starting ----------------------------------------------------------------------------------------
     def check_ports(self, components: list[Component]) -> None:
@@ -112,10 +116,7 @@ class Supervisor:
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True, preexec_fn=preexec,  # noqa: PLW1509 (only without setpriv)
             )
-        running = Running(component, process, log_path)
-        self.running.append(running)
-        self._write_state()
-        return running
+        return Running(component, process, log_path)
 
     def _check(self, running: Running, since: float | None) -> bool:
         """True once `running` answers its probe; raises if it exited, or if start_timeout_s passed `since`
@@ -139,23 +140,27 @@ class Supervisor:
         """Starts `components` together and waits until each is ready.
 
         They depend only on what earlier calls brought up, or wait by themselves for what they name in
-        `needs`, so nothing is gained by starting them one by one: together, the cheap starts hide behind the
-        policy's engine start (about a minute on CPU), and `alignloop up` takes the longest start, not the sum."""
+        `needs`, so none has to wait for another's start to begin its own: the cheap starts overlap the
+        policy's engine start instead of queueing behind it."""
         started = time.monotonic()
         wave: list[Running] = []
         self.waves.append(wave)  # before any start: whatever did start is stopped if a later one fails
         for c in components:
             wave.append(self.start(c))
+            self._write_state()
         waiting = list(wave)
         ready_at: dict[str, float] = {}
         with self.console.status("starting") as status:
             while waiting:
                 if self.stopping.is_set():
                     raise StackError("interrupted while starting")
+                names = {r.component.name for r in waiting}
                 for running in list(waiting):
                     c = running.component
-                    pending = any(n in {r.component.name for r in waiting} for n in c.needs)
-                    since = None if pending else max([started] + [ready_at.get(n, started) for n in c.needs])
+                    # A component's clock starts when the last of its needs is ready (needs from earlier waves
+                    # were ready before this one started).
+                    since = None if names & set(c.needs) else max(
+                        (ready_at.get(n, started) for n in c.needs), default=started)
                     if self._check(running, since):
                         ready_at[c.name] = time.monotonic()
                         self.console.print(f"[green]✓[/] {c.name:<8} {c.url}  ({ready_at[c.name] - started:.0f} s)")
@@ -182,39 +187,22 @@ class Supervisor:
     # ---- stopping ----------------------------------------------------------------------------------------
     def stop_all(self, timeout_s: float = 20.0) -> None:
         """Stops what was started, last wave first; within a wave, what `needs` others (the gateway) before the
-        rest. Each step's processes are stopped together: SIGTERM to each process group, SIGKILL to what has
-        not ended after `timeout_s`. One after another, the policy services' engine shutdowns added up."""
+        rest. Each step's processes are stopped together (`stop_groups`): one after another, the policy
+        services' engine shutdowns added up."""
         for wave in reversed(self.waves):
             dependents = [r for r in wave if r.component.needs]
             for step in (dependents, [r for r in wave if not r.component.needs]):
-                self._stop_together(step, timeout_s)
-        self.running.clear()
+                by_pid = {r.process.pid: r for r in step}
+
+                def stopped(pid: int, killed: bool, by_pid=by_pid) -> None:
+                    note = f" (killed: still running after {timeout_s:.0f} s)" if killed else ""
+                    self.console.print(f"[dim]stopped {by_pid[pid].component.name}{note}[/]")
+
+                # poll() reaps our child, so that its group can be seen to be gone.
+                stop_groups(list(by_pid), timeout_s, gone=lambda pid, by_pid=by_pid: by_pid[pid].process.poll()
+                            is not None, on_stopped=stopped)
         self.waves.clear()
         self.state_path.unlink(missing_ok=True)
-
-    def _stop_together(self, step: list[Running], timeout_s: float) -> None:
-        pending = []
-        for r in step:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.process.pid, signal.SIGTERM)
-            pending.append(r)
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            for r in list(pending):
-                if r.process.poll() is not None and not group_alive(r.process.pid):
-                    self.console.print(f"[dim]stopped {r.component.name}[/]")
-                    pending.remove(r)
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        for r in pending:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(r.process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.process.wait(5)
-            self.console.print(f"[dim]stopped {r.component.name} (killed: still running after {timeout_s:.0f} s)[/]")
 
     # ---- state shared with `alignloop status` / `alignloop down` -----------------------------------------
     @property
@@ -235,22 +223,34 @@ class Supervisor:
         tmp.replace(self.state_path)
 
 
-def stop_group(pgid: int, timeout_s: float, gone=None) -> None:
-    """Terminates a process group, escalating to SIGKILL after `timeout_s`."""
-    gone = gone or (lambda: not group_alive(pgid))
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def stop_groups(pgids: list[int], timeout_s: float, gone: Callable[[int], bool] | None = None,
+                on_stopped: Callable[[int, bool], None] | None = None) -> None:
+    """Terminates process groups together: SIGTERM to each, then SIGKILL to those still there after `timeout_s`.
+
+    A group counts as ended when `gone(pgid)` (default: always) holds and no process of it is left.
+    `on_stopped(pgid, killed)` is called as each one ends."""
+    gone = gone or (lambda _pgid: True)
+    on_stopped = on_stopped or (lambda _pgid, _killed: None)
+    pending = []
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        pending.append(pgid)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if gone() and not group_alive(pgid):
-            return
+    while pending:
+        for pgid in [p for p in pending if gone(p) and not group_alive(p)]:
+            pending.remove(pgid)
+            on_stopped(pgid, False)
+        if not pending or time.monotonic() > deadline:
+            break
         time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pgid in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not (gone(pgid) and not group_alive(pgid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        on_stopped(pgid, True)
 
 
 def group_alive(pgid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 
@@ -23,7 +24,7 @@ def supervisor(tmp_path, monkeypatch):
     settings = Settings()
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor(settings, Console(file=open(tmp_path / "console.txt", "w")))  # noqa: SIM115
+    sup = Supervisor(settings, Console(file=io.StringIO()))
     yield sup
     sup.stop_all(timeout_s=5)
 
