@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` an
 
 from alignloop.components import http_ok  # noqa: E402
 from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_cpu_environment  # noqa: E402
-from alignloop.supervisor import stop_group  # noqa: E402
+from alignloop.supervisor import stop_groups  # noqa: E402
 
 TARGETS = ("alignloop", "vllm-server", "raw")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
@@ -300,7 +300,7 @@ def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
 def stop(proc: subprocess.Popen, name: str, timeout_s: float = 60.0) -> None:
     """SIGTERM to the process group, SIGKILL once `timeout_s` has passed (the supervisor's own routine)."""
     with err.status(f"stopping {name}"):
-        stop_group(proc.pid, timeout_s, lambda: proc.poll() is not None)
+        stop_groups([proc.pid], timeout_s, lambda _pgid: proc.poll() is not None)
     proc.wait()
 
 
