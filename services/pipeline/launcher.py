@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from alignloop.supervisor import stop_groups
 
 
 class Handle(Protocol):
@@ -38,9 +38,10 @@ class LocalHandle:
         return code
 
     def kill(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to the step's whole process group (torchrun's workers and vLLM's included), SIGKILL after
-        `grace_s`."""
-        kill_group(self.process.pid, grace_s)
+        """SIGTERM to the step's whole process group (torchrun's workers and vLLM's included), SIGKILL to what
+        is left after `grace_s`. Returns as soon as the group has ended: polling reaps the step's process,
+        which would otherwise count as alive (a zombie) until the grace ran out."""
+        stop_groups([self.process.pid], grace_s, lambda _pgid: self.process.poll() is not None)
         self.process.wait()
         self.log_file.close()
 
@@ -56,24 +57,6 @@ class LocalLauncher:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, cwd=cwd, start_new_session=True)
         return LocalHandle(process, log)
-
-
-def kill_group(pid: int, grace_s: float = 10.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def last_json_line(log_path: Path, max_bytes: int = 1 << 20) -> dict | None:

@@ -21,9 +21,10 @@ from pathlib import Path
 from alignloop import progress
 from alignloop.config import REPO_ROOT, Settings
 from alignloop.store.schema import PipelineRun
+from alignloop.supervisor import stop_groups
 from services.pipeline import config as run_config
 from services.pipeline import metrics
-from services.pipeline.launcher import LocalLauncher, kill_group, last_json_line, tail
+from services.pipeline.launcher import LocalLauncher, last_json_line, tail
 from services.pipeline.runs import RunInProgress, RunStore, Step, now, steps_of, timestamp
 from services.pipeline.steps import STEPS, Cancelled, Context, StepFailed
 
@@ -80,7 +81,7 @@ class Runner:
             return
         for step in steps_of(run):
             if step.status == "running" and step.pid:
-                kill_group(step.pid, grace_s=5)
+                stop_groups([step.pid], timeout_s=5)  # not our child: ended when its group is
         self.store.update(run.run_id, status="failed", finished_at=now(),
                           error="the pipeline runner restarted while this run was in progress")
         log.warning("run %s was left %s by a previous runner: marked failed", run.run_id, run.status)

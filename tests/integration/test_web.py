@@ -264,7 +264,25 @@ def give_feedback(stack) -> None:
             {"kind": "ranking", "completion_ids": [b, a]}]}).raise_for_status()
 
 
+def enough_pairs_to_train_a_reward_model(stack) -> None:
+    """Four rankings of four answers (24 pairs, beyond the runner's min_pairs of 20), so that a run started now
+    goes on to train an RM instead of stopping after its snapshot: it lasts long enough to be cancelled."""
+    app = {"Authorization": f"Bearer {stack.credentials['app_key']}"}
+    before = totals(stack)
+    with httpx.Client(base_url=stack.gateway, headers=app, timeout=60) as client:
+        for i in range(4):
+            reply = client.post("/v1/chat/completions", json={
+                "model": "alignloop-policy", "n": 4, "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"Four answers to question {i}, please."}]},
+            ).raise_for_status().json()
+            client.post("/v1/feedback", json={
+                "kind": "ranking", "completion_ids": [c["completion_id"] for c in reply["choices"]]},
+            ).raise_for_status()
+    wait_for_counts(stack, before, rankings=4)
+
+
 def test_console_shows_the_new_counts_and_refuses_a_second_run(stack, tab):
+    enough_pairs_to_train_a_reward_model(stack)
     t = tab()
     page = t.page
     t.sign_in("/console", stack.credentials["operator_key"])
