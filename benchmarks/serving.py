@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` an
 
 from alignloop.components import http_ok  # noqa: E402
 from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_cpu_environment  # noqa: E402
-from alignloop.supervisor import stop_groups  # noqa: E402
+from alignloop.supervisor import read_state, stop_groups  # noqa: E402
 
 TARGETS = ("alignloop", "vllm-server", "raw")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
@@ -88,6 +88,8 @@ class Result:
     ttft_ms: list[float] = field(default_factory=list)
     requests: int = 0
     solo_ttft_ms: list[float] = field(default_factory=list)
+    # CPU seconds each process (or group of processes) of this target used during its measured rounds.
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,6 +104,8 @@ class Result:
             "wall_s": round(self.wall_s, 3),
             "requests": self.requests,
             "solo_ttft_p50_ms": round(percentile(self.solo_ttft_ms, 50), 2),
+            "cpu_ms_per_token": {part: round(cpu * 1000 / self.tokens, 3) for part, cpu in self.cpu_s.items()}
+            if self.tokens else {},
         }
 
 
@@ -114,6 +118,84 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class CpuMeter:
+    """CPU seconds used by each part of each target, so that the report can say where a serving path spends
+    the machine, not only how fast it is. On two cores every CPU-second a frontend uses is one the engine's
+    forward pass does not get.
+
+    A part is a root process and its descendants (one service with the engine processes it spawned), each
+    descendant listed on its own ("policy › VLLM::EngineCore"); a root given with `alone` counts only itself
+    (the supervisor, whose children are parts of their own). "machine" is every core's busy time, for what the
+    listed parts do not explain.
+    """
+
+    def __init__(self) -> None:
+        self.roots: dict[str, dict[str, tuple[int, bool]]] = {}  # target -> part -> (pid, alone)
+
+    def add(self, target: str, part: str, pid: int, alone: bool = False) -> None:
+        self.roots.setdefault(target, {})[part] = (pid, alone)
+
+    def snapshot(self, target: str) -> dict[str, float]:
+        import psutil
+
+        others = {pid for t, parts in self.roots.items() for pid, _ in parts.values()} | {os.getpid()}
+        seconds: dict[str, float] = {}
+        for part, (pid, alone) in self.roots.get(target, {}).items():
+            try:
+                root = psutil.Process(pid)
+                procs = [(part, root)]
+                if not alone:
+                    procs += [(f"{part} › {process_label(p)}", p) for p in own_descendants(root, others)]
+            except psutil.NoSuchProcess:
+                continue
+            for label, proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    t = proc.cpu_times()
+                    seconds[label] = seconds.get(label, 0.0) + t.user + t.system
+        machine = psutil.cpu_times()
+        seconds["machine"] = machine.user + machine.system + getattr(machine, "nice", 0.0)
+        return seconds
+
+
+def own_descendants(root, others: set[int]) -> list:
+    """`root`'s descendants, leaving out the subtrees of the other roots (other targets started from here)."""
+    import psutil
+
+    found, stack = [], list(root.children())
+    while stack:
+        p = stack.pop()
+        if p.pid in others:
+            continue
+        found.append(p)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            stack.extend(p.children())
+    return found
+
+
+def process_label(proc) -> str:
+    """A short name for a process: vLLM's process title, a module run with -m, or the program's name."""
+    import psutil
+
+    try:
+        cmd = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "gone"
+
+    if not cmd:
+        return proc.name()
+    if cmd[0].startswith("VLLM"):
+        return cmd[0].split()[0]
+    if "-m" in cmd[:-1]:
+        return cmd[cmd.index("-m") + 1]
+    if "-c" in cmd[:-1]:
+        return "python -c"
+    return Path(cmd[0]).name
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {part: after[part] - before.get(part, 0.0) for part in after}
 
 
 def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
@@ -161,7 +243,8 @@ async def run_round(one_request: RequestFn, round_no: int, concurrency: int) -> 
     return time.perf_counter() - started, done
 
 
-async def measure(targets: dict[str, RequestFn], args: argparse.Namespace) -> dict[str, Result]:
+async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter: CpuMeter
+                  ) -> dict[str, Result]:
     """Every target is up at once and idle but for its turn. Round by round, each target runs the round in
     turn (the order rotates, so none is always first): a warm-up round (not counted), then --rounds rounds
     of --concurrency simultaneous requests, then --solo requests one at a time, again in turn. Side by side,
@@ -174,7 +257,9 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace) -> di
         line = []
         for name in rotated(names, round_no):
             await asyncio.to_thread(settle, name)
+            cpu_before = meter.snapshot(name)
             wall, done = await run_round(targets[name], round_no, args.concurrency)
+            cpu = cpu_delta(cpu_before, meter.snapshot(name))
             tokens = sum(n for n, _ in done)
             line.append(f"{name} {tokens / wall:.0f} tok/s")
             if round_no == 0:
@@ -184,6 +269,8 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace) -> di
             r.requests += len(done)
             r.tokens += tokens
             r.ttft_ms += [ttft * 1000 for _, ttft in done if ttft is not None]
+            for part, seconds in cpu.items():
+                r.cpu_s[part] = r.cpu_s.get(part, 0.0) + seconds
         err.print(f"  {label}: " + ", ".join(line))
     for i in range(args.solo):
         # Rounds past the measured ones: prompts no earlier request has cached.
@@ -322,8 +409,9 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, name: str, log
 
 
 @contextlib.contextmanager
-def alignloop_up(settings: Settings, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    """`alignloop up` on free ports with the benchmark's settings; yields the gateway's /v1 URL and app key."""
+def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter) -> Iterator[tuple[str, str]]:
+    """`alignloop up` on free ports with the benchmark's settings; yields the gateway's /v1 URL and app key.
+    Its supervisor and every component it started are parts of the alignloop target in `meter`."""
     settings = settings.model_copy(update={
         "kafka_port": free_port(), "mlflow_port": free_port(), "policy_port": free_port(),
         "policy_canary_port": free_port(), "gateway_port": free_port(),
@@ -339,13 +427,17 @@ def alignloop_up(settings: Settings, args: argparse.Namespace) -> Iterator[tuple
 
         wait_until(up, proc, "alignloop", log_path, args.start_timeout)
         app_key = json.loads(settings.credentials_path.read_text())["app_key"]
+        meter.add("alignloop", "supervisor", proc.pid, alone=True)
+        for component in (read_state(settings) or {}).get("components", []):
+            meter.add("alignloop", component["name"], component["pid"])
         yield f"{settings.gateway_url}/v1", app_key
     finally:
         stop(proc, "alignloop")
 
 
 @contextlib.contextmanager
-def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, meter: CpuMeter
+                ) -> Iterator[tuple[str, str]]:
     """vLLM's OpenAI server over the same folder with build_engine's engine arguments as flags."""
     port = free_port()
     argv = [
@@ -367,12 +459,31 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace) -
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), proc, "vllm-server", log_path,
                    args.start_timeout)
+        meter.add("vllm-server", "api server", proc.pid)
         yield f"http://127.0.0.1:{port}/v1", "EMPTY"
     finally:
         stop(proc, "vllm-server")
 
 
 # ---- report ------------------------------------------------------------------------------------------------
+def cpu_table(results: dict[str, Result]) -> Table:
+    """CPU milliseconds per generated token, by part: where each target spends the machine."""
+    table = Table(title="CPU ms per generated token during the measured rounds (parts using ≥ 0.05 ms)")
+    table.add_column("target / part", no_wrap=True)
+    table.add_column("CPU ms/token", justify="right")
+    for name, r in results.items():
+        if not r.tokens:
+            continue
+        per_token = {part: cpu * 1000 / r.tokens for part, cpu in r.cpu_s.items()}
+        machine = per_token.pop("machine", 0.0)
+        table.add_row(f"[bold]{name}[/]", f"[bold]{sum(per_token.values()):.2f}[/]")
+        for part, ms in sorted(per_token.items(), key=lambda kv: -kv[1]):
+            if ms >= 0.05:
+                table.add_row(f"  {part}", f"{ms:.2f}")
+        table.add_row("  [dim]whole machine[/]", f"[dim]{machine:.2f}[/]")
+    return table
+
+
 def report(results: dict[str, Result], settings: Settings, args: argparse.Namespace) -> dict:
     """Prints the table and the ratios; returns the JSON summary."""
     table = Table(title=f"{args.model}: {args.concurrency} streaming clients, max_tokens={args.max_tokens}, "
@@ -386,6 +497,7 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         table.add_row(name, f"{s['tokens_per_s']:.1f}", f"{s['ttft_p50_ms']:.1f}", f"{s['ttft_p95_ms']:.1f}",
                       f"{s['solo_ttft_p50_ms']:.1f}", str(s["completion_tokens"]), f"{s['wall_s']:.2f}")
     out.print(table)
+    out.print(cpu_table(results))
 
     def p50(name: str, solo: bool = False) -> float | None:
         if name not in results:
@@ -477,21 +589,27 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = settings.models_dir / POLICY_MODEL_NAME / "v1"
     err.print(f"home {home}; targets {', '.join(args.targets)}")
 
+    meter = CpuMeter()
     with contextlib.ExitStack() as servers:
         urls = {}
         if "alignloop" in args.targets:
-            urls["alignloop"] = servers.enter_context(alignloop_up(settings, args))
+            urls["alignloop"] = servers.enter_context(alignloop_up(settings, args, meter))
         if not (model_dir / "config.json").exists():
             sys.exit(f"no model in {model_dir}: run once with the alignloop target (it registers and fetches it)")
         if "vllm-server" in args.targets:
-            urls["vllm-server"] = servers.enter_context(vllm_server(settings, model_dir, args))
+            urls["vllm-server"] = servers.enter_context(vllm_server(settings, model_dir, args, meter))
 
         async def run() -> dict[str, Result]:
             async with contextlib.AsyncExitStack() as stack:
                 targets = {name: openai_target(url, key, args, stack) for name, (url, key) in urls.items()}
+                for name in targets:
+                    # The OpenAI SDK clients run here: their CPU is part of every HTTP target's rounds.
+                    meter.add(name, "benchmark clients", os.getpid(), alone=True)
                 if "raw" in args.targets:
                     targets["raw"] = raw_target(settings, model_dir, args, stack)
-                return await measure(targets, args)
+                    # Here the clients and the engine's frontend share this process; its engine core is a child.
+                    meter.add("raw", "benchmark clients + AsyncLLM", os.getpid())
+                return await measure(targets, args, meter)
 
         results = asyncio.run(run())
 
