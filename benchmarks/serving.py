@@ -198,6 +198,21 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return {part: after[part] - before.get(part, 0.0) for part in after}
 
 
+def median_difference_ci(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0
+                         ) -> tuple[float, float] | None:
+    """A 95% bootstrap interval of p50(a) − p50(b), each list resampled on its own. A solo TTFT is mostly one
+    forward pass, whose jitter on two shared cores (tens of ms) dwarfs the few ms a serving path adds: the
+    interval says whether a difference is measured or noise."""
+    import random
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    rng = random.Random(seed)
+    diffs = sorted(percentile(rng.choices(a, k=len(a)), 50) - percentile(rng.choices(b, k=len(b)), 50)
+                   for _ in range(resamples))
+    return percentile(diffs, 2.5), percentile(diffs, 97.5)
+
+
 def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
     """The chat of one client in one round; identical for every target.
 
@@ -504,7 +519,13 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
             return None
         return percentile(results[name].solo_ttft_ms if solo else results[name].ttft_ms, 50)
 
-    ratio = added = vllm_added = solo_added = vllm_solo_added = None
+    def ci(a: str, b: str, solo: bool = False) -> tuple[float, float] | None:
+        if a not in results or b not in results:
+            return None
+        pick = (lambda r: r.solo_ttft_ms) if solo else (lambda r: r.ttft_ms)
+        return median_difference_ci(pick(results[a]), pick(results[b]))
+
+    ratio = added = vllm_added = solo_added = vllm_solo_added = vs_vllm = None
     if "alignloop" in results and "vllm-server" in results and results["vllm-server"].tokens_per_s:
         ratio = results["alignloop"].tokens_per_s / results["vllm-server"].tokens_per_s
     if "raw" in results:
@@ -514,6 +535,8 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         if "vllm-server" in results:
             vllm_added = p50("vllm-server") - p50("raw")
             vllm_solo_added = p50("vllm-server", solo=True) - p50("raw", solo=True)
+    if "alignloop" in results and "vllm-server" in results:
+        vs_vllm = p50("alignloop") - p50("vllm-server")
 
     def verdict(ok: bool | None) -> str:
         return "[dim]n/a[/]" if ok is None else ("[green]met[/]" if ok else "[red]NOT met[/]")
@@ -524,13 +547,24 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     # negative. Only one request at a time isolates what a serving path adds, so the target must hold there too.
     added_ok = None if added is None or solo_added is None else max(added, solo_added) <= MAX_ADDED_TTFT_MS
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+
+    def with_ci(value: float | None, interval: tuple[float, float] | None) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.2f} ms" + ("" if interval is None else f" [95% CI {interval[0]:.1f} to {interval[1]:.1f}]")
+
+    n = args.concurrency
     out.print(f"throughput alignloop / vllm-server: {fmt(ratio, '×')}  "
               f"(target ≥ {MIN_THROUGHPUT_RATIO:.1f}×: {verdict(ratio_ok)})")
-    out.print(f"added TTFT p50, alignloop − raw:    {fmt(added, ' ms')} with {args.concurrency} clients, "
-              f"{fmt(solo_added, ' ms')} one request at a time  "
+    out.print(f"added TTFT p50, alignloop − raw:    {with_ci(added, ci('alignloop', 'raw'))} with {n} clients; "
+              f"{with_ci(solo_added, ci('alignloop', 'raw', solo=True))} one request at a time  "
               f"(target ≤ {MAX_ADDED_TTFT_MS:.0f} ms in both: {verdict(added_ok)})")
-    out.print(f"added TTFT p50, vllm-server − raw:  {fmt(vllm_added, ' ms')} with {args.concurrency} clients, "
-              f"{fmt(vllm_solo_added, ' ms')} one request at a time  (for reference)")
+    out.print(f"added TTFT p50, vllm-server − raw:  {with_ci(vllm_added, ci('vllm-server', 'raw'))} with {n} "
+              f"clients; {with_ci(vllm_solo_added, ci('vllm-server', 'raw', solo=True))} one request at a time  "
+              "(for reference)")
+    # The same HTTP clients on both sides: the arrival spread that the raw target does not have cancels out.
+    out.print(f"TTFT p50, alignloop − vllm-server:  {with_ci(vs_vllm, ci('alignloop', 'vllm-server'))} with {n} "
+              "clients")
 
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {
@@ -539,6 +573,8 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         "vllm_server_added_ttft_p50_ms": rounded(vllm_added),
         "solo_added_ttft_p50_ms": rounded(solo_added),
         "vllm_server_solo_added_ttft_p50_ms": rounded(vllm_solo_added),
+        "solo_added_ttft_p50_ms_ci95": ci("alignloop", "raw", solo=True),
+        "ttft_p50_ms_vs_vllm_server": rounded(vs_vllm),
         "throughput_target_met": ratio_ok,
         "ttft_target_met": added_ok,
         "targets": {name: r.summary() for name, r in results.items()},
@@ -558,7 +594,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="measured rounds, after one warm-up round")
-    p.add_argument("--solo", type=int, default=10, help="requests sent one at a time after the rounds")
+    p.add_argument("--solo", type=int, default=30,
+                   help="requests sent one at a time after the rounds (each target in turn)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs, in every target")
