@@ -41,7 +41,8 @@ DEMO_CONFIG: dict[str, Any] = {
     # No critic (rloo): a critic starting from scratch is mostly noise over a dozen iterations, and skipping it
     # leaves the time for 4 answers per prompt, whose leave-one-out baseline is what makes the signal.
     # policy_lr 6e-5, not 2e-5: 10 iterations of 2 optimiser steps are all a 900 s budget holds, and at 2e-5
-    # PPO's reward barely rose (0.050 at the last iteration); at 6e-5 it reached 0.143 (README: demo runs).
+    # PPO's reward barely rose (0.050 at the last iteration); at 6e-5 it reached 0.143 and 1.93 in two runs
+    # (README: the demo's runs).
     # missing_eos_penalty (TRL's PPO/RLOO knob; its examples use 1.0): an answer cut off by max_new_tokens loses
     # 1.0 of reward. Nine answers in ten of SmolLM2 run past 48 tokens, so the few that end by themselves are too
     # rare in the feedback for the RM to learn that ending matters (measured: 85-100% cut off throughout PPO).
