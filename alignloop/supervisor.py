@@ -192,15 +192,16 @@ class Supervisor:
         for wave in reversed(self.waves):
             dependents = [r for r in wave if r.component.needs]
             for step in (dependents, [r for r in wave if not r.component.needs]):
-                by_pid = {r.process.pid: r for r in step}
+                names = {r.process.pid: r.component.name for r in step}
 
-                def stopped(pid: int, killed: bool, by_pid=by_pid) -> None:
+                def stopped(pid: int, killed: bool, names=names) -> None:
                     note = f" (killed: still running after {timeout_s:.0f} s)" if killed else ""
-                    self.console.print(f"[dim]stopped {by_pid[pid].component.name}{note}[/]")
+                    self.console.print(f"[dim]stopped {names[pid]}{note}[/]")
 
-                # poll() reaps our child, so that its group can be seen to be gone.
-                stop_groups(list(by_pid), timeout_s, gone=lambda pid, by_pid=by_pid: by_pid[pid].process.poll()
-                            is not None, on_stopped=stopped)
+                stop_groups(list(names), timeout_s, on_stopped=stopped)
+                for r in step:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        r.process.wait(5)  # reap
         self.waves.clear()
         self.state_path.unlink(missing_ok=True)
 
@@ -223,13 +224,11 @@ class Supervisor:
         tmp.replace(self.state_path)
 
 
-def stop_groups(pgids: list[int], timeout_s: float, gone: Callable[[int], bool] | None = None,
+def stop_groups(pgids: list[int], timeout_s: float,
                 on_stopped: Callable[[int, bool], None] | None = None) -> None:
-    """Terminates process groups together: SIGTERM to each, then SIGKILL to those still there after `timeout_s`.
-
-    A group counts as ended when `gone(pgid)` (default: always) holds and no process of it is left.
-    `on_stopped(pgid, killed)` is called as each one ends."""
-    gone = gone or (lambda _pgid: True)
+    """Terminates process groups together: SIGTERM to each, then SIGKILL to those still running after
+    `timeout_s`. `on_stopped(pgid, killed)` is called as each one ends. Reaping is the caller's: an ended child
+    left unreaped does not hold this up (see `group_alive`)."""
     on_stopped = on_stopped or (lambda _pgid, _killed: None)
     pending = []
     for pgid in pgids:
@@ -238,7 +237,7 @@ def stop_groups(pgids: list[int], timeout_s: float, gone: Callable[[int], bool] 
         pending.append(pgid)
     deadline = time.monotonic() + timeout_s
     while pending:
-        for pgid in [p for p in pending if gone(p) and not group_alive(p)]:
+        for pgid in [p for p in pending if not group_alive(p)]:
             pending.remove(pgid)
             on_stopped(pgid, False)
         if not pending or time.monotonic() > deadline:
@@ -248,19 +247,27 @@ def stop_groups(pgids: list[int], timeout_s: float, gone: Callable[[int], bool] 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while not (gone(pgid) and not group_alive(pgid)) and time.monotonic() < deadline:
+        while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         on_stopped(pgid, True)
 
 
 def group_alive(pgid: int) -> bool:
+    """True while a process of group `pgid` still runs. As in `pid_alive`, zombies (ended, not yet reaped by
+    their parent) count as gone: a stopped child would otherwise look alive until its parent's wait()."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if pid_alive(pgid):  # the leader: nearly always the last to go
+        return True
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+    return False
 
 
 def read_state(settings: Settings) -> dict | None:

@@ -402,7 +402,7 @@ def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
 def stop(proc: subprocess.Popen, name: str, timeout_s: float = 60.0) -> None:
     """SIGTERM to the process group, SIGKILL once `timeout_s` has passed (the supervisor's own routine)."""
     with err.status(f"stopping {name}"):
-        stop_groups([proc.pid], timeout_s, lambda _pgid: proc.poll() is not None)
+        stop_groups([proc.pid], timeout_s)
     proc.wait()
 
 

@@ -39,9 +39,8 @@ class LocalHandle:
 
     def kill(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the step's whole process group (torchrun's workers and vLLM's included), SIGKILL to what
-        is left after `grace_s`. Returns as soon as the group has ended: polling reaps the step's process,
-        which would otherwise count as alive (a zombie) until the grace ran out."""
-        stop_groups([self.process.pid], grace_s, lambda _pgid: self.process.poll() is not None)
+        is left after `grace_s`."""
+        stop_groups([self.process.pid], grace_s)
         self.process.wait()
         self.log_file.close()
 

@@ -81,7 +81,7 @@ class Runner:
             return
         for step in steps_of(run):
             if step.status == "running" and step.pid:
-                stop_groups([step.pid], timeout_s=5)  # not our child: ended when its group is
+                stop_groups([step.pid], timeout_s=5)
         self.store.update(run.run_id, status="failed", finished_at=now(),
                           error="the pipeline runner restarted while this run was in progress")
         log.warning("run %s was left %s by a previous runner: marked failed", run.run_id, run.status)

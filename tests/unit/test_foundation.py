@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import stat
 import subprocess
@@ -14,7 +17,7 @@ import pytest
 
 from alignloop import credentials
 from alignloop.config import Settings
-from alignloop.supervisor import pid_alive, port_in_use
+from alignloop.supervisor import group_alive, pid_alive, port_in_use
 
 
 def test_settings_precedence_env_over_toml(tmp_path, monkeypatch):
@@ -75,6 +78,28 @@ def test_pid_alive_counts_an_unreaped_child_as_gone():
     finally:
         child.wait()
     assert not pid_alive(child.pid)
+
+
+def test_a_group_counts_as_gone_when_only_unreaped_processes_are_left():
+    # A group leader that exited but is not reaped yet, with a child of its own still running: the group is
+    # alive until that child ends, and then gone although the leader is still a zombie.
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)']); time.sleep(0.3)")
+    leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while psutil.Process(leader.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the leader never exited"
+            time.sleep(0.05)
+        assert group_alive(leader.pid), "its child still runs"
+        while group_alive(leader.pid):
+            assert time.monotonic() < deadline, "the group never counted as gone"
+            time.sleep(0.05)
+        assert psutil.Process(leader.pid).status() == psutil.STATUS_ZOMBIE  # gone, yet not reaped
+    finally:
+        leader.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
 
 
 # ---- the policy service's request preparation, against a real (tiny) tokenizer ---------------------------
