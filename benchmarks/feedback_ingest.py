@@ -62,7 +62,7 @@ from sqlalchemy import Engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from alignloop import credentials  # noqa: E402
-from benchmarks.serving import percentile  # noqa: E402
+from benchmarks.serving import cpu_seconds, machine_busy_seconds, percentile  # noqa: E402
 from alignloop.kafka_admin import ensure_topics  # noqa: E402
 from alignloop.topics import ChatMessageV1, FeedbackRecordV1, prompt_hash  # noqa: E402
 from tests.integration.feedback_stack import FeedbackStack, feedback_settings  # noqa: E402
@@ -269,13 +269,10 @@ def cpu_sample(stack: FeedbackStack) -> dict[str, float]:
     sample = {"client": time.process_time()}
     for name, proc in stack.procs.items():
         try:
-            t = psutil.Process(proc.pid).cpu_times()
-            sample[name] = t.user + t.system
+            sample[name] = cpu_seconds(psutil.Process(proc.pid))
         except psutil.Error:
             pass
-    m = psutil.cpu_times()
-    sample["machine"] = m.user + m.nice + m.system + getattr(m, "irq", 0) + getattr(m, "softirq", 0) \
-        + getattr(m, "steal", 0)
+    sample["machine"] = machine_busy_seconds()
     return sample
 
 

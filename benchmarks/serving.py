@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -120,6 +122,19 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds `proc` has used so far."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent on anything but idling and waiting for I/O, so far."""
+    m = psutil.cpu_times()
+    return (m.user + m.nice + m.system + getattr(m, "irq", 0.0) + getattr(m, "softirq", 0.0)
+            + getattr(m, "steal", 0.0))
+
+
 class CpuMeter:
     """CPU seconds used by each part of each target, so that the report can say where a serving path spends
     the machine, not only how fast it is. On two cores every CPU-second a frontend uses is one the engine's
@@ -138,8 +153,6 @@ class CpuMeter:
         self.roots.setdefault(target, {})[part] = (pid, alone)
 
     def snapshot(self, target: str) -> dict[str, float]:
-        import psutil
-
         others = {pid for t, parts in self.roots.items() for pid, _ in parts.values()} | {os.getpid()}
         seconds: dict[str, float] = {}
         for part, (pid, alone) in self.roots.get(target, {}).items():
@@ -152,17 +165,13 @@ class CpuMeter:
                 continue
             for label, proc in procs:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    t = proc.cpu_times()
-                    seconds[label] = seconds.get(label, 0.0) + t.user + t.system
-        machine = psutil.cpu_times()
-        seconds["machine"] = machine.user + machine.system + getattr(machine, "nice", 0.0)
+                    seconds[label] = seconds.get(label, 0.0) + cpu_seconds(proc)
+        seconds["machine"] = machine_busy_seconds()
         return seconds
 
 
-def own_descendants(root, others: set[int]) -> list:
+def own_descendants(root: psutil.Process, others: set[int]) -> list[psutil.Process]:
     """`root`'s descendants, leaving out the subtrees of the other roots (other targets started from here)."""
-    import psutil
-
     found, stack = [], list(root.children())
     while stack:
         p = stack.pop()
@@ -174,15 +183,12 @@ def own_descendants(root, others: set[int]) -> list:
     return found
 
 
-def process_label(proc) -> str:
+def process_label(proc: psutil.Process) -> str:
     """A short name for a process: vLLM's process title, a module run with -m, or the program's name."""
-    import psutil
-
     try:
         cmd = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
-
     if not cmd:
         return proc.name()
     if cmd[0].startswith("VLLM"):
@@ -203,8 +209,6 @@ def median_difference_ci(a: list[float], b: list[float], resamples: int = 2000, 
     """A 95% bootstrap interval of p50(a) − p50(b), each list resampled on its own. A solo TTFT is mostly one
     forward pass, whose jitter on two shared cores (tens of ms) dwarfs the few ms a serving path adds: the
     interval says whether a difference is measured or noise."""
-    import random
-
     if len(a) < 2 or len(b) < 2:
         return None
     rng = random.Random(seed)
@@ -241,8 +245,6 @@ def settle(label: str, below_percent: float = 25.0, seconds: int = 2, timeout_s:
     row. "Ready" comes before everything a target started has gone quiet (alignloop's other services finish
     starting and first poll the registry), and an engine that just served keeps polling for its next batch for
     a second: on two cores either would be charged to whichever target is measured next."""
-    import psutil
-
     started, quiet = time.monotonic(), 0
     while quiet < seconds and time.monotonic() - started < timeout_s:
         quiet = quiet + 1 if psutil.cpu_percent(interval=1.0) < below_percent else 0
