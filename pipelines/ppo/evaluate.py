@@ -41,23 +41,43 @@ class Evaluation:
         return asdict(self)
 
 
-def sample_answers(folder: Path, prompts: Sequence[list], *, n: int, max_new_tokens: int, seed: int,
-                   engine_env: dict | None, dtype: str = "float32"):
-    """Samples from a policy folder with an in-process vLLM engine, closed afterwards."""
+def sample_both(candidate_dir: Path, champion_dir: Path, prompts: Sequence[list], *, n: int, max_new_tokens: int,
+                seed: int, engine_env: dict | None, dtype: str = "float32"):
+    """Both policies' answers (candidate, champion, tokenizer) from one in-process vLLM engine, closed afterwards.
+
+    The engine is built on the candidate; the champion's weights then replace them in place (they share an
+    architecture whenever PPO started from the champion). A second engine would cost 15-40 s on CPU, more
+    than all the sampling. Sampling seeds are per request, so each policy draws what its own engine would.
+    """
     from transformers import AutoTokenizer
 
+    from alignloop.inplace_reload import same_architecture
     from pipelines.ppo.models import prompt_token_ids
     from pipelines.ppo.rollout import VLLMRollout
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(candidate_dir))
     ids = [prompt_token_ids(tokenizer, m) for m in prompts]
-    engine = VLLMRollout(folder, max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed,
-                         dtype=dtype, env=engine_env,
-                         gpu_memory_utilization=0.3 if torch.cuda.is_available() else 0.9)
+
+    def open_engine(folder: Path) -> VLLMRollout:
+        return VLLMRollout(folder, max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed,
+                           dtype=dtype, env=engine_env,
+                           gpu_memory_utilization=0.3 if torch.cuda.is_available() else 0.9)
+
+    def answers(engine: VLLMRollout):
+        return engine.generate(ids, n=n, max_tokens=max_new_tokens, temperature=1.0, seed=seed)
+
+    engine = open_engine(candidate_dir)
     try:
-        return engine.generate(ids, n=n, max_tokens=max_new_tokens, temperature=1.0, seed=seed), tokenizer
+        cand = answers(engine)
+        if same_architecture(candidate_dir, champion_dir):
+            engine.load_folder(champion_dir)
+        else:
+            engine.close()
+            engine = open_engine(champion_dir)
+        champ = answers(engine)
     finally:
         engine.close()
+    return cand, champ, tokenizer
 
 
 @torch.no_grad()
@@ -82,10 +102,8 @@ def evaluate(candidate_dir: Path, champion_dir: Path, reference_dir: Path, promp
              engine_env: dict | None = None) -> Evaluation:
     if not prompts:
         raise ValueError("no held-out prompts to evaluate on")
-    cand, tokenizer = sample_answers(candidate_dir, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
-                                     seed=seed, engine_env=engine_env)
-    champ, _ = sample_answers(champion_dir, prompts, n=samples_per_prompt, max_new_tokens=max_new_tokens,
-                              seed=seed, engine_env=engine_env)
+    cand, champ, tokenizer = sample_both(candidate_dir, champion_dir, prompts, n=samples_per_prompt,
+                                         max_new_tokens=max_new_tokens, seed=seed, engine_env=engine_env)
     conversations = [prompts[s.prompt_index] for s in cand]
     r_cand = reward.score(conversations, [s.text for s in cand])
     r_champ = reward.score([prompts[s.prompt_index] for s in champ], [s.text for s in champ])

@@ -3,7 +3,7 @@
 Promotions are followed live (`follow_alias`): every `policy_poll_s` the registry is asked where the alias
 points; a new version of the same architecture is fetched, then new requests wait at a gate while vLLM
 finishes the requests it has (pause_generation mode "wait"), reloads the weights in place from the version's
-folder and drops its prefix cache; then the gate opens. No request fails and no answer mixes two versions;
+folder (with its tied output head spelled out: alignloop/inplace_reload.py) and drops its prefix cache; then the gate opens. No request fails and no answer mixes two versions;
 each response names the version that produced all of it. A version of another architecture cannot be loaded
 in place: it is logged and the service keeps serving (a restart picks it up).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -29,6 +28,7 @@ from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_serving import start_server, stop_on_signals
+from alignloop.inplace_reload import architecture, reload_folder
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, canary_share, fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
@@ -36,9 +36,6 @@ from services.policy.engine import InvalidRequest, build_engine, completion_mess
 
 log = logging.getLogger("alignloop.policy")
 
-# config.json fields that must match for weights to be loaded into the running engine.
-SHAPE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
@@ -150,12 +147,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         from transformers import AutoTokenizer
 
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(folder))
+        weights = await asyncio.to_thread(reload_folder, folder, folder.with_name(folder.name + ".reload"))
         started = time.perf_counter()
         self.open.clear()
         try:
             await self.engine.pause_generation(mode="wait", clear_cache=True)
             try:
-                await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+                await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(weights)})
                 await self.engine.reset_prefix_cache()
             finally:
                 await self.engine.resume_generation()
@@ -165,11 +163,6 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         finally:
             self.open.set()
         return time.perf_counter() - started
-
-
-def architecture(folder: Path) -> dict:
-    config = json.loads((folder / "config.json").read_text())
-    return {k: config.get(k) for k in SHAPE_KEYS}
 
 
 async def follow_alias(settings: Settings, servicer: PolicyServicer, served_dir: Path, stop: asyncio.Event) -> None:

@@ -179,6 +179,27 @@ def perturbed_copy(settings: Settings, dest: Path) -> Path:
     return dest
 
 
+def served_and_own_logprobs(policy_address: str, folder: Path) -> tuple[list[float], list[float]]:
+    """A greedy answer's log-probs as the policy service reports them, and as `folder`'s weights give them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    messages = [{"role": "user", "content": "Say something about weights."}]
+    with grpc.insecure_channel(policy_address) as channel:
+        resp = pb_grpc.PolicyServiceStub(channel).Generate(pb.GenerateRequest(
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages]),
+            sampling=pb.SamplingParams(temperature=0.0, max_tokens=8, logprobs=True)), timeout=60)
+    answer = resp.completions[0]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                              add_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt + list(answer.token_ids)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+    own = logprobs.gather(-1, ids[0, len(prompt):, None]).squeeze(-1).tolist()
+    return [lp.logprob for lp in answer.logprobs], own
+
+
 def test_promotion_is_served_in_place_without_failing_a_request(loop_stack, tmp_path):
     settings = settings_of(loop_stack)
     # Whatever the tests above promoted: the version serving now, and how many swaps brought it there.
@@ -238,6 +259,10 @@ def test_promotion_is_served_in_place_without_failing_a_request(loop_stack, tmp_
     with grpc.insecure_channel(loop_stack.policy) as channel:
         info = pb_grpc.PolicyServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.model.version == v2.version and info.swaps == swaps + 1
+    # And it is v2 that answers, every weight of it: the served log-probs are v2's own (the tiny model's output
+    # head is tied to its embeddings, which a plain reload of its folder would have left as they were).
+    served, expected = served_and_own_logprobs(loop_stack.policy, folder)
+    assert served == pytest.approx(expected, abs=1e-3)
 
     # Rollback is followed the same way.
     promotion.rollback(settings, settings.policy_model_name)

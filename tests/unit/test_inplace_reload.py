@@ -1,0 +1,56 @@
+"""alignloop.inplace_reload: which folder a promotion hands to vLLM's in-place reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from alignloop.inplace_reload import HEAD_FILE, architecture, reload_folder, same_architecture, tied_weights
+from pipelines.models_init import build_tiny_policy
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return build_tiny_policy(tmp_path_factory.mktemp("tied") / "m", max_position_embeddings=64)
+
+
+def keys(folder):
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            out |= {k: f.get_tensor(k) for k in f.keys()}
+    return out
+
+
+def test_a_tied_checkpoint_gets_a_companion_that_names_the_head(tied, tmp_path):
+    assert tied_weights(tied) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" not in keys(tied)  # saved once, as the embedding: what a plain reload would miss
+    view = reload_folder(tied, tmp_path / "v1.reload")
+    assert view == tmp_path / "v1.reload"
+    weights = keys(view)
+    assert (weights["lm_head.weight"] == weights["model.embed_tokens.weight"]).all()
+    assert (view / HEAD_FILE).exists() and (view / "config.json").is_symlink()
+    assert sorted(p.name for p in tied.iterdir() if not p.name.startswith(".")) == \
+        sorted(p.name for p in view.iterdir() if p.name != HEAD_FILE and not p.name.startswith("."))
+    assert not (tied / HEAD_FILE).exists()  # the version's own folder is left as it was
+    stamp = (view / HEAD_FILE).stat().st_mtime_ns
+    assert reload_folder(tied, view) == view and (view / HEAD_FILE).stat().st_mtime_ns == stamp  # made once
+
+
+def test_an_untied_checkpoint_is_reloaded_from_its_own_folder(tmp_path):
+    untied = build_tiny_policy(tmp_path / "untied", max_position_embeddings=64, tie_word_embeddings=False)
+    assert tied_weights(untied) == {}
+    assert reload_folder(untied, tmp_path / "view") == untied
+    assert not (tmp_path / "view").exists()
+
+
+def test_architecture_compares_shapes_only(tied, tmp_path):
+    other = build_tiny_policy(tmp_path / "seed1", max_position_embeddings=64, seed=1)
+    assert same_architecture(tied, other)  # other weights, same shapes
+    config = json.loads((other / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    assert not same_architecture(tied, other)
+    assert architecture(other)["num_hidden_layers"] == architecture(tied)["num_hidden_layers"] + 1
