@@ -65,14 +65,14 @@ def reload_folder(folder: Path, dest: Path) -> Path:
     missing = {head: embed for head, embed in tied.items() if head not in names and embed in names}
     if not missing:
         return folder
-    if (dest / ".complete").exists():
+    if (dest / ".complete").exists() and (dest / "config.json").exists():
         return dest
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for item in folder.iterdir():
-        if not item.name.startswith("."):
-            os.symlink(item.resolve(), partial / item.name)
+        if not item.name.startswith("."):  # relative links: the view survives a moved ALIGNLOOP_HOME
+            os.symlink(os.path.relpath(item.resolve(), dest.resolve()), partial / item.name)
     heads = {}
     for head, embed in missing.items():
         with safe_open(str(names[embed]), "pt") as f:

@@ -39,6 +39,17 @@ def test_a_tied_checkpoint_gets_a_companion_that_names_the_head(tied, tmp_path):
     assert reload_folder(tied, view) == view and (view / HEAD_FILE).stat().st_mtime_ns == stamp  # made once
 
 
+def test_the_companion_survives_a_moved_home(tmp_path):
+    home = tmp_path / "home"
+    version = build_tiny_policy(home / "models" / "v1", max_position_embeddings=64)
+    reload_folder(version, home / "models" / "v1.reload")
+    moved = tmp_path / "moved"
+    home.rename(moved)
+    view = reload_folder(moved / "models" / "v1", moved / "models" / "v1.reload")
+    assert view == moved / "models" / "v1.reload"
+    assert "lm_head.weight" in keys(view) and (view / "config.json").read_text()
+
+
 def test_an_untied_checkpoint_is_reloaded_from_its_own_folder(tmp_path):
     untied = build_tiny_policy(tmp_path / "untied", max_position_embeddings=64, tie_word_embeddings=False)
     assert tied_weights(untied) == {}
