@@ -3,8 +3,9 @@
 Promotions are followed live (`follow_alias`): every `policy_poll_s` the registry is asked where the alias
 points; a new version of the same architecture is fetched, then new requests wait at a gate while vLLM
 finishes the requests it has (pause_generation mode "wait"), reloads the weights in place from the version's
-folder (with its tied output head spelled out: alignloop/inplace_reload.py) and drops its prefix cache; then the gate opens. No request fails and no answer mixes two versions;
-each response names the version that produced all of it. A version of another architecture cannot be loaded
+folder (with its tied output head spelled out: alignloop/inplace_reload.py) and drops its prefix cache; then
+the gate opens. No request fails and no answer mixes two versions; each response names the version that
+produced all of it. A version of another architecture cannot be loaded
 in place: it is logged and the service keeps serving (a restart picks it up).
 
 The canary service is this same service following `policy_canary_alias` with `policy_wait_for_alias`: it starts
