@@ -75,7 +75,7 @@ class VLLMRollout:
 
     def load_folder(self, folder: Path) -> None:
         """Puts a saved model's weights (same architecture) into the engine in place: under a second for a
-        135M model, against 15-40 s for a new engine on CPU. A tied output head is passed under its own name
+        135M model, where a new engine costs seconds more. A tied output head is passed under its own name
         too (alignloop/inplace_reload.py: a reload leaves a layer it gets no weight for as it was)."""
         from safetensors.torch import load_file
 
