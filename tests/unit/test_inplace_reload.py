@@ -65,3 +65,19 @@ def test_architecture_compares_shapes_only(tied, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     assert not same_architecture(tied, other)
     assert architecture(other)["num_hidden_layers"] == architecture(tied)["num_hidden_layers"] + 1
+
+
+def test_a_sharded_checkpoint_gets_the_head_in_its_index(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    small = build_tiny_policy(tmp_path / "small", max_position_embeddings=64)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(small)).save_pretrained(str(sharded), max_shard_size="200KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" not in index["weight_map"]
+    view = reload_folder(sharded, tmp_path / "sharded.reload")
+    assert json.loads((view / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"] == HEAD_FILE
+    assert not (view / "model.safetensors.index.json").is_symlink()
+    assert "lm_head.weight" not in json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    weights = keys(view)
+    assert (weights["lm_head.weight"] == weights["model.embed_tokens.weight"]).all()
