@@ -1,9 +1,9 @@
 """Loading a saved model's weights into an already built vLLM engine, in place.
 
-Two callers: the policy service when `@champion` moves (its engine runs in other processes, so it hands vLLM a
-folder: `collective_rpc("reload_weights", weights_path=...)`), and the policy gate, which samples the champion
-in the engine it built for the candidate (in-process, so it hands over tensors). This module says whether a
-folder fits an engine, and which weights a reload must be given.
+Two callers: the policy service when `@champion` moves, and the policy gate, which samples the champion in the
+engine it built for the candidate (`VLLMRollout.load_folder`). Both hand vLLM a folder
+(`collective_rpc("reload_weights", weights_path=...)`); this module says whether a folder fits an engine, and
+which folder to hand over.
 
 vLLM 0.32's layerwise reload puts back a layer's previous tensor when the checkpoint holds no weight for it. A
 model whose output head is tied to its input embeddings (SmolLM2, the tiny test model) saves the shared matrix
@@ -48,23 +48,26 @@ def tied_weights(folder: Path) -> dict[str, str]:
     return dict(keys) if isinstance(keys, dict) else {}
 
 
-def reload_folder(folder: Path, dest: Path) -> Path:
+def reload_folder(folder: Path) -> Path:
     """The folder to hand to `reload_weights` for `folder`'s weights: `folder` itself, or, for a model with tied
-    embeddings whose checkpoint lacks the head, `dest` (made once): links to `folder`'s files plus one file
-    holding each tied head's weight. `dest` must not be inside `folder` (a registered version is immutable)."""
+    embeddings whose checkpoint lacks the head, its companion `<folder>.reload` beside it (made once): links to
+    `folder`'s files plus one file holding each tied head's weight. `folder` itself is never written to (a
+    registered version is immutable)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     folder = Path(folder)
     tied = tied_weights(folder)
-    shards = sorted(folder.glob("*.safetensors"))
+    if not tied:
+        return folder
     names: dict[str, Path] = {}
-    for shard in shards:
+    for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             names |= {k: shard for k in f.keys()}
     missing = {head: embed for head, embed in tied.items() if head not in names and embed in names}
     if not missing:
         return folder
+    dest = folder.with_name(folder.name + ".reload")
     if (dest / ".complete").exists() and (dest / "config.json").exists():
         return dest
     partial = dest.with_name(dest.name + ".partial")
@@ -82,7 +85,7 @@ def reload_folder(folder: Path, dest: Path) -> Path:
     if index.exists():  # vLLM reads only the shards an index names
         data = json.loads(index.read_text())
         data["weight_map"] |= {head: HEAD_FILE for head in heads}
-        index.unlink()
+        index.unlink()  # the link, not the version's own index
         index.write_text(json.dumps(data))
     (partial / ".complete").touch()
     shutil.rmtree(dest, ignore_errors=True)

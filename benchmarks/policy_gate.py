@@ -1,6 +1,6 @@
 """The policy gate's sampling: both policies' answers from one engine (the champion's weights loaded in place
-after the candidate's answers, pipelines/ppo/evaluate.py: sample_both) against one engine per policy, the way
-the gate sampled before, side by side in one process.
+after the candidate's answers, pipelines/ppo/evaluate.py: sample_both) against one engine per policy (the way
+the gate sampled before; sample_both's own fallback, `reuse_engine=False`), side by side in one process.
 
 Each round runs both ways, in alternating order, on the same prompts and seeds; the best round of each counts
 (other users of the machine only ever slow a round down). The candidate is the champion with a perturbed copy
@@ -15,8 +15,8 @@ The last line on stdout is a JSON object (seconds of each way, speedup_vs_two_en
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,26 +44,6 @@ def perturbed(folder: Path) -> Path:
     return dest
 
 
-def two_engines(candidate: Path, champion: Path, conversations, *, n: int, max_new_tokens: int, seed: int, env):
-    """One engine per policy, each built and closed in turn."""
-    from transformers import AutoTokenizer
-
-    from pipelines.ppo.models import prompt_token_ids
-    from pipelines.ppo.rollout import VLLMRollout
-
-    tokenizer = AutoTokenizer.from_pretrained(str(candidate))
-    ids = [prompt_token_ids(tokenizer, m) for m in conversations]
-    out = []
-    for folder in (candidate, champion):
-        engine = VLLMRollout(folder, max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed,
-                             env=env, gpu_memory_utilization=0.9)
-        try:
-            out.append(engine.generate(ids, n=n, max_tokens=max_new_tokens, temperature=1.0, seed=seed))
-        finally:
-            engine.close()
-    return out[0], out[1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random policy instead of SmolLM2-135M")
@@ -77,17 +57,12 @@ def main() -> None:
     from pipelines.ppo.evaluate import sample_both
 
     env = vllm_cpu_environment(Settings(home=BENCH_DIR / "home"))
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
     champion = policy_folder(a.tiny)
     candidate = perturbed(champion)
     conversations = prompts(a.prompts)
-    kwargs = dict(n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens, seed=0, env=env)
-    ways = {
-        "one_engine": lambda: sample_both(candidate, champion, conversations, n=kwargs["n"],
-                                          max_new_tokens=kwargs["max_new_tokens"], seed=0, engine_env=env)[:2],
-        "two_engines": lambda: two_engines(candidate, champion, conversations, **kwargs),
-    }
+    sample = functools.partial(sample_both, candidate, champion, conversations, n=a.samples_per_prompt,
+                               max_new_tokens=a.max_new_tokens, seed=0, engine_env=env)
+    ways = {"one_engine": lambda: sample()[:2], "two_engines": lambda: sample(reuse_engine=False)[:2]}
     seconds: dict[str, list[float]] = {k: [] for k in ways}
     answers = {}
     for r in range(a.rounds):
@@ -96,8 +71,8 @@ def main() -> None:
             answers[name] = ways[name]()
             seconds[name].append(time.perf_counter() - started)
             print(f"round {r + 1}: {name:12s} {seconds[name][-1]:6.2f} s", file=sys.stderr)
-    same = all([s.response_ids for s in answers["one_engine"][i]] == [s.response_ids for s in answers["two_engines"][i]]
-               for i in (0, 1))
+    same = all([s.response_ids for s in one] == [s.response_ids for s in two]
+               for one, two in zip(answers["one_engine"], answers["two_engines"], strict=True))
     best = {k: min(v) for k, v in seconds.items()}
     print(f"one engine {best['one_engine']:.2f} s, two engines {best['two_engines']:.2f} s: "
           f"{best['two_engines'] / best['one_engine']:.2f}x; the same answers: {same}")

@@ -42,12 +42,14 @@ class Evaluation:
 
 
 def sample_both(candidate_dir: Path, champion_dir: Path, prompts: Sequence[list], *, n: int, max_new_tokens: int,
-                seed: int, engine_env: dict | None, dtype: str = "float32"):
-    """Both policies' answers (candidate, champion, tokenizer) from one in-process vLLM engine, closed afterwards.
+                seed: int, engine_env: dict | None, dtype: str = "float32", reuse_engine: bool = True):
+    """Both policies' answers (candidate, champion, tokenizer) from in-process vLLM engines, closed afterwards.
 
-    The engine is built on the candidate; the champion's weights then replace them in place (they share an
-    architecture whenever PPO started from the champion). benchmarks/policy_gate.py: 11.5 s against 14.9 s
-    with an engine per policy (SmolLM2, 16 prompts, warm process; a cold one pays more). Sampling seeds are per request, so each policy draws what its own engine would.
+    The engine is built on the candidate; the champion's weights then replace them in place when they share an
+    architecture (always, when PPO started from the champion); otherwise, or without `reuse_engine`, the
+    champion gets an engine of its own. benchmarks/policy_gate.py: 10.9 s against 13.5 s with an engine each
+    (SmolLM2, 16 prompts, warm process). Sampling seeds are per request, so each policy draws what its own
+    engine would.
     """
     from transformers import AutoTokenizer
 
@@ -69,7 +71,7 @@ def sample_both(candidate_dir: Path, champion_dir: Path, prompts: Sequence[list]
     engine = open_engine(candidate_dir)
     try:
         cand = answers(engine)
-        if same_architecture(candidate_dir, champion_dir):
+        if reuse_engine and same_architecture(candidate_dir, champion_dir):
             engine.load_folder(champion_dir)
         else:
             engine.close()

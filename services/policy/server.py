@@ -5,8 +5,8 @@ points; a new version of the same architecture is fetched, then new requests wai
 finishes the requests it has (pause_generation mode "wait"), reloads the weights in place from the version's
 folder (with its tied output head spelled out: alignloop/inplace_reload.py) and drops its prefix cache; then
 the gate opens. No request fails and no answer mixes two versions; each response names the version that
-produced all of it. A version of another architecture cannot be loaded
-in place: it is logged and the service keeps serving (a restart picks it up).
+produced all of it. A version of another architecture cannot be loaded in place: it is logged and the service
+keeps serving (a restart picks it up).
 
 The canary service is this same service following `policy_canary_alias` with `policy_wait_for_alias`: it starts
 with no engine (GetInfo: not ready; Generate: UNAVAILABLE), builds one when a challenger is first named, and
@@ -148,7 +148,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         from transformers import AutoTokenizer
 
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(folder))
-        weights = await asyncio.to_thread(reload_folder, folder, folder.with_name(folder.name + ".reload"))
+        weights = await asyncio.to_thread(reload_folder, folder)
         started = time.perf_counter()
         self.open.clear()
         try:

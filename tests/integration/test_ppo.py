@@ -352,8 +352,7 @@ def test_the_gate_samples_the_champion_in_the_candidates_engine_as_its_own_engin
     champion = build_tiny_policy(tmp_path / "champion", max_position_embeddings=512, seed=1)
     prompts = PROMPTS[:6]
     env = vllm_cpu_environment(Settings(home=tmp_path / "home"))
-    cand, champ, tokenizer = sample_both(tiny_policy, champion, prompts, n=2, max_new_tokens=12, seed=3,
-                                         engine_env=env)
+    cand, champ, _ = sample_both(tiny_policy, champion, prompts, n=2, max_new_tokens=12, seed=3, engine_env=env)
     assert [s.response_ids for s in cand] != [s.response_ids for s in champ]  # other weights answered
 
     ids = [s.prompt_ids for s in cand[::2]]
@@ -362,7 +361,8 @@ def test_the_gate_samples_the_champion_in_the_candidates_engine_as_its_own_engin
         alone = own.generate(ids, n=2, max_tokens=12, temperature=1.0, seed=3)
     finally:
         own.close()
-    # The same answers, token for token: the in-place load replaced every weight and dropped the cached prefixes.
+    # The same answers, token for token: the in-place load replaced every weight, the tied head too, and
+    # dropped the cached prefixes.
     assert [s.response_ids for s in champ] == [s.response_ids for s in alone]
     flat = [lp for s in champ for lp in s.logprobs]
     assert flat == pytest.approx([lp for s in alone for lp in s.logprobs], abs=1e-4)

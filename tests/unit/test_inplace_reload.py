@@ -27,8 +27,8 @@ def keys(folder):
 def test_a_tied_checkpoint_gets_a_companion_that_names_the_head(tied, tmp_path):
     assert tied_weights(tied) == {"lm_head.weight": "model.embed_tokens.weight"}
     assert "lm_head.weight" not in keys(tied)  # saved once, as the embedding: what a plain reload would miss
-    view = reload_folder(tied, tmp_path / "v1.reload")
-    assert view == tmp_path / "v1.reload"
+    view = reload_folder(tied)
+    assert view == tied.with_name("m.reload")
     weights = keys(view)
     assert (weights["lm_head.weight"] == weights["model.embed_tokens.weight"]).all()
     assert (view / HEAD_FILE).exists() and (view / "config.json").is_symlink()
@@ -36,16 +36,16 @@ def test_a_tied_checkpoint_gets_a_companion_that_names_the_head(tied, tmp_path):
         sorted(p.name for p in view.iterdir() if p.name != HEAD_FILE and not p.name.startswith("."))
     assert not (tied / HEAD_FILE).exists()  # the version's own folder is left as it was
     stamp = (view / HEAD_FILE).stat().st_mtime_ns
-    assert reload_folder(tied, view) == view and (view / HEAD_FILE).stat().st_mtime_ns == stamp  # made once
+    assert reload_folder(tied) == view and (view / HEAD_FILE).stat().st_mtime_ns == stamp  # made once
 
 
 def test_the_companion_survives_a_moved_home(tmp_path):
     home = tmp_path / "home"
     version = build_tiny_policy(home / "models" / "v1", max_position_embeddings=64)
-    reload_folder(version, home / "models" / "v1.reload")
+    reload_folder(version)
     moved = tmp_path / "moved"
     home.rename(moved)
-    view = reload_folder(moved / "models" / "v1", moved / "models" / "v1.reload")
+    view = reload_folder(moved / "models" / "v1")
     assert view == moved / "models" / "v1.reload"
     assert "lm_head.weight" in keys(view) and (view / "config.json").read_text()
 
@@ -53,8 +53,8 @@ def test_the_companion_survives_a_moved_home(tmp_path):
 def test_an_untied_checkpoint_is_reloaded_from_its_own_folder(tmp_path):
     untied = build_tiny_policy(tmp_path / "untied", max_position_embeddings=64, tie_word_embeddings=False)
     assert tied_weights(untied) == {}
-    assert reload_folder(untied, tmp_path / "view") == untied
-    assert not (tmp_path / "view").exists()
+    assert reload_folder(untied) == untied
+    assert not (tmp_path / "untied.reload").exists()
 
 
 def test_architecture_compares_shapes_only(tied, tmp_path):
@@ -75,8 +75,10 @@ def test_a_sharded_checkpoint_gets_the_head_in_its_index(tmp_path):
     AutoModelForCausalLM.from_pretrained(str(small)).save_pretrained(str(sharded), max_shard_size="200KB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" not in index["weight_map"]
-    view = reload_folder(sharded, tmp_path / "sharded.reload")
-    assert json.loads((view / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"] == HEAD_FILE
+    view = reload_folder(sharded)
+    assert view == tmp_path / "sharded.reload"
+    weight_map = json.loads((view / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map["lm_head.weight"] == HEAD_FILE
     assert not (view / "model.safetensors.index.json").is_symlink()
     assert "lm_head.weight" not in json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
     weights = keys(view)
