@@ -7,6 +7,9 @@ target after the other while the rest stay idle (the machine is first let go qui
 shared machine falls on every target rather than on whichever happened to run then:
 
   alignloop    `alignloop up` (broker, MLflow, policy service, gateway); OpenAI SDK over the gateway's SSE
+  policy-grpc  the same stack's policy service called directly (GenerateStream), as the gateway calls it: the
+               difference to alignloop is the gateway's share of the path, the difference to raw the policy
+               service's
   vllm-server  `python -m vllm.entrypoints.openai.api_server` with the same engine flags; same client code
   raw          vLLM AsyncLLM in this process, `engine.generate` with RequestOutputKind.DELTA
 
@@ -49,7 +52,7 @@ from alignloop.components import http_ok  # noqa: E402
 from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_cpu_environment  # noqa: E402
 from alignloop.supervisor import read_state, stop_groups  # noqa: E402
 
-TARGETS = ("alignloop", "vllm-server", "raw")
+TARGETS = ("alignloop", "policy-grpc", "vllm-server", "raw")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
 MIN_THROUGHPUT_RATIO = 1.0
 MAX_ADDED_TTFT_MS = 5.0
@@ -337,6 +340,35 @@ def openai_target(base_url: str, api_key: str, args: argparse.Namespace, stack: 
     return one_request
 
 
+def grpc_target(address: str, args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> RequestFn:
+    """GenerateStream on the policy service, with the request the gateway would build for the same chat."""
+    import grpc
+
+    from alignloop.v1 import policy_pb2 as pb
+    from alignloop.v1 import policy_pb2_grpc as pb_grpc
+
+    channel = grpc.aio.insecure_channel(address)
+    stack.push_async_callback(channel.close)
+    stub = pb_grpc.PolicyServiceStub(channel)
+
+    async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
+        request = pb.GenerateRequest(
+            request_id=f"bench-grpc-{round_no}-{c}-{time.monotonic_ns()}",
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
+                                           for m in messages_for(round_no, c)]),
+            sampling=pb.SamplingParams(n=1, temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
+        sent = time.perf_counter()
+        ttft, tokens = None, 0
+        async for msg in stub.GenerateStream(request, timeout=600):
+            for d in msg.deltas:
+                tokens += len(d.token_ids)
+                if ttft is None and d.text:
+                    ttft = time.perf_counter() - sent
+        return tokens, ttft
+
+    return one_request
+
+
 def raw_target(settings: Settings, model_dir: Path, args: argparse.Namespace, stack: contextlib.AsyncExitStack
                ) -> RequestFn:
     """The engine alone: build_engine, fed token ids made the way the policy service makes them."""
@@ -426,8 +458,10 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, name: str, log
 
 
 @contextlib.contextmanager
-def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter) -> Iterator[tuple[str, str]]:
-    """`alignloop up` on free ports with the benchmark's settings; yields the gateway's /v1 URL and app key.
+def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter
+                 ) -> Iterator[tuple[str, str, str]]:
+    """`alignloop up` on free ports with the benchmark's settings; yields the gateway's /v1 URL, the app key and
+    the policy service's gRPC address.
     Its supervisor and every component it started are parts of the alignloop target in `meter`."""
     settings = settings.model_copy(update={
         "kafka_port": free_port(), "mlflow_port": free_port(), "policy_port": free_port(),
@@ -447,7 +481,7 @@ def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter) 
         meter.add("alignloop", "supervisor", proc.pid, alone=True)
         for component in (read_state(settings) or {}).get("components", []):
             meter.add("alignloop", component["name"], component["pid"])
-        yield f"{settings.gateway_url}/v1", app_key
+        yield f"{settings.gateway_url}/v1", app_key, f"{settings.host}:{settings.policy_port}"
     finally:
         stop(proc, "alignloop")
 
@@ -539,6 +573,13 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
             vllm_solo_added = p50("vllm-server", solo=True) - p50("raw", solo=True)
     if "alignloop" in results and "vllm-server" in results:
         vs_vllm = p50("alignloop") - p50("vllm-server")
+    # Where alignloop's one-at-a-time milliseconds go: the gateway's hop (HTTP in, SSE out, the gRPC call) and
+    # the policy service's (gRPC in, tokenising, the engine behind it), each measured on the same requests.
+    gateway_share = policy_share = None
+    if "policy-grpc" in results:
+        gateway_share = p50("alignloop", solo=True) - p50("policy-grpc", solo=True)
+        if "raw" in results:
+            policy_share = p50("policy-grpc", solo=True) - p50("raw", solo=True)
 
     def verdict(ok: bool | None) -> str:
         return "[dim]n/a[/]" if ok is None else ("[green]met[/]" if ok else "[red]NOT met[/]")
@@ -568,6 +609,11 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     out.print(f"TTFT p50, alignloop − vllm-server:  {with_ci(vs_vllm, ci('alignloop', 'vllm-server'))} with {n} "
               "clients")
 
+    if gateway_share is not None:
+        out.print(f"one at a time, alignloop − policy-grpc (the gateway's share): "
+                  f"{with_ci(gateway_share, ci('alignloop', 'policy-grpc', solo=True))}; policy-grpc − raw "
+                  f"(the policy service's share): {with_ci(policy_share, ci('policy-grpc', 'raw', solo=True))}")
+
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {
         "throughput_ratio_vs_vllm_server": rounded(ratio),
@@ -577,6 +623,8 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         "vllm_server_solo_added_ttft_p50_ms": rounded(vllm_solo_added),
         "solo_added_ttft_p50_ms_ci95": ci("alignloop", "raw", solo=True),
         "ttft_p50_ms_vs_vllm_server": rounded(vs_vllm),
+        "solo_gateway_share_ms": rounded(gateway_share),
+        "solo_policy_service_share_ms": rounded(policy_share),
         "throughput_target_met": ratio_ok,
         "ttft_target_met": added_ok,
         "targets": {name: r.summary() for name, r in results.items()},
@@ -608,6 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(wanted) - set(TARGETS):
         p.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    if "policy-grpc" in wanted and "alignloop" not in wanted:
+        p.error("the policy-grpc target calls the alignloop stack's policy service: add the alignloop target")
     # Fixed order: alignloop first, as it registers and fetches the model the others load.
     args.targets = [t for t in TARGETS if t in wanted]
     return args
@@ -632,7 +682,8 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as servers:
         urls = {}
         if "alignloop" in args.targets:
-            urls["alignloop"] = servers.enter_context(alignloop_up(settings, args, meter))
+            gateway_url, app_key, policy_address = servers.enter_context(alignloop_up(settings, args, meter))
+            urls["alignloop"] = gateway_url, app_key
         if not (model_dir / "config.json").exists():
             sys.exit(f"no model in {model_dir}: run once with the alignloop target (it registers and fetches it)")
         if "vllm-server" in args.targets:
@@ -644,6 +695,11 @@ def main(argv: list[str] | None = None) -> None:
                 for name in targets:
                     # The OpenAI SDK clients run here: their CPU is part of every HTTP target's rounds.
                     meter.add(name, "benchmark clients", os.getpid(), alone=True)
+                if "policy-grpc" in args.targets:
+                    targets["policy-grpc"] = grpc_target(policy_address, args, stack)
+                    meter.add("policy-grpc", "benchmark clients", os.getpid(), alone=True)
+                    if "policy" in meter.roots.get("alignloop", {}):
+                        meter.add("policy-grpc", "policy", meter.roots["alignloop"]["policy"][0])
                 if "raw" in args.targets:
                     targets["raw"] = raw_target(settings, model_dir, args, stack)
                     # Here the clients and the engine's frontend share this process; its engine core is a child.

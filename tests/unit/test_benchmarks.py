@@ -23,3 +23,37 @@ def test_benchmark_imports_and_has_a_main(path: Path):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)  # runs the module's imports, not its __main__ block
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
+
+
+def _load(name: str):
+    path = next(p for p in BENCHMARKS if p.stem == name)
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serving_report_splits_alignloops_added_ttft_between_gateway_and_policy_service():
+    serving = _load("serving")
+    args = serving.parse_args(["--model", "tiny", "--rounds", "1"])
+    solo = {"alignloop": [20.0, 21.0, 22.0], "policy-grpc": [14.0, 15.0, 16.0], "raw": [10.0, 11.0, 12.0],
+            "vllm-server": [18.0, 19.0, 20.0]}
+    results = {}
+    for name, ttfts in solo.items():
+        r = serving.Result(name, tokens=100, wall_s=1.0, ttft_ms=[x * 3 for x in ttfts], requests=3)
+        r.solo_ttft_ms = ttfts
+        results[name] = r
+    summary = serving.report(results, serving.Settings(), args)
+    assert summary["solo_added_ttft_p50_ms"] == 10.0  # 21 − 11
+    assert summary["solo_gateway_share_ms"] == 6.0  # 21 − 15
+    assert summary["solo_policy_service_share_ms"] == 4.0  # 15 − 11
+    assert summary["vllm_server_solo_added_ttft_p50_ms"] == 8.0
+    assert summary["ttft_target_met"] is False
+
+
+def test_serving_refuses_the_policy_grpc_target_without_the_stack_it_calls():
+    serving = _load("serving")
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--targets", "policy-grpc,raw"])
+    assert serving.parse_args(["--targets", "raw,policy-grpc,alignloop"]).targets == ["alignloop", "policy-grpc", "raw"]
