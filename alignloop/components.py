@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from alignloop.config import Settings, vllm_cpu_environment
+from alignloop.config import Settings, vllm_serving_environment
 
 
 @dataclass
@@ -126,7 +126,7 @@ def policy(settings: Settings) -> Component:
         port=settings.policy_port,
         url=f"grpc://{settings.policy_target}",
         probe=lambda: policy_ready(settings.policy_target),
-        env=vllm_cpu_environment(settings),
+        env=vllm_serving_environment(settings),
         start_timeout_s=settings.start_timeout_s,
     )
 

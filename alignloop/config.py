@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -78,6 +79,13 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_gib: int = 1
+    # OMP_WAIT_POLICY of a serving engine on CPU. GNU OpenMP's threads spin after each parallel region before
+    # they sleep ("ACTIVE"-like, its default), so the engine worker holds every core between kernels and the
+    # processes that carry its tokens (the policy service's gRPC threads, the gateway, the clients) queue for
+    # one. "PASSIVE" lets them sleep at once: on 2 cores, SmolLM2 served 1.2-1.3× the tokens/s through both
+    # servers, the worker used half the CPU per token, and the raw engine was no slower
+    # (benchmarks/serving.py, README). "ACTIVE" suits an engine with cores of its own.
+    cpu_omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
 
     # gateway
     max_n: int = 8
@@ -236,6 +244,14 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for d in (self.home, self.logs_dir, self.run_dir, self.models_dir, self.cache_dir, self.mlflow_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def vllm_serving_environment(settings: Settings) -> dict[str, str]:
+    """`vllm_cpu_environment` for an engine that serves requests beside other busy processes (the policy
+    service, and the serving benchmark's engines): its OpenMP threads sleep when idle (`cpu_omp_wait_policy`).
+    Trainers keep the default: their engines run in the trainer's own process, whose training ops share the
+    OpenMP runtime."""
+    return vllm_cpu_environment(settings) | {"OMP_WAIT_POLICY": settings.cpu_omp_wait_policy}
 
 
 def vllm_cpu_environment(settings: Settings) -> dict[str, str]:

@@ -12,6 +12,9 @@ shared machine falls on every target rather than on whichever happened to run th
                service's
   vllm-server  `python -m vllm.entrypoints.openai.api_server` with the same engine flags; same client code
   raw          vLLM AsyncLLM in this process, `engine.generate` with RequestOutputKind.DELTA
+  http-floor   benchmarks/sse_floor.py: an SSE server with no model that answers at once, same client code;
+               its TTFT is what the OpenAI SDK client and one HTTP hop cost by themselves, the part of any
+               HTTP server's added TTFT over the raw engine that no server can remove
 
 Per target: a warm-up round, then --rounds measured rounds of --concurrency requests each. Throughput is the
 completion tokens the target reports (usage / token ids) over the rounds' wall time; TTFT is the time from
@@ -49,10 +52,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` and `services` importable
 
 from alignloop.components import http_ok  # noqa: E402
-from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_cpu_environment  # noqa: E402
+from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_serving_environment  # noqa: E402
 from alignloop.supervisor import read_state, stop_groups  # noqa: E402
 
-TARGETS = ("alignloop", "policy-grpc", "vllm-server", "raw")
+TARGETS = ("alignloop", "policy-grpc", "vllm-server", "raw", "http-floor")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
 MIN_THROUGHPUT_RATIO = 1.0
 MAX_ADDED_TTFT_MS = 5.0
@@ -463,10 +466,10 @@ def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter
     """`alignloop up` on free ports with the benchmark's settings; yields the gateway's /v1 URL, the app key and
     the policy service's gRPC address.
     Its supervisor and every component it started are parts of the alignloop target in `meter`."""
-    settings = settings.model_copy(update={
-        "kafka_port": free_port(), "mlflow_port": free_port(), "policy_port": free_port(),
-        "policy_canary_port": free_port(), "gateway_port": free_port(),
-    })
+    # Every port free, so that a stack on the default ports, or the previous run's still letting go of its
+    # own, cannot fail the start.
+    settings = settings.model_copy(update={name: free_port() for name in Settings.model_fields
+                                           if name.endswith("_port")})
     log_path = settings.home / "logs" / "bench-alignloop-up.log"
     offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to across runs
     proc = start([str(Path(sys.executable).parent / "alignloop"), "up"], settings.to_env(), log_path)
@@ -504,7 +507,7 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, m
     ]
     if settings.enforce_eager:
         argv.append("--enforce-eager")
-    env = vllm_cpu_environment(settings)
+    env = vllm_serving_environment(settings)
     log_path = settings.home / "logs" / "bench-vllm-server.log"
     proc = start(argv, env, log_path)
     try:
@@ -514,6 +517,22 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, m
         yield f"http://127.0.0.1:{port}/v1", "EMPTY"
     finally:
         stop(proc, "vllm-server")
+
+
+@contextlib.contextmanager
+def http_floor(settings: Settings, args: argparse.Namespace, meter: CpuMeter) -> Iterator[tuple[str, str]]:
+    """benchmarks/sse_floor.py on a free port: no model, the client's and HTTP's cost alone."""
+    port = free_port()
+    log_path = settings.home / "logs" / "bench-http-floor.log"
+    proc = start([sys.executable, str(REPO_ROOT / "benchmarks" / "sse_floor.py"), "--port", str(port)], {},
+                 log_path)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), proc, "http-floor", log_path,
+                   args.start_timeout)
+        meter.add("http-floor", "floor server", proc.pid)
+        yield f"http://127.0.0.1:{port}/v1", "EMPTY"
+    finally:
+        stop(proc, "http-floor")
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -581,6 +600,10 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         if "raw" in results:
             policy_share = p50("policy-grpc", solo=True) - p50("raw", solo=True)
 
+    # No HTTP server can answer faster than the bare one: what the servers add beyond it is their own.
+    floor, floor_solo = p50("http-floor"), p50("http-floor", solo=True)
+    above_floor = lambda v: None if v is None or floor_solo is None else v - floor_solo  # noqa: E731
+
     def verdict(ok: bool | None) -> str:
         return "[dim]n/a[/]" if ok is None else ("[green]met[/]" if ok else "[red]NOT met[/]")
 
@@ -614,6 +637,12 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
                   f"{with_ci(gateway_share, ci('alignloop', 'policy-grpc', solo=True))}; policy-grpc − raw "
                   f"(the policy service's share): {with_ci(policy_share, ci('policy-grpc', 'raw', solo=True))}")
 
+    if floor_solo is not None:
+        out.print(f"http floor (the OpenAI SDK client and one HTTP hop, no model): TTFT p50 {fmt(floor, ' ms')} "
+                  f"with {n} clients, {fmt(floor_solo, ' ms')} one request at a time; one at a time, beyond it, "
+                  f"alignloop adds {fmt(above_floor(solo_added), ' ms')} to the raw engine and vllm-server "
+                  f"{fmt(above_floor(vllm_solo_added), ' ms')}")
+
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {
         "throughput_ratio_vs_vllm_server": rounded(ratio),
@@ -625,6 +654,10 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         "ttft_p50_ms_vs_vllm_server": rounded(vs_vllm),
         "solo_gateway_share_ms": rounded(gateway_share),
         "solo_policy_service_share_ms": rounded(policy_share),
+        "http_floor_ttft_p50_ms": rounded(floor),
+        "http_floor_solo_ttft_p50_ms": rounded(floor_solo),
+        "solo_added_ttft_above_http_floor_ms": rounded(above_floor(solo_added)),
+        "vllm_server_solo_added_ttft_above_http_floor_ms": rounded(above_floor(vllm_solo_added)),
         "throughput_target_met": ratio_ok,
         "ttft_target_met": added_ok,
         "targets": {name: r.summary() for name, r in results.items()},
@@ -688,6 +721,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"no model in {model_dir}: run once with the alignloop target (it registers and fetches it)")
         if "vllm-server" in args.targets:
             urls["vllm-server"] = servers.enter_context(vllm_server(settings, model_dir, args, meter))
+        if "http-floor" in args.targets:
+            urls["http-floor"] = servers.enter_context(http_floor(settings, args, meter))
 
         async def run() -> dict[str, Result]:
             async with contextlib.AsyncExitStack() as stack:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop.config import Settings, vllm_cpu_environment
+from alignloop.config import Settings, vllm_serving_environment
 from alignloop.v1 import policy_pb2 as pb
 
 
@@ -27,7 +27,7 @@ def cuda_available() -> bool:
 def build_engine(settings: Settings, model_dir: Path, served_name: str):
     """An AsyncLLM over `model_dir` with the settings' engine knobs."""
     if not cuda_available():
-        for k, v in vllm_cpu_environment(settings).items():
+        for k, v in vllm_serving_environment(settings).items():
             os.environ.setdefault(k, v)
 
     from vllm.engine.arg_utils import AsyncEngineArgs

@@ -52,6 +52,43 @@ def test_serving_report_splits_alignloops_added_ttft_between_gateway_and_policy_
     assert summary["ttft_target_met"] is False
 
 
+def test_serving_report_reads_the_servers_added_ttft_beyond_the_http_floor():
+    serving = _load("serving")
+    args = serving.parse_args(["--model", "tiny", "--rounds", "1"])
+    solo = {"alignloop": [20.0, 21.0, 22.0], "raw": [10.0, 11.0, 12.0], "vllm-server": [18.0, 19.0, 20.0],
+            "http-floor": [2.0, 3.0, 4.0]}
+    results = {}
+    for name, ttfts in solo.items():
+        r = serving.Result(name, tokens=100, wall_s=1.0, ttft_ms=[x * 3 for x in ttfts], requests=3)
+        r.solo_ttft_ms = ttfts
+        results[name] = r
+    summary = serving.report(results, serving.Settings(), args)
+    assert summary["http_floor_solo_ttft_p50_ms"] == 3.0
+    assert summary["http_floor_ttft_p50_ms"] == 9.0
+    assert summary["solo_added_ttft_above_http_floor_ms"] == 7.0  # (21 − 11) − 3
+    assert summary["vllm_server_solo_added_ttft_above_http_floor_ms"] == 5.0  # (19 − 11) − 3
+    del results["http-floor"]
+    assert serving.report(results, serving.Settings(), args)["solo_added_ttft_above_http_floor_ms"] is None
+
+
+def test_sse_floor_streams_a_chat_completion_the_openai_sdk_reads():
+    """The floor server's events are what a streamed chat completion looks like to the OpenAI SDK."""
+    from openai import OpenAI
+    from starlette.testclient import TestClient
+
+    floor = _load("sse_floor")
+    with TestClient(floor.app) as http:
+        client = OpenAI(base_url=f"{http.base_url}/v1", api_key="k", http_client=http, max_retries=0)
+        chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=3, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert http.post("/v1/chat/completions", json={"model": "m"}).status_code == 400
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "xxx"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 3
+
+
 def test_serving_refuses_the_policy_grpc_target_without_the_stack_it_calls():
     serving = _load("serving")
     with pytest.raises(SystemExit):

@@ -46,6 +46,18 @@ def test_external_services_replace_the_embedded_ones(monkeypatch):
     assert not s.embedded_mlflow and s.tracking_uri == "http://mlflow:5000"
 
 
+def test_serving_engines_sleep_their_openmp_threads_and_trainers_do_not(tmp_path: Path):
+    from alignloop.components import policy
+    from alignloop.config import vllm_cpu_environment, vllm_serving_environment
+
+    s = Settings(home=tmp_path / "home")
+    assert vllm_serving_environment(s)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in vllm_cpu_environment(s)  # in-process trainer engines keep the default
+    assert policy(s).env["OMP_WAIT_POLICY"] == "PASSIVE"
+    active = s.model_copy(update={"cpu_omp_wait_policy": "ACTIVE"})
+    assert policy(active).env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_credentials_created_0600_then_reused(tmp_path: Path):
     path = tmp_path / "home" / "credentials.json"
     first = credentials.load_or_create(path)
