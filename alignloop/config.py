@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -79,13 +78,14 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_gib: int = 1
-    # OMP_WAIT_POLICY of a serving engine on CPU. GNU OpenMP's threads spin after each parallel region before
-    # they sleep ("ACTIVE"-like, its default), so the engine worker holds every core between kernels and the
-    # processes that carry its tokens (the policy service's gRPC threads, the gateway, the clients) queue for
-    # one. "PASSIVE" lets them sleep at once: on 2 cores, SmolLM2 served 1.2-1.3× the tokens/s through both
-    # servers, the worker used half the CPU per token, and the raw engine was no slower
-    # (benchmarks/serving.py, README). "ACTIVE" suits an engine with cores of its own.
-    cpu_omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
+    # GOMP_SPINCOUNT of a serving engine on CPU: how long an idle OpenMP thread spins before it sleeps. GNU
+    # OpenMP's default (300,000 spins, about 3 ms) has the engine worker hold every core between its kernels,
+    # so the processes that carry its tokens on (the policy service's gRPC threads, the gateway, the clients)
+    # queue for one. 0 (what OMP_WAIT_POLICY=PASSIVE does) served SmolLM2 on 2 cores at 1.02-1.03× vLLM's
+    # server, against 0.93× at the default and 0.92× at 1,000 spins (benchmarks/serving.py, README). The engine
+    # alone then runs 25% (SmolLM2) to 60% (the tiny model) slower: an engine with cores of its own wants the
+    # default back. A negative value leaves the runtime's default.
+    cpu_omp_spin_count: int = 0
 
     # gateway
     max_n: int = 8
@@ -248,10 +248,13 @@ class Settings(BaseSettings):
 
 def vllm_serving_environment(settings: Settings) -> dict[str, str]:
     """`vllm_cpu_environment` for an engine that serves requests beside other busy processes (the policy
-    service, and the serving benchmark's engines): its OpenMP threads sleep when idle (`cpu_omp_wait_policy`).
+    service, and the serving benchmark's engines): its idle OpenMP threads soon sleep (`cpu_omp_spin_count`).
     Trainers keep the default: their engines run in the trainer's own process, whose training ops share the
     OpenMP runtime."""
-    return vllm_cpu_environment(settings) | {"OMP_WAIT_POLICY": settings.cpu_omp_wait_policy}
+    env = vllm_cpu_environment(settings)
+    if settings.cpu_omp_spin_count >= 0:
+        env["GOMP_SPINCOUNT"] = str(settings.cpu_omp_spin_count)
+    return env
 
 
 def vllm_cpu_environment(settings: Settings) -> dict[str, str]:

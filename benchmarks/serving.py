@@ -490,49 +490,47 @@ def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter
 
 
 @contextlib.contextmanager
+def http_server(name: str, part: str, argv: Callable[[int], list[str]], env: dict[str, str], settings: Settings,
+                args: argparse.Namespace, meter: CpuMeter) -> Iterator[tuple[str, str]]:
+    """`argv(port)` on a free port, as target `name` (its process is `part` in `meter`); yields its /v1 URL and
+    API key once /health answers, and stops it afterwards."""
+    port = free_port()
+    log_path = settings.home / "logs" / f"bench-{name}.log"
+    proc = start(argv(port), env, log_path)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), proc, name, log_path, args.start_timeout)
+        meter.add(name, part, proc.pid)
+        yield f"http://127.0.0.1:{port}/v1", "EMPTY"
+    finally:
+        stop(proc, name)
+
+
 def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, meter: CpuMeter
-                ) -> Iterator[tuple[str, str]]:
+                ) -> contextlib.AbstractContextManager[tuple[str, str]]:
     """vLLM's OpenAI server over the same folder with build_engine's engine arguments as flags."""
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", POLICY_MODEL_NAME,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
-        "--max-num-seqs", str(settings.max_num_seqs),
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
-        "--disable-log-stats",
-        # The gateway runs uvicorn with access_log=False; a log line per request here would be unfair to vLLM.
-        "--disable-uvicorn-access-log",
-    ]
-    if settings.enforce_eager:
-        argv.append("--enforce-eager")
-    env = vllm_serving_environment(settings)
-    log_path = settings.home / "logs" / "bench-vllm-server.log"
-    proc = start(argv, env, log_path)
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), proc, "vllm-server", log_path,
-                   args.start_timeout)
-        meter.add("vllm-server", "api server", proc.pid)
-        yield f"http://127.0.0.1:{port}/v1", "EMPTY"
-    finally:
-        stop(proc, "vllm-server")
+    def argv(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--served-model-name", POLICY_MODEL_NAME,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
+            "--max-num-seqs", str(settings.max_num_seqs),
+            "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+            "--disable-log-stats",
+            # The gateway runs uvicorn with access_log=False; a log line per request here would be unfair to vLLM.
+            "--disable-uvicorn-access-log",
+        ] + (["--enforce-eager"] if settings.enforce_eager else [])
+
+    return http_server("vllm-server", "api server", argv, vllm_serving_environment(settings), settings, args,
+                       meter)
 
 
-@contextlib.contextmanager
-def http_floor(settings: Settings, args: argparse.Namespace, meter: CpuMeter) -> Iterator[tuple[str, str]]:
-    """benchmarks/sse_floor.py on a free port: no model, the client's and HTTP's cost alone."""
-    port = free_port()
-    log_path = settings.home / "logs" / "bench-http-floor.log"
-    proc = start([sys.executable, str(REPO_ROOT / "benchmarks" / "sse_floor.py"), "--port", str(port)], {},
-                 log_path)
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), proc, "http-floor", log_path,
-                   args.start_timeout)
-        meter.add("http-floor", "floor server", proc.pid)
-        yield f"http://127.0.0.1:{port}/v1", "EMPTY"
-    finally:
-        stop(proc, "http-floor")
+def http_floor(settings: Settings, args: argparse.Namespace, meter: CpuMeter
+               ) -> contextlib.AbstractContextManager[tuple[str, str]]:
+    """benchmarks/sse_floor.py: no model, the client's and HTTP's cost alone."""
+    return http_server("http-floor", "floor server",
+                       lambda port: [sys.executable, str(REPO_ROOT / "benchmarks" / "sse_floor.py"), "--port",
+                                     str(port)], {}, settings, args, meter)
 
 
 # ---- report ------------------------------------------------------------------------------------------------

@@ -34,17 +34,22 @@ def _load(name: str):
     return module
 
 
-def test_serving_report_splits_alignloops_added_ttft_between_gateway_and_policy_service():
-    serving = _load("serving")
-    args = serving.parse_args(["--model", "tiny", "--rounds", "1"])
-    solo = {"alignloop": [20.0, 21.0, 22.0], "policy-grpc": [14.0, 15.0, 16.0], "raw": [10.0, 11.0, 12.0],
-            "vllm-server": [18.0, 19.0, 20.0]}
+def _results(serving, solo_ttft_ms: dict[str, list[float]]) -> dict:
+    """Results of each target with these one-at-a-time TTFTs; those with 16 clients are three times longer."""
     results = {}
-    for name, ttfts in solo.items():
+    for name, ttfts in solo_ttft_ms.items():
         r = serving.Result(name, tokens=100, wall_s=1.0, ttft_ms=[x * 3 for x in ttfts], requests=3)
         r.solo_ttft_ms = ttfts
         results[name] = r
-    summary = serving.report(results, serving.Settings(), args)
+    return results
+
+
+def test_serving_report_splits_alignloops_added_ttft_between_gateway_and_policy_service():
+    serving = _load("serving")
+    args = serving.parse_args(["--model", "tiny", "--rounds", "1"])
+    summary = serving.report(_results(serving, {
+        "alignloop": [20.0, 21.0, 22.0], "policy-grpc": [14.0, 15.0, 16.0], "raw": [10.0, 11.0, 12.0],
+        "vllm-server": [18.0, 19.0, 20.0]}), serving.Settings(), args)
     assert summary["solo_added_ttft_p50_ms"] == 10.0  # 21 − 11
     assert summary["solo_gateway_share_ms"] == 6.0  # 21 − 15
     assert summary["solo_policy_service_share_ms"] == 4.0  # 15 − 11
@@ -55,13 +60,8 @@ def test_serving_report_splits_alignloops_added_ttft_between_gateway_and_policy_
 def test_serving_report_reads_the_servers_added_ttft_beyond_the_http_floor():
     serving = _load("serving")
     args = serving.parse_args(["--model", "tiny", "--rounds", "1"])
-    solo = {"alignloop": [20.0, 21.0, 22.0], "raw": [10.0, 11.0, 12.0], "vllm-server": [18.0, 19.0, 20.0],
-            "http-floor": [2.0, 3.0, 4.0]}
-    results = {}
-    for name, ttfts in solo.items():
-        r = serving.Result(name, tokens=100, wall_s=1.0, ttft_ms=[x * 3 for x in ttfts], requests=3)
-        r.solo_ttft_ms = ttfts
-        results[name] = r
+    results = _results(serving, {"alignloop": [20.0, 21.0, 22.0], "raw": [10.0, 11.0, 12.0],
+                                 "vllm-server": [18.0, 19.0, 20.0], "http-floor": [2.0, 3.0, 4.0]})
     summary = serving.report(results, serving.Settings(), args)
     assert summary["http_floor_solo_ttft_p50_ms"] == 3.0
     assert summary["http_floor_ttft_p50_ms"] == 9.0

@@ -46,16 +46,16 @@ def test_external_services_replace_the_embedded_ones(monkeypatch):
     assert not s.embedded_mlflow and s.tracking_uri == "http://mlflow:5000"
 
 
-def test_serving_engines_sleep_their_openmp_threads_and_trainers_do_not(tmp_path: Path):
+def test_serving_engines_let_idle_openmp_threads_sleep_soon_and_trainers_do_not(tmp_path: Path):
     from alignloop.components import policy
     from alignloop.config import vllm_cpu_environment, vllm_serving_environment
 
     s = Settings(home=tmp_path / "home")
-    assert vllm_serving_environment(s)["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "OMP_WAIT_POLICY" not in vllm_cpu_environment(s)  # in-process trainer engines keep the default
-    assert policy(s).env["OMP_WAIT_POLICY"] == "PASSIVE"
-    active = s.model_copy(update={"cpu_omp_wait_policy": "ACTIVE"})
-    assert policy(active).env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert vllm_serving_environment(s)["GOMP_SPINCOUNT"] == "0"
+    assert "GOMP_SPINCOUNT" not in vllm_cpu_environment(s)  # in-process trainer engines keep the default
+    assert policy(s).env["GOMP_SPINCOUNT"] == "0"
+    assert policy(s.model_copy(update={"cpu_omp_spin_count": 1000})).env["GOMP_SPINCOUNT"] == "1000"
+    assert "GOMP_SPINCOUNT" not in policy(s.model_copy(update={"cpu_omp_spin_count": -1})).env
 
 
 def test_credentials_created_0600_then_reused(tmp_path: Path):
