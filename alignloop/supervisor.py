@@ -65,6 +65,16 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports nothing listens on now. Every probe socket stays bound until all are picked: probing
+    one at a time, the OS may hand the same port out twice (a test stack once got MLflow's port for its gateway)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
 def pid_alive(pid: int) -> bool:
     """True while `pid` runs. A zombie (exited, not yet reaped by its parent) counts as gone: `alignloop down`
     would otherwise wait out its whole timeout on a supervisor whose parent has not called wait() yet."""

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` an
 
 from alignloop.components import http_ok  # noqa: E402
 from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_serving_environment  # noqa: E402
-from alignloop.supervisor import read_state, stop_groups  # noqa: E402
+from alignloop.supervisor import free_ports, read_state, stop_groups  # noqa: E402
 
 TARGETS = ("alignloop", "policy-grpc", "vllm-server", "raw", "http-floor")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
@@ -468,8 +468,8 @@ def alignloop_up(settings: Settings, args: argparse.Namespace, meter: CpuMeter
     Its supervisor and every component it started are parts of the alignloop target in `meter`."""
     # Every port free, so that a stack on the default ports, or the previous run's still letting go of its
     # own, cannot fail the start.
-    settings = settings.model_copy(update={name: free_port() for name in Settings.model_fields
-                                           if name.endswith("_port")})
+    names = [name for name in Settings.model_fields if name.endswith("_port")]
+    settings = settings.model_copy(update=dict(zip(names, free_ports(len(names)))))
     log_path = settings.home / "logs" / "bench-alignloop-up.log"
     offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to across runs
     proc = start([str(Path(sys.executable).parent / "alignloop"), "up"], settings.to_env(), log_path)

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from alignloop.config import Settings
+from alignloop.supervisor import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 ALIGNLOOP = str(Path(sys.executable).parent / "alignloop")
 
@@ -32,20 +35,11 @@ def free_port() -> int:
 
 def stack_env(home: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
+    port_names = [name for name in Settings.model_fields if name.endswith("_port")]
+    env.update({f"ALIGNLOOP_{name.upper()}": str(port) for name, port in zip(port_names, free_ports(len(port_names)))})
     env.update(
         ALIGNLOOP_HOME=str(home),
         ALIGNLOOP_BOOTSTRAP_MODEL="tiny",
-        ALIGNLOOP_KAFKA_PORT=str(free_port()),
-        ALIGNLOOP_MLFLOW_PORT=str(free_port()),
-        ALIGNLOOP_POLICY_PORT=str(free_port()),
-        ALIGNLOOP_POLICY_CANARY_PORT=str(free_port()),
-        ALIGNLOOP_GATEWAY_PORT=str(free_port()),
-        ALIGNLOOP_FEEDBACK_PORT=str(free_port()),
-        ALIGNLOOP_MATERIALIZER_PORT=str(free_port()),
-        ALIGNLOOP_REWARD_PORT=str(free_port()),
-        ALIGNLOOP_REWARD_METRICS_PORT=str(free_port()),
-        ALIGNLOOP_PIPELINE_PORT=str(free_port()),
-        ALIGNLOOP_PIPELINE_METRICS_PORT=str(free_port()),
         ALIGNLOOP_KAFKA_SESSION_TIMEOUT_MS="6000",
         ALIGNLOOP_ENFORCE_EAGER="true",
         ALIGNLOOP_MAX_MODEL_LEN=str(TEST_MAX_MODEL_LEN),
