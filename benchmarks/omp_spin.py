@@ -39,7 +39,9 @@ def measure(model: str, rounds: int, max_tokens: int, concurrency: int) -> list[
     model_dir = settings.models_dir / POLICY_MODEL_NAME / "v1"
     if not (model_dir / "config.json").exists():
         sys.exit(f"no model in {model_dir}: run benchmarks/serving.py --model {model} once (it registers it)")
-    engine = build_engine(settings, model_dir, served_name=POLICY_MODEL_NAME)
+    # Held in a list and popped at shutdown: an engine still referenced at interpreter exit is shut down again
+    # by AsyncLLM.__del__ on half-torn-down modules (TypeError).
+    holder = [build_engine(settings, model_dir, served_name=POLICY_MODEL_NAME)]
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -50,7 +52,7 @@ def measure(model: str, rounds: int, max_tokens: int, concurrency: int) -> list[
         # Prompts differ per round, so no round reuses another's cached prefix.
         prompt = [1 + (i * 7 + round_no * 13 + j) % 200 for j in range(40)]
         tokens = 0
-        async for out in engine.generate({"prompt_token_ids": prompt}, params, f"spin-{round_no}-{i}"):
+        async for out in holder[0].generate({"prompt_token_ids": prompt}, params, f"spin-{round_no}-{i}"):
             tokens += len(out.outputs[0].token_ids)
         return tokens
 
@@ -66,7 +68,7 @@ def measure(model: str, rounds: int, max_tokens: int, concurrency: int) -> list[
     try:
         return asyncio.run(run())
     finally:
-        engine.shutdown()
+        holder.pop().shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
