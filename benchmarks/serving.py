@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -423,9 +422,7 @@ def raw_target(settings: Settings, model_dir: Path, args: argparse.Namespace, st
 # ---- servers -----------------------------------------------------------------------------------------------
 def free_port() -> int:
     """A port nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -17,7 +17,7 @@ import pytest
 
 from alignloop import credentials
 from alignloop.config import Settings
-from alignloop.supervisor import group_alive, pid_alive, port_in_use
+from alignloop.supervisor import free_ports, group_alive, pid_alive, port_in_use
 
 
 def test_settings_precedence_env_over_toml(tmp_path, monkeypatch):
@@ -65,6 +65,12 @@ def test_credentials_created_0600_then_reused(tmp_path: Path):
     assert first.app_key != first.operator_key and len(first.app_key) > 40
     assert credentials.load_or_create(path) == first
     assert credentials.key_hash(first.app_key) != credentials.key_hash(first.operator_key)
+
+
+def test_free_ports_are_distinct_and_free():
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    assert not any(port_in_use("127.0.0.1", p) for p in ports)
 
 
 def test_port_in_use_sees_listeners_only():
