@@ -6,14 +6,14 @@ All targets are up at once, each with its own engine, and are measured side by s
 target after the other while the rest stay idle (the machine is first let go quiet), so a slow spell of this
 shared machine falls on every target rather than on whichever happened to run then:
 
-  alignloop    `alignloop up` (broker, MLflow, policy service, gateway); OpenAI SDK over the gateway's SSE
+  alignloop    `alignloop up` (broker, MLflow, policy service, gateway); streaming over the gateway's SSE
   policy-grpc  the same stack's policy service called directly (GenerateStream), as the gateway calls it: the
                difference to alignloop is the gateway's share of the path, the difference to raw the policy
                service's
   vllm-server  `python -m vllm.entrypoints.openai.api_server` with the same engine flags; same client code
   raw          vLLM AsyncLLM in this process, `engine.generate` with RequestOutputKind.DELTA
   http-floor   benchmarks/sse_floor.py: an SSE server with no model that answers at once, same client code;
-               its TTFT is what the OpenAI SDK client and one HTTP hop cost by themselves, the part of any
+               its TTFT is what the HTTP client and one HTTP hop cost by themselves, the part of any
                HTTP server's added TTFT over the raw engine that no server can remove
 
 Per target: a warm-up round, then --rounds measured rounds of --concurrency requests each. Throughput is the
@@ -342,6 +342,59 @@ def openai_target(base_url: str, api_key: str, args: argparse.Namespace, stack: 
     return one_request
 
 
+def aiohttp_target(base_url: str, api_key: str, args: argparse.Namespace, stack: contextlib.AsyncExitStack
+                   ) -> RequestFn:
+    """Streams chat completions with a bare aiohttp POST, reading the SSE lines itself, as vLLM's own serving
+    benchmark (`vllm bench serve`) does: a load generator whose per-request cost stays small next to the
+    server's, so that a TTFT measures the server and not the client's object model (the OpenAI SDK builds
+    pydantic objects for every chunk; see --client)."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(
+        base_url=base_url.rstrip("/") + "/",
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=aiohttp.ClientTimeout(total=600),
+        connector=aiohttp.TCPConnector(limit=0),  # as many connections as clients: none waits for a socket
+    )
+    stack.push_async_callback(session.close)
+
+    async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
+        body = {
+            "model": POLICY_MODEL_NAME,
+            "messages": messages_for(round_no, c),
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,  # as in openai_target
+        }
+        sent = time.perf_counter()
+        ttft, usage_tokens = None, None
+        async with session.post("chat/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"{base_url}: HTTP {response.status}: {await response.text()}")
+            async for line in response.content:  # one SSE line at a time
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                choices = chunk.get("choices")
+                if ttft is None and choices and choices[0].get("delta", {}).get("content"):
+                    ttft = time.perf_counter() - sent
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"]["completion_tokens"]
+        if usage_tokens is None:
+            raise RuntimeError(f"{base_url}: the stream ended without a usage chunk")
+        return usage_tokens, ttft
+
+    return one_request
+
+
+HTTP_CLIENTS = {"aiohttp": aiohttp_target, "openai": openai_target}
+
+
 def grpc_target(address: str, args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> RequestFn:
     """GenerateStream on the policy service, with the request the gateway would build for the same chat."""
     import grpc
@@ -633,7 +686,7 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
                   f"(the policy service's share): {with_ci(policy_share, ci('policy-grpc', 'raw', solo=True))}")
 
     if floor_solo is not None:
-        out.print(f"http floor (the OpenAI SDK client and one HTTP hop, no model): TTFT p50 {fmt(floor, ' ms')} "
+        out.print(f"http floor ({args.client} client and one HTTP hop, no model): TTFT p50 {fmt(floor, ' ms')} "
                   f"with {n} clients, {fmt(floor_solo, ' ms')} one request at a time; one at a time, beyond it, "
                   f"alignloop adds {fmt(above_floor(solo_added), ' ms')} to the raw engine and vllm-server "
                   f"{fmt(above_floor(vllm_solo_added), ' ms')}")
@@ -657,6 +710,7 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         "ttft_target_met": added_ok,
         "targets": {name: r.summary() for name, r in results.items()},
         "model": args.model,
+        "client": args.client,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
@@ -676,6 +730,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests sent one at a time after the rounds (each target in turn)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)}")
+    p.add_argument("--client", choices=tuple(HTTP_CLIENTS), default="aiohttp",
+                   help="the HTTP targets' client: a bare aiohttp stream reader, as vLLM's serving benchmark "
+                        "uses (default), or the official OpenAI SDK, as an application would")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs, in every target")
     p.add_argument("--home", type=Path, default=None,
                    help="ALIGNLOOP_HOME (default .alignloop/bench/MODEL, reused between runs)")
@@ -721,9 +778,10 @@ def main(argv: list[str] | None = None) -> None:
 
         async def run() -> dict[str, Result]:
             async with contextlib.AsyncExitStack() as stack:
-                targets = {name: openai_target(url, key, args, stack) for name, (url, key) in urls.items()}
+                http_target = HTTP_CLIENTS[args.client]
+                targets = {name: http_target(url, key, args, stack) for name, (url, key) in urls.items()}
                 for name in targets:
-                    # The OpenAI SDK clients run here: their CPU is part of every HTTP target's rounds.
+                    # The HTTP clients run here: their CPU is part of every HTTP target's rounds.
                     meter.add(name, "benchmark clients", os.getpid(), alone=True)
                 if "policy-grpc" in args.targets:
                     targets["policy-grpc"] = grpc_target(policy_address, args, stack)

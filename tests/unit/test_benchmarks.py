@@ -89,6 +89,44 @@ def test_sse_floor_streams_a_chat_completion_the_openai_sdk_reads():
     assert chunks[-1].usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
+def test_serving_http_clients_read_tokens_and_ttft_from_a_real_sse_server(client: str):
+    """Both clients of the serving benchmark, against the floor server on a real socket: the completion
+    tokens come from the usage chunk, and TTFT from the first non-empty content delta (not the role chunk)."""
+    import asyncio
+    import contextlib
+    import threading
+    import time
+
+    import uvicorn
+
+    from alignloop.supervisor import free_ports
+
+    serving, floor = _load("serving"), _load("sse_floor")
+    port = free_ports(1)[0]
+    server = uvicorn.Server(uvicorn.Config(floor.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "the floor server did not start"
+            time.sleep(0.01)
+        args = serving.parse_args(["--model", "tiny", "--max-tokens", "5", "--client", client])
+
+        async def run() -> list[tuple[int, float | None]]:
+            async with contextlib.AsyncExitStack() as stack:
+                one_request = serving.HTTP_CLIENTS[args.client](f"http://127.0.0.1:{port}/v1", "k", args, stack)
+                return await asyncio.gather(*(one_request(0, c) for c in range(4)))
+
+        done = asyncio.run(run())
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert [tokens for tokens, _ in done] == [5] * 4
+    assert all(ttft is not None and 0 < ttft < 10 for _, ttft in done)
+
+
 def test_serving_refuses_the_policy_grpc_target_without_the_stack_it_calls():
     serving = _load("serving")
     with pytest.raises(SystemExit):
