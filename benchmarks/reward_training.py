@@ -45,9 +45,11 @@ TRL_PIN = "trl==1.16.0"
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def split_files(data_dir: Path, out: Path, eval_share: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+def split_files(data_dir: Path, out: Path, eval_share: float = 0.2, seed: int = 0
+                ) -> tuple[Path, Path, list[str]]:
     """Writes train.jsonl.gz and eval.jsonl.gz: every pair of every *.jsonl.gz in `data_dir`, held out by a
-    hash of file:line, each side shuffled with `seed` so a prefix mixes the files."""
+    hash of file:line, each side shuffled with `seed` so a prefix mixes the files. Also returns, for each line
+    of eval.jsonl.gz, the name of the file it came from (held-out accuracy is reported per file too)."""
     from pipelines.reward.datasets import read_jsonl, split_value
 
     rows = [(f"{path.name}:{i}", row) for path in sorted(data_dir.glob("*.jsonl.gz"))
@@ -56,12 +58,30 @@ def split_files(data_dir: Path, out: Path, eval_share: float = 0.2, seed: int = 
         raise FileNotFoundError(f"no *.jsonl.gz in {data_dir}")
     random.Random(seed).shuffle(rows)
     paths = {"train": out / "train.jsonl.gz", "eval": out / "eval.jsonl.gz"}
+    eval_sources = []
     for side, path in paths.items():
         with gzip.open(path, "wt", encoding="utf-8") as f:
             for key, row in rows:
                 if (split_value(key) < eval_share) == (side == "eval"):
                     f.write(json.dumps(row) + "\n")
-    return paths["train"], paths["eval"]
+                    if side == "eval":
+                        eval_sources.append(key.rsplit(":", 1)[0])
+    return paths["train"], paths["eval"], eval_sources
+
+
+def accuracy_by_source(model_dir: Path, groups: list, sources: list[str]) -> dict[str, dict]:
+    """Held-out accuracy of the saved RM on the pairs of each source file (HH-RLHF's helpful and harmless
+    splits disagree about what a good answer is, so their accuracies say more than their mean)."""
+    from alignloop.reward_model import RewardModel
+    from pipelines.reward.train import pair_accuracy
+
+    model, tokenizer = RewardModel.load(model_dir)
+    model.eval()
+    by_source: dict[str, list] = {}
+    for g in groups:  # group ids are "eval.jsonl.gz:LINE"
+        by_source.setdefault(sources[int(g.group_id.rsplit(":", 1)[1])], []).append(g)
+    return {name: {"pairs": len(gs), "eval_accuracy": pair_accuracy(model, tokenizer, gs)[0]}
+            for name, gs in sorted(by_source.items())}
 
 
 def token_pairs(groups, tokenizer, max_length: int) -> list[list[list[int]]]:
@@ -191,7 +211,7 @@ def main() -> None:
                     "loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         tmp = Path(tmp)
-        train_file, eval_file = split_files(cli.data, tmp)
+        train_file, eval_file, eval_sources = split_files(cli.data, tmp)
         data = load_hh([train_file], [eval_file], limit=cli.train_pairs, eval_limit=cli.eval_pairs)
         result.update(train_pairs=data.train_pairs, eval_pairs=data.eval_pairs)
 
@@ -214,6 +234,8 @@ def main() -> None:
         console.print(f"alignloop: {data.train_pairs} pairs, then {data.eval_pairs} held out")
         ours = run(Settings(home=tmp / "home"), data, hyper, register=False, out=tmp / "ours",
                    console=console)
+        with console.status("held-out accuracy per source file"):
+            result["eval_accuracy_by_file"] = accuracy_by_source(tmp / "ours", data.eval_groups, eval_sources)
 
     result |= {"pairs_per_s": ours["pairs_per_s"], "eval_accuracy": ours["eval_accuracy"],
                "train_seconds": ours["train_seconds"], "loadavg_end": os.getloadavg()[0]}

@@ -3,8 +3,8 @@
 It answers every `POST /v1/chat/completions` at once with the events a streamed chat completion has (role
 chunk, `max_tokens` one-character content deltas, finish chunk, usage chunk, `data: [DONE]`), on the stack the
 gateway and vLLM's server both run on (Starlette's StreamingResponse on uvicorn with uvloop and httptools, no
-access log). `benchmarks/serving.py` measures it as its `http-floor` target with the same OpenAI SDK clients as
-the two servers: its time to first token is what the client and one HTTP hop cost before any serving logic or
+access log). `benchmarks/serving.py` measures it as its `http-floor` target with the same clients as the two
+servers: its time to first token is what the client and one HTTP hop cost before any serving logic or
 engine work, so a server's added TTFT over the raw engine can be read as this floor plus its own share.
 
     .venv/bin/python benchmarks/sse_floor.py --port 8123

@@ -55,6 +55,13 @@ def test_serving_report_splits_alignloops_added_ttft_between_gateway_and_policy_
     assert summary["solo_policy_service_share_ms"] == 4.0  # 15 − 11
     assert summary["vllm_server_solo_added_ttft_p50_ms"] == 8.0
     assert summary["ttft_target_met"] is False
+    assert summary["ttft_target_met_16_at_once"] is False  # 63 − 33
+    assert summary["ttft_target_met_one_at_a_time"] is False
+    halves = serving.report(_results(serving, {"alignloop": [12.0, 13.0, 14.0], "raw": [10.0, 11.0, 12.0]}),
+                            serving.Settings(), args)
+    assert halves["ttft_target_met_one_at_a_time"] is True  # 13 − 11
+    assert halves["ttft_target_met_16_at_once"] is False  # 39 − 33
+    assert halves["ttft_target_met"] is False  # both halves must hold
 
 
 def test_serving_report_reads_the_servers_added_ttft_beyond_the_http_floor():
@@ -132,3 +139,23 @@ def test_serving_refuses_the_policy_grpc_target_without_the_stack_it_calls():
     with pytest.raises(SystemExit):
         serving.parse_args(["--targets", "policy-grpc,raw"])
     assert serving.parse_args(["--targets", "raw,policy-grpc,alignloop"]).targets == ["alignloop", "policy-grpc", "raw"]
+
+
+def test_reward_benchmark_splits_held_out_accuracy_by_source_file(tmp_path: Path):
+    """Per-file accuracies cover every held-out pair once and average back to the overall accuracy."""
+    from alignloop.reward_model import RewardModel
+    from pipelines.models_init import build_tiny_reward_model
+    from pipelines.reward.datasets import PreferenceGroup
+    from pipelines.reward.train import pair_accuracy
+
+    bench = _load("reward_training")
+    model_dir = build_tiny_reward_model(tmp_path / "rm")
+    sources = ["helpful.jsonl.gz", "harmless.jsonl.gz"] * 5
+    groups = [PreferenceGroup(f"eval.jsonl.gz:{i}", (f"\n\nHuman: q{i}\n\nAssistant: yes {'!' * i}",
+                                                      f"\n\nHuman: q{i}\n\nAssistant: no"), ((0, 1),))
+              for i in range(10) if i != 3]  # a dropped line: ids keep their file line numbers
+    by_file = bench.accuracy_by_source(model_dir, groups, sources)
+    assert {name: v["pairs"] for name, v in by_file.items()} == {"harmless.jsonl.gz": 4, "helpful.jsonl.gz": 5}
+    model, tokenizer = RewardModel.load(model_dir)
+    overall = pair_accuracy(model.eval(), tokenizer, groups)[0]
+    assert sum(v["pairs"] * v["eval_accuracy"] for v in by_file.values()) / 9 == pytest.approx(overall)
