@@ -306,6 +306,13 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
     return results
 
 
+def chat_request(args: argparse.Namespace, round_no: int, client: int) -> dict:
+    """The body every HTTP client sends: greedy, streamed with a usage chunk, and vLLM's `ignore_eos` (the
+    gateway passes it on too), so every request generates exactly max_tokens whatever the model says."""
+    return {"model": POLICY_MODEL_NAME, "messages": messages_for(round_no, client), "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
 def openai_target(base_url: str, api_key: str, args: argparse.Namespace, stack: contextlib.AsyncExitStack
                   ) -> RequestFn:
     """Streams chat completions through the official OpenAI SDK, as an application would."""
@@ -316,19 +323,11 @@ def openai_target(base_url: str, api_key: str, args: argparse.Namespace, stack: 
     stack.push_async_callback(client.close)
 
     async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
+        body = chat_request(args, round_no, c)
         sent = time.perf_counter()
         ttft, usage_tokens = None, None
-        stream = await client.chat.completions.create(
-            model=POLICY_MODEL_NAME,
-            messages=messages_for(round_no, c),
-            max_tokens=args.max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            # vLLM's extension, which the gateway passes on too: every request generates exactly max_tokens,
-            # so all targets do the same work whatever the model says.
-            extra_body={"ignore_eos": True},
-        )
+        extra = {"ignore_eos": body.pop("ignore_eos")}  # vLLM's extension: the SDK sends it through extra_body
+        stream = await client.chat.completions.create(**body, extra_body=extra)
         async for chunk in stream:
             # Both servers open with a role-only chunk whose content is "": that is not a token yet.
             if ttft is None and chunk.choices and chunk.choices[0].delta.content:
@@ -359,15 +358,7 @@ def aiohttp_target(base_url: str, api_key: str, args: argparse.Namespace, stack:
     stack.push_async_callback(session.close)
 
     async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
-        body = {
-            "model": POLICY_MODEL_NAME,
-            "messages": messages_for(round_no, c),
-            "max_tokens": args.max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,  # as in openai_target
-        }
+        body = chat_request(args, round_no, c)
         sent = time.perf_counter()
         ttft, usage_tokens = None, None
         async with session.post("chat/completions", json=body) as response:
