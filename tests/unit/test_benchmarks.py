@@ -159,3 +159,37 @@ def test_reward_benchmark_splits_held_out_accuracy_by_source_file(tmp_path: Path
     model, tokenizer = RewardModel.load(model_dir)
     overall = pair_accuracy(model.eval(), tokenizer, groups)[0]
     assert sum(v["pairs"] * v["eval_accuracy"] for v in by_file.values()) / 9 == pytest.approx(overall)
+
+
+def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_path: Path):
+    """Chosen answers are the longer ones in the helpful file and the shorter ones in the harmless file: the
+    length probe that is told the split gets every held-out pair right; the split's rows are per file."""
+    import gzip
+    import json
+
+    from pipelines.models_init import build_tiny_reward_model
+
+    probe = _load("reward_probe")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, longer_wins in (("helpful-base.test.jsonl.gz", True), ("harmless-base.test.jsonl.gz", False)):
+        with gzip.open(data / name, "wt") as f:
+            for i in range(60):
+                short, long = f"ok {i}", " ".join(["sure, here is more detail"] * (3 + i % 5))
+                chosen, rejected = (long, short) if longer_wins else (short, long)
+                prompt = f"\n\nHuman: question number {i}?"
+                f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: {chosen}",
+                                    "rejected": f"{prompt}\n\nAssistant: {rejected}"}) + "\n")
+    pairs = probe.load_pairs(data)
+    assert len(pairs) == 120 and 0 < sum(p.held_out for p in pairs) < 120
+    assert {p.question for p in pairs if p.source.startswith("helpful")} == {f"question number {i}?"
+                                                                             for i in range(60)}
+    backbone = build_tiny_reward_model(tmp_path / "rm") / "backbone"
+    rows = {(r["features"], r["with_split"]): r for r in probe.probe(pairs, backbone, max_length=64, l2=1e-4)}
+    assert len(rows) == 2 * len(probe.FEATURE_SETS)
+    told = rows[("length", True)]
+    assert told["eval_accuracy"] == 1.0
+    assert told["helpful-base.test.jsonl.gz"] == told["harmless-base.test.jsonl.gz"] == 1.0
+    # Without the split, one weight on length cannot be right on both files.
+    untold = rows[("length", False)]
+    assert min(untold["helpful-base.test.jsonl.gz"], untold["harmless-base.test.jsonl.gz"]) < 0.5
