@@ -194,7 +194,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from alignloop.config import Settings
-    from alignloop.reward_model import RewardModel, default_backbone_path
+    from alignloop.reward_model import DEFAULT_BACKBONE, RewardModel, default_backbone_path
     from pipelines.reward.datasets import load_hh
     from pipelines.reward.train import Args, configure_threads, run
 
@@ -204,7 +204,7 @@ def main() -> None:
     hyper = Args(backbone=backbone, lr=cli.lr, batch_size=cli.batch_size, epochs=cli.epochs,
                  max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0)
     threads = configure_threads(None)
-    result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": Path(backbone).name,
+    result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": Path(cli.backbone).name if cli.backbone else DEFAULT_BACKBONE,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": threads,
                     "hyper": {k: getattr(hyper, k) for k in ("lr", "batch_size", "epochs", "max_length",
                                                             "weight_decay", "warmup_ratio", "seed")},
