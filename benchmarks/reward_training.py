@@ -204,7 +204,8 @@ def main() -> None:
     hyper = Args(backbone=backbone, lr=cli.lr, batch_size=cli.batch_size, epochs=cli.epochs,
                  max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0)
     threads = configure_threads(None)
-    result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": Path(cli.backbone).name if cli.backbone else DEFAULT_BACKBONE,
+    backbone_name = Path(cli.backbone).name if cli.backbone else DEFAULT_BACKBONE
+    result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": backbone_name,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": threads,
                     "hyper": {k: getattr(hyper, k) for k in ("lr", "batch_size", "epochs", "max_length",
                                                             "weight_decay", "warmup_ratio", "seed")},
