@@ -120,7 +120,8 @@ def fit_pairwise(diff, train_mask, l2: float, steps: int = 200):
 
 
 def accuracy(margins, mask) -> float:
-    """Share of the rows in `mask` with a positive margin (a tie is wrong, as in the RM's held-out accuracy)."""
+    """Share of the rows in `mask` with a positive margin (a tie is wrong, as in the RM's held-out
+    accuracy)."""
     return float((margins[mask] > 0).float().mean()) if bool(mask.any()) else float("nan")
 
 
@@ -149,7 +150,8 @@ def probe(pairs: list[Pair], backbone: Path, max_length: int, l2: float) -> list
         for with_split in (False, True):
             x = torch.cat([diff, diff * helpful], 1) if with_split else diff
             margins = x @ fit_pairwise(x, ~held_out, l2)
-            row = {"features": name, "with_split": with_split, "eval_accuracy": round(accuracy(margins, held_out), 4)}
+            row = {"features": name, "with_split": with_split,
+                   "eval_accuracy": round(accuracy(margins, held_out), 4)}
             for source in sources:
                 mask = held_out & torch.tensor([p.source == source for p in pairs])
                 row[source] = round(accuracy(margins, mask), 4)
@@ -159,7 +161,8 @@ def probe(pairs: list[Pair], backbone: Path, max_length: int, l2: float) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder of HH-RLHF *.jsonl.gz files")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="a folder of HH-RLHF *.jsonl.gz files")
     parser.add_argument("--backbone", type=Path,
                         help="a transformers folder (default: all-MiniLM-L6-v2 from its wheel)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per embedded text")
@@ -185,8 +188,8 @@ def main() -> None:
         rows = probe(pairs, backbone, cli.max_length, cli.l2)
     sources = sorted({p.source for p in pairs})
     held = sum(p.held_out for p in pairs)
-    table = Table(title=f"frozen {backbone_name}: pairwise logistic probe, {len(pairs) - held} training pairs, "
-                        f"{held} held out")
+    table = Table(title=f"frozen {backbone_name}: pairwise logistic probe, "
+                        f"{len(pairs) - held} training pairs, {held} held out")
     for column in ("features", "split given", "held-out", *(s.split(".")[0] for s in sources)):
         table.add_column(column, justify="left" if column == "features" else "right")
     for r in rows:
