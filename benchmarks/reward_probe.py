@@ -7,7 +7,7 @@ the training pairs and scored on the held-out ones. Same data and split as bench
 RM's. Features of an answer, all from the backbone's native sentence embedding (mean-pooled, L2-normalised,
 as sentence-transformers uses all-MiniLM-L6-v2):
 
-  length     log(1 + the answer's tokens)
+  length     log(1 + the answer's tokens, counted up to --max-length)
   relevance  cosine(embedding of the last user turn, embedding of the answer)
   embedding  the answer's embedding (384 numbers for MiniLM)
 
