@@ -168,6 +168,7 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
     import json
 
     from pipelines.models_init import build_tiny_reward_model
+    from pipelines.reward.datasets import parse_hh, read_jsonl
 
     probe = _load("reward_probe")
     data = tmp_path / "data"
@@ -182,6 +183,12 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
                                     "rejected": f"{prompt}\n\nAssistant: {rejected}"}) + "\n")
     pairs = probe.load_pairs(data)
     assert len(pairs) == 120 and 0 < sum(p.held_out for p in pairs) < 120
+    # The probe holds out the pairs that reward_training.py holds out, so their accuracies compare.
+    _, eval_file, _ = _load("reward_training").split_files(data, tmp_path)
+    held_out = sorted((m[-1]["content"], answer) for m, answer in (parse_hh(row["chosen"])
+                                                                   for row in read_jsonl(eval_file)))
+    assert held_out == sorted((p.question, p.chosen) for p in pairs if p.held_out)
+    assert len(set(held_out)) == len(held_out)  # (question, answer) names one pair
     assert {p.question for p in pairs if p.source.startswith("helpful")} == {f"question number {i}?"
                                                                              for i in range(60)}
     backbone = build_tiny_reward_model(tmp_path / "rm") / "backbone"
