@@ -94,6 +94,24 @@ def default_pooling(backbone: nn.Module) -> str:
     return "last" if is_decoder(backbone.config) else "cls"
 
 
+def pool(out, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per sequence, [batch, hidden], from a backbone's output (see RewardConfig.pooling)."""
+    hidden = out.last_hidden_state
+    if pooling == "pooler":
+        return out.pooler_output
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        # The last real token, whichever side the padding is on.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
 class RewardModel(nn.Module):
     """backbone → pooled hidden state → Linear(hidden, 1) → a scalar per sequence."""
 
@@ -110,21 +128,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw rewards, shape [batch] (reward_shift not applied: training compares differences)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state
-        if self.config.pooling == "pooler":
-            pooled = out.pooler_output
-        elif self.config.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        elif self.config.pooling == "cls":
-            pooled = hidden[:, 0]
-        elif self.config.pooling == "last":
-            # The last real token, whichever side the padding is on.
-            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-            last = (attention_mask * positions).argmax(1)
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:
-            raise ValueError(f"unknown pooling {self.config.pooling!r}")
+        pooled = pool(out, attention_mask, self.config.pooling)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
 
     # ---- files ------------------------------------------------------------------------------------------

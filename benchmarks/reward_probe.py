@@ -11,6 +11,9 @@ as sentence-transformers uses all-MiniLM-L6-v2):
   relevance  cosine(embedding of the last user turn, embedding of the answer)
   embedding  the answer's embedding (384 numbers for MiniLM)
 
+and, for the last feature set, length and relevance times the question's embedding: their weights may then
+depend on what was asked, a label-free way to tell a harmful request from a benign one.
+
 Each feature set is also fitted "with split": its features again, multiplied by 1 for pairs from
 helpful-base and 0 otherwise. That tells the probe which of HH-RLHF's two splits a pair came from, which no
 reward model is told; those rows bound what recognising the kind of request (a harmful one, where the
@@ -41,6 +44,8 @@ FEATURE_SETS = {
     "length + relevance": ("length", "relevance"),
     "embedding": ("embedding",),
     "embedding + length + relevance": ("embedding", "length", "relevance"),
+    "embedding + length + relevance, weighted by the question": (
+        "embedding", "length", "relevance", "length x question", "relevance x question"),
 }
 
 
@@ -81,6 +86,8 @@ def embed(texts: list[str], backbone: Path, max_length: int, batch_size: int = 6
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from alignloop.reward_model import pool
+
     tokenizer = AutoTokenizer.from_pretrained(str(backbone))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -93,9 +100,8 @@ def embed(texts: list[str], backbone: Path, max_length: int, batch_size: int = 6
             rows = order[start:start + batch_size]
             enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
-            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            pooled = pool(out, enc["attention_mask"], "mean")
             vectors[rows] = torch.nn.functional.normalize(pooled, dim=-1)
             lengths[rows] = enc["attention_mask"].sum(1).to(lengths.dtype)
     return vectors, lengths
@@ -119,16 +125,19 @@ def fit_pairwise(diff, train_mask, l2: float, steps: int = 200):
     return w.detach()
 
 
-def accuracy(margins, mask) -> float:
+def accuracy(margins, mask) -> float | None:
     """Share of the rows in `mask` with a positive margin (a tie is wrong, as in the RM's held-out
-    accuracy)."""
-    return float((margins[mask] > 0).float().mean()) if bool(mask.any()) else float("nan")
+    accuracy); None when `mask` holds no row (JSON has no NaN)."""
+    return round(float((margins[mask] > 0).float().mean()), 4) if bool(mask.any()) else None
 
 
 def probe(pairs: list[Pair], backbone: Path, max_length: int, l2: float) -> list[dict]:
     """Held-out accuracies (all, and per source file) of every feature set, without and with the split."""
     import torch
 
+    held_out = torch.tensor([p.held_out for p in pairs])
+    if held_out.all() or not held_out.any():
+        raise ValueError(f"the split leaves nothing to {'train' if held_out.all() else 'score'} on")
     n = len(pairs)
     vectors, lengths = embed([p.question for p in pairs] + [p.chosen for p in pairs]
                              + [p.rejected for p in pairs], backbone, max_length)
@@ -136,12 +145,12 @@ def probe(pairs: list[Pair], backbone: Path, max_length: int, l2: float) -> list
                                                                                       lengths[2 * n:])
 
     def features(side: int) -> dict:
-        return {"length": torch.log1p(n_tokens[side]).unsqueeze(1),
-                "relevance": (question * answers[side]).sum(1, keepdim=True),
-                "embedding": answers[side]}
+        length = torch.log1p(n_tokens[side]).unsqueeze(1)
+        relevance = (question * answers[side]).sum(1, keepdim=True)
+        return {"length": length, "relevance": relevance, "embedding": answers[side],
+                "length x question": length * question, "relevance x question": relevance * question}
 
     chosen, rejected = features(0), features(1)
-    held_out = torch.tensor([p.held_out for p in pairs])
     sources = sorted({p.source for p in pairs})
     helpful = torch.tensor([p.source.startswith("helpful") for p in pairs], dtype=torch.float32).unsqueeze(1)
     rows = []
@@ -151,12 +160,17 @@ def probe(pairs: list[Pair], backbone: Path, max_length: int, l2: float) -> list
             x = torch.cat([diff, diff * helpful], 1) if with_split else diff
             margins = x @ fit_pairwise(x, ~held_out, l2)
             row = {"features": name, "with_split": with_split,
-                   "eval_accuracy": round(accuracy(margins, held_out), 4)}
+                   "eval_accuracy": accuracy(margins, held_out)}
             for source in sources:
                 mask = held_out & torch.tensor([p.source == source for p in pairs])
-                row[source] = round(accuracy(margins, mask), 4)
+                row[source] = accuracy(margins, mask)
             rows.append(row)
     return rows
+
+
+def percent(share: float | None) -> str:
+    """A table cell: 0.5441 -> "54.4%", None (no pair) -> "-"."""
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def main() -> None:
@@ -193,8 +207,8 @@ def main() -> None:
     for column in ("features", "split given", "held-out", *(s.split(".")[0] for s in sources)):
         table.add_column(column, justify="left" if column == "features" else "right")
     for r in rows:
-        table.add_row(r["features"], "yes" if r["with_split"] else "no", f"{100 * r['eval_accuracy']:.1f}%",
-                      *(f"{100 * r[s]:.1f}%" for s in sources))
+        table.add_row(r["features"], "yes" if r["with_split"] else "no", percent(r["eval_accuracy"]),
+                      *(percent(r[s]) for s in sources))
     Console().print(table)
     best = max((r for r in rows if not r["with_split"]), key=lambda r: r["eval_accuracy"])
     best_split = max((r for r in rows if r["with_split"]), key=lambda r: r["eval_accuracy"])

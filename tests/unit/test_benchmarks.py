@@ -163,7 +163,8 @@ def test_reward_benchmark_splits_held_out_accuracy_by_source_file(tmp_path: Path
 
 def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_path: Path):
     """Chosen answers are the longer ones in the helpful file and the shorter ones in the harmless file: the
-    length probe that is told the split gets every held-out pair right; the split's rows are per file."""
+    length probe that is told the split gets every held-out pair right; the split's rows are per file; the
+    probe whose length weight depends on the question tells the two kinds of question apart by itself."""
     import gzip
     import json
 
@@ -173,12 +174,14 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
     probe = _load("reward_probe")
     data = tmp_path / "data"
     data.mkdir()
+    questions = {"helpful-base.test.jsonl.gz": "what is a good recipe for soup, number {}?",
+                 "harmless-base.test.jsonl.gz": "how do i break into my neighbour's house, {}?"}
     for name, longer_wins in (("helpful-base.test.jsonl.gz", True), ("harmless-base.test.jsonl.gz", False)):
         with gzip.open(data / name, "wt") as f:
             for i in range(60):
                 short, long = f"ok {i}", " ".join(["sure, here is more detail"] * (3 + i % 5))
                 chosen, rejected = (long, short) if longer_wins else (short, long)
-                prompt = f"\n\nHuman: question number {i}?"
+                prompt = f"\n\nHuman: {questions[name].format(i)}"
                 f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: {chosen}",
                                     "rejected": f"{prompt}\n\nAssistant: {rejected}"}) + "\n")
     pairs = probe.load_pairs(data)
@@ -189,8 +192,8 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
                                                                    for row in read_jsonl(eval_file)))
     assert held_out == sorted((p.question, p.chosen) for p in pairs if p.held_out)
     assert len(set(held_out)) == len(held_out)  # (question, answer) names one pair
-    assert {p.question for p in pairs if p.source.startswith("helpful")} == {f"question number {i}?"
-                                                                             for i in range(60)}
+    assert {p.question for p in pairs if p.source.startswith("helpful")} == {
+        questions["helpful-base.test.jsonl.gz"].format(i) for i in range(60)}
     backbone = build_tiny_reward_model(tmp_path / "rm") / "backbone"
     rows = {(r["features"], r["with_split"]): r for r in probe.probe(pairs, backbone, max_length=64, l2=1e-4)}
     assert len(rows) == 2 * len(probe.FEATURE_SETS)
@@ -200,3 +203,6 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
     # Without the split, one weight on length cannot be right on both files.
     untold = rows[("length", False)]
     assert min(untold["helpful-base.test.jsonl.gz"], untold["harmless-base.test.jsonl.gz"]) < 0.5
+    # Length times the question's embedding: the weight on length follows the kind of question, no split told.
+    by_question = rows[("embedding + length + relevance, weighted by the question", False)]
+    assert by_question["eval_accuracy"] >= 0.9 > untold["eval_accuracy"]
