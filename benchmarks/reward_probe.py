@@ -91,7 +91,8 @@ def embed(texts: list[str], backbone: Path, max_length: int, batch_size: int = 6
     tokenizer = AutoTokenizer.from_pretrained(str(backbone))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(str(backbone)).eval()
+    # float32 whatever the folder was saved in (the policy's is bf16): the features are what is measured.
+    model = AutoModel.from_pretrained(str(backbone), dtype=torch.float32).eval()
     vectors = torch.zeros(len(texts), model.config.hidden_size)
     lengths = torch.zeros(len(texts))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length pad little
