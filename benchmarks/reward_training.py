@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--backbone", help="a transformers folder (default: all-MiniLM-L6-v2 from its wheel)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--head-lr", type=float, help="alignloop's scalar head (default: --lr; TRL has one rate)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (both trainers)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -201,13 +202,13 @@ def main() -> None:
     console = Console(stderr=True)
     hf_logging.disable_progress_bar()
     backbone = cli.backbone or str(default_backbone_path())
-    hyper = Args(backbone=backbone, lr=cli.lr, batch_size=cli.batch_size, epochs=cli.epochs,
-                 max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0)
+    hyper = Args(backbone=backbone, lr=cli.lr, head_lr=cli.head_lr, batch_size=cli.batch_size,
+                 epochs=cli.epochs, max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0)
     threads = configure_threads(None)
     backbone_name = Path(cli.backbone).name if cli.backbone else DEFAULT_BACKBONE
     result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": backbone_name,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": threads,
-                    "hyper": {k: getattr(hyper, k) for k in ("lr", "batch_size", "epochs", "max_length",
+                    "hyper": {k: getattr(hyper, k) for k in ("lr", "head_lr", "batch_size", "epochs", "max_length",
                                                             "weight_decay", "warmup_ratio", "seed")},
                     "loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:

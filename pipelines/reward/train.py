@@ -54,6 +54,9 @@ class Args:
     disable_dropout: bool = True  # as TRL's RewardTrainer: the K answers of a group see the same network
     # optimisation (AdamW, linear warmup then linear decay to 0)
     lr: float = 2e-5
+    # The scalar head's learning rate (None: lr). It starts random and has 385 weights to the backbone's
+    # millions, so at the backbone's rate it barely moves and the backbone bends towards a random direction.
+    head_lr: float | None = None
     batch_size: int = 8  # preference groups (a whole ranking each) + pointwise rows per optimizer step
     epochs: int = 1  # InstructGPT trains its RM for one epoch: more overfits
     weight_decay: float = 0.01
@@ -291,11 +294,14 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
     warmup = max(1, round(args.warmup_ratio * total)) if args.warmup_ratio > 0 else 0
 
     # No weight decay on biases and LayerNorm weights (as BERT, and TRL through transformers' Trainer).
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=args.adam_betas, eps=args.adam_eps)
+    head_lr = args.lr if args.head_lr is None else args.head_lr
+    groups = []
+    for module, lr in ((model.backbone, args.lr), (model.head, head_lr)):
+        weights = list(module.parameters())
+        groups += [{"params": [w for w in weights if w.ndim >= 2], "lr": lr,
+                    "weight_decay": args.weight_decay},
+                   {"params": [w for w in weights if w.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     rng = random.Random(args.seed)
     forward_tokens = args.forward_tokens or (16384 if device.type == "cuda" else 2048)

@@ -23,7 +23,7 @@ from pipelines.reward import publish
 from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, RewardData, hh_groups, is_held_out,
                                        load_hh, load_snapshot, parse_hh, read_jsonl)
 from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, make_batch,
-                                    pair_accuracy, preference_loss, run, score_texts)
+                                    pair_accuracy, preference_loss, run, score_texts, train)
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
 TOPICS = ["cats", "dogs", "rain", "code", "tea", "maps", "jazz", "bread", "stars", "trains", "chess", "snow"]
@@ -298,6 +298,19 @@ def test_training_is_deterministic(tmp_path: Path, backbone: Path) -> None:
     a = run(settings_for(tmp_path), data, fast_args(backbone, epochs=1), register=False, out=tmp_path / "a")
     b = run(settings_for(tmp_path), data, fast_args(backbone, epochs=1), register=False, out=tmp_path / "b")
     assert a["final_loss"] == b["final_loss"] and a["reward_shift"] == b["reward_shift"]
+
+
+def test_the_head_has_its_own_learning_rate(tmp_path: Path, backbone: Path) -> None:
+    """head_lr moves the head alone when the backbone's rate is 0; without it the head takes lr (0 here)."""
+    data = load_snapshot(synthetic_snapshot(tmp_path / "snap", comparisons=16, rankings=0), eval_fraction=0.2)
+    for head_lr, head_moves in ((1e-2, True), (None, False)):
+        model, tokenizer = load_start(backbone, Args(max_length=64), torch.device("cpu"))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        args = fast_args(backbone, lr=0.0, head_lr=head_lr, epochs=1)
+        train(model, tokenizer, data, args, torch.device("cpu"))
+        moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        # (The bias cancels in r_w - r_l: it moves only by Adam's reading of rounding noise, if at all.)
+        assert moved <= {"head.weight", "head.bias"} and ("head.weight" in moved) == head_moves
 
 
 def test_pointwise_term_trains_on_unpaired_thumbs(tmp_path: Path, backbone: Path) -> None:
