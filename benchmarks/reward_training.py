@@ -208,8 +208,9 @@ def main() -> None:
     backbone_name = Path(cli.backbone).name if cli.backbone else DEFAULT_BACKBONE
     result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": backbone_name,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": threads,
-                    "hyper": {k: getattr(hyper, k) for k in ("lr", "head_lr", "batch_size", "epochs", "max_length",
-                                                            "weight_decay", "warmup_ratio", "seed")},
+                    "hyper": {k: getattr(hyper, k) for k in ("lr", "head_lr", "batch_size", "epochs",
+                                                            "max_length", "weight_decay", "warmup_ratio",
+                                                            "seed")},
                     "loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         tmp = Path(tmp)
