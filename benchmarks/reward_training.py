@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--backbone", help="a transformers folder (default: all-MiniLM-L6-v2 from its wheel)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--head-lr", type=float, help="alignloop's scalar head (default: --lr; TRL has one rate)")
+    parser.add_argument("--head-lr", type=float,
+                        help="alignloop's scalar head (default: --lr; TRL has one rate)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (both trainers)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)

@@ -54,8 +54,8 @@ class Args:
     disable_dropout: bool = True  # as TRL's RewardTrainer: the K answers of a group see the same network
     # optimisation (AdamW, linear warmup then linear decay to 0)
     lr: float = 2e-5
-    # The scalar head's learning rate (None: lr). The head starts random and is small, so a larger rate lets it
-    # find its direction before the backbone has bent towards a random one; on HH-RLHF with MiniLM, 20x lr
+    # The scalar head's learning rate (None: lr). The head starts random and is small, so a larger rate lets
+    # it find its direction before the backbone has bent towards a random one; on HH-RLHF with MiniLM, 20x lr
     # gained nothing (README), hence the default.
     head_lr: float | None = None
     batch_size: int = 8  # preference groups (a whole ranking each) + pointwise rows per optimizer step
