@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -742,8 +743,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def unwind_on_sigterm() -> None:
+    """Makes SIGTERM (from `timeout` or a job runner) unwind the benchmark as Ctrl-C does, so that every
+    target's `finally` stops it. The targets run in their own sessions, which a signal to this process's group
+    does not reach: without this they would be left running."""
+    def on_sigterm(signum: int, _frame) -> None:
+        if not stopping:
+            stopping.append(signum)
+            err.print(f"\n{signal.Signals(signum).name}: stopping the targets")
+            raise SystemExit(128 + signum)
+        # A second SIGTERM while the targets stop must not cut their stopping short.
+
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    unwind_on_sigterm()
     # vLLM logs to stdout by default; the in-process engine (and its spawned processes) must keep stdout for
     # the table and the JSON line.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

@@ -4,9 +4,13 @@ silently (a refactor of the supervisor once did)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 BENCHMARKS = sorted((Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py"))
@@ -139,6 +143,46 @@ def test_serving_refuses_the_policy_grpc_target_without_the_stack_it_calls():
     with pytest.raises(SystemExit):
         serving.parse_args(["--targets", "policy-grpc,raw"])
     assert serving.parse_args(["--targets", "raw,policy-grpc,alignloop"]).targets == ["alignloop", "policy-grpc", "raw"]
+
+
+def test_serving_stops_its_targets_when_it_is_sent_sigterm(tmp_path: Path):
+    """`timeout` or a job runner stops the benchmark with SIGTERM; the servers it started in their own sessions
+    must be stopped with it, not left running (they once were: `alignloop up`, vLLM's server, MLflow)."""
+    from alignloop.config import POLICY_MODEL_NAME, Settings
+
+    # The benchmark wants the model folder that its alignloop target would fetch; the floor never reads it.
+    model_dir = Settings(home=tmp_path).models_dir / POLICY_MODEL_NAME / "v1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    script = next(p for p in BENCHMARKS if p.stem == "serving")
+    bench = subprocess.Popen([sys.executable, str(script), "--targets", "http-floor", "--home", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    floor = None
+    try:
+        stderr = []
+        for line in bench.stderr:  # the floor server is up once the benchmark says so
+            stderr.append(line)
+            if "http-floor ready" in line:
+                break
+        else:
+            pytest.fail("the benchmark exited before its target was ready:\n" + "".join(stderr))
+        floors = [p for p in psutil.Process(bench.pid).children(recursive=True)
+                  if "sse_floor.py" in " ".join(p.cmdline())]
+        assert len(floors) == 1
+        floor = floors[0]
+        assert os.getsid(floor.pid) == floor.pid  # its own session: a signal to the benchmark's group misses it
+
+        bench.send_signal(signal.SIGTERM)
+        returncode = bench.wait(timeout=60)
+        _, alive = psutil.wait_procs([floor], timeout=10)
+        assert not alive, "the floor server outlived the benchmark"
+        assert returncode == 128 + signal.SIGTERM  # it says it was stopped, as after Ctrl-C
+    finally:
+        bench.kill()
+        bench.wait()
+        if floor is not None and floor.is_running():
+            floor.kill()
 
 
 def test_reward_benchmark_splits_held_out_accuracy_by_source_file(tmp_path: Path):
