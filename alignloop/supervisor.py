@@ -47,8 +47,8 @@ def _die_with_parent() -> None:
     _PRCTL(1, signal.SIGTERM)
 
 
-def _with_parent_death_signal(argv: list[str]) -> tuple[list[str], object]:
-    """argv and preexec_fn for a child that gets SIGTERM when the supervisor dies."""
+def with_parent_death_signal(argv: list[str]) -> tuple[list[str], object]:
+    """argv and preexec_fn for a child that gets SIGTERM when its parent (the thread that starts it) dies."""
     if _SETPRIV:
         return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv], None
     return argv, _die_with_parent
@@ -121,7 +121,7 @@ class Supervisor:
         with open(log_path, "ab") as log:
             log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {component.name} =====\n".encode())
             log.flush()
-            argv, preexec = _with_parent_death_signal(component.argv)
+            argv, preexec = with_parent_death_signal(component.argv)
             process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True, preexec_fn=preexec,  # noqa: PLW1509 (only without setpriv)

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` an
 
 from alignloop.components import http_ok  # noqa: E402
 from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_serving_environment  # noqa: E402
-from alignloop.supervisor import free_ports, read_state, stop_groups  # noqa: E402
+from alignloop.supervisor import free_ports, read_state, stop_groups, with_parent_death_signal  # noqa: E402
 
 TARGETS = ("alignloop", "policy-grpc", "vllm-server", "raw", "http-floor")
 # Targets of the brief: alignloop serves at least as fast as vLLM's server and adds at most 5 ms of TTFT.
@@ -471,11 +471,14 @@ def free_port() -> int:
 
 
 def start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Starts `argv` in its own process group (vLLM forks engine processes) with output to `log_path`."""
+    """Starts `argv` in its own process group (vLLM forks engine processes) with output to `log_path`. Like
+    the supervisor's children, it gets SIGTERM if this process dies without stopping it (SIGKILL)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv, preexec = with_parent_death_signal(argv)
     with open(log_path, "ab") as log:
         return subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=preexec)  # noqa: PLW1509 (only without setpriv)
 
 
 def stop(proc: subprocess.Popen, name: str, timeout_s: float = 60.0) -> None:
@@ -748,13 +751,12 @@ def unwind_on_sigterm() -> None:
     target's `finally` stops it. The targets run in their own sessions, which a signal to this process's group
     does not reach: without this they would be left running."""
     def on_sigterm(signum: int, _frame) -> None:
-        if not stopping:
-            stopping.append(signum)
-            err.print(f"\n{signal.Signals(signum).name}: stopping the targets")
-            raise SystemExit(128 + signum)
-        # A second SIGTERM while the targets stop must not cut their stopping short.
+        # A second SIGTERM while the targets stop must not cut their stopping short. (A no-op handler, not
+        # SIG_IGN, which a child started from here would inherit.)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        err.print(f"\n{signal.Signals(signum).name}: stopping the targets")
+        raise SystemExit(128 + signum)
 
-    stopping: list[int] = []
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
