@@ -30,6 +30,11 @@ log = logging.getLogger("alignloop.feedback.materializer")
 RECORDS = Counter("alignloop_store_records_total", "Records consumed, by topic and outcome "
                   "(inserted; duplicate: already stored, a redelivery or retry; dead_letter: unparsable).",
                   ["topic", "outcome"])
+# A poll returns as soon as records arrive, so its timeout only bounds how long a stop waits; every timeout
+# costs the idle loop CPU (9.0 ms a second at 250 ms, 5.6 at 1 s, against the embedded broker). The fetch's
+# max wait stays at Kafka's 500 ms: the embedded broker does not answer a waiting fetch the moment a record
+# lands, so a longer wait delays records (median time to the store 126-137 ms at 500 ms, 258-446 at 2 s).
+POLL_TIMEOUT_MS = 1000
 BATCH_SECONDS = Histogram("alignloop_store_batch_seconds", "Database transaction time per polled batch.")
 LAST_COMMIT = Gauge("alignloop_store_last_commit_timestamp_seconds", "When offsets were last committed.")
 
@@ -118,7 +123,7 @@ class Materializer:
             pass
 
     def _step(self, stop: threading.Event) -> bool:
-        batch = self.consumer.poll(timeout_ms=250, max_records=self.max_records)
+        batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_records)
         if not batch:
             return False
         self._write_until_stored(batch, stop)
