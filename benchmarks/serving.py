@@ -22,7 +22,7 @@ sending a request to its first non-empty content delta. Under 16 simultaneous re
 for the engine's first batches; so --solo requests are then sent one at a time, whose TTFT is the latency the
 serving path itself adds.
 
-    .venv/bin/python benchmarks/serving.py            # SmolLM2-135M, 16 clients, 64 tokens, 3 rounds
+    .venv/bin/python benchmarks/serving.py            # SmolLM2-135M, 16 clients, 64 tokens, 5 rounds
     .venv/bin/python benchmarks/serving.py --model tiny --rounds 1 --max-tokens 16    # quick check
 
 The last line on stdout is a JSON object with the figures; everything else about progress goes to stderr.
@@ -34,9 +34,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +49,7 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 from rich.table import Table
+from scipy import stats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` and `services` importable
@@ -98,6 +101,9 @@ class Result:
     solo_ttft_ms: list[float] = field(default_factory=list)
     # CPU seconds each process (or group of processes) of this target used during its measured rounds.
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # Tokens/s of each measured round, in round order: rounds of different targets with the same index ran
+    # minutes apart at most, which pairs them against the machine's slow spells.
+    round_tokens_per_s: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,6 +118,7 @@ class Result:
             "wall_s": round(self.wall_s, 3),
             "requests": self.requests,
             "solo_ttft_p50_ms": round(percentile(self.solo_ttft_ms, 50), 2),
+            "round_tokens_per_s": [round(v, 2) for v in self.round_tokens_per_s],
             "cpu_ms_per_token": {part: round(cpu * 1000 / self.tokens, 3) for part, cpu in self.cpu_s.items()}
             if self.tokens else {},
         }
@@ -223,6 +230,20 @@ def median_difference_ci(a: list[float], b: list[float], resamples: int = 2000, 
     return percentile(diffs, 2.5), percentile(diffs, 97.5)
 
 
+def paired_ratio_ci(a: list[float], b: list[float], confidence: float = 0.95
+                    ) -> tuple[float, float, float] | None:
+    """The geometric mean of the per-round ratios a[i] / b[i] and its t-interval: (mean, low, high); None with
+    fewer than 2 rounds. The machine's speed drifts by more than the gap between targets, and both sides of a
+    pair ran in the same round, so their ratio cancels most of that drift; how much the ratios still spread
+    says whether a throughput ratio is measured or noise."""
+    if len(a) != len(b) or len(a) < 2 or min(a + b) <= 0:
+        return None
+    logs = [math.log(x / y) for x, y in zip(a, b)]
+    mean = statistics.fmean(logs)
+    half = stats.t.ppf((1 + confidence) / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
     """The chat of one client in one round; identical for every target.
 
@@ -291,6 +312,7 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
             r.wall_s += wall
             r.requests += len(done)
             r.tokens += tokens
+            r.round_tokens_per_s.append(tokens / wall)
             r.ttft_ms += [ttft * 1000 for _, ttft in done if ttft is not None]
             for part, seconds in cpu.items():
                 r.cpu_s[part] = r.cpu_s.get(part, 0.0) + seconds
@@ -623,9 +645,11 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         pick = (lambda r: r.solo_ttft_ms) if solo else (lambda r: r.ttft_ms)
         return median_difference_ci(pick(results[a]), pick(results[b]))
 
-    ratio = added = vllm_added = solo_added = vllm_solo_added = vs_vllm = None
+    ratio = ratio_ci = added = vllm_added = solo_added = vllm_solo_added = vs_vllm = None
     if "alignloop" in results and "vllm-server" in results and results["vllm-server"].tokens_per_s:
         ratio = results["alignloop"].tokens_per_s / results["vllm-server"].tokens_per_s
+        ratio_ci = paired_ratio_ci(results["alignloop"].round_tokens_per_s,
+                                   results["vllm-server"].round_tokens_per_s)
     if "raw" in results:
         if "alignloop" in results:
             added = p50("alignloop") - p50("raw")
@@ -665,6 +689,12 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     n = args.concurrency
     out.print(f"throughput alignloop / vllm-server: {fmt(ratio, '×')}  "
               f"(target ≥ {MIN_THROUGHPUT_RATIO:.1f}×: {verdict(ratio_ok)})")
+    if ratio_ci is not None:
+        _, low, high = ratio_ci
+        side = ("above" if low > MIN_THROUGHPUT_RATIO else "below" if high < MIN_THROUGHPUT_RATIO
+                else "on both sides of")
+        out.print(f"  per round: geometric mean {ratio_ci[0]:.3f}×, 95% CI {low:.3f}× to {high:.3f}× "
+                  f"({args.rounds} rounds), {side} the target")
     out.print(f"added TTFT p50, alignloop − raw:    {with_ci(added, ci('alignloop', 'raw'))} with {n} clients; "
               f"{with_ci(solo_added, ci('alignloop', 'raw', solo=True))} one request at a time  "
               f"(target ≤ {MAX_ADDED_TTFT_MS:.0f} ms in both: {verdict(added_ok)})")
@@ -689,6 +719,9 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
     rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
     return {
         "throughput_ratio_vs_vllm_server": rounded(ratio),
+        # From the rounds paired by index: their geometric mean and its 95% interval.
+        "throughput_ratio_per_round_geomean": None if ratio_ci is None else rounded(ratio_ci[0]),
+        "throughput_ratio_ci95": None if ratio_ci is None else [rounded(v) for v in ratio_ci[1:]],
         "added_ttft_p50_ms": rounded(added),
         "vllm_server_added_ttft_p50_ms": rounded(vllm_added),
         "solo_added_ttft_p50_ms": rounded(solo_added),
@@ -723,7 +756,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the model alignloop registers (tiny: a random 0.4M model, for a quick check)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="measured rounds, after one warm-up round")
+    # Five: the throughput ratio's interval comes from the rounds' spread, and with three its t factor is 4.3.
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds, after one warm-up round")
     p.add_argument("--solo", type=int, default=30,
                    help="requests sent one at a time after the rounds (each target in turn)")
     p.add_argument("--targets", default=",".join(TARGETS),

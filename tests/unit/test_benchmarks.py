@@ -82,6 +82,26 @@ def test_serving_report_reads_the_servers_added_ttft_beyond_the_http_floor():
     assert serving.report(results, serving.Settings(), args)["solo_added_ttft_above_http_floor_ms"] is None
 
 
+def test_serving_pairs_rounds_so_the_machines_drift_cancels_out_of_the_throughput_ratio():
+    serving = _load("serving")
+    # The machine slows fourfold over the run; within each round alignloop is about 5% faster.
+    alignloop, vllm_server = [210.0, 105.0, 52.0], [200.0, 100.0, 50.0]
+    mean, low, high = serving.paired_ratio_ci(alignloop, vllm_server)
+    assert 1.03 < low < mean < high < 1.07
+    # The ratios fall on both sides of 1.0: the interval says so.
+    _, low, high = serving.paired_ratio_ci([110.0, 90.0, 102.0], [100.0, 100.0, 100.0])
+    assert low < 1.0 < high
+    assert serving.paired_ratio_ci([110.0], [100.0]) is None  # one round: no spread to read
+
+    args = serving.parse_args(["--model", "tiny", "--rounds", "3"])
+    results = _results(serving, {"alignloop": [20.0, 21.0, 22.0], "vllm-server": [18.0, 19.0, 20.0]})
+    results["alignloop"].round_tokens_per_s = alignloop
+    results["vllm-server"].round_tokens_per_s = vllm_server
+    summary = serving.report(results, serving.Settings(), args)
+    assert 1.03 < summary["throughput_ratio_ci95"][0] < summary["throughput_ratio_per_round_geomean"] < 1.07
+    assert summary["targets"]["alignloop"]["round_tokens_per_s"] == alignloop
+
+
 def test_sse_floor_streams_a_chat_completion_the_openai_sdk_reads():
     """The floor server's events are what a streamed chat completion looks like to the OpenAI SDK."""
     from openai import OpenAI
