@@ -261,10 +261,13 @@ def messages_for(round_no: int, client: int) -> list[dict[str, str]]:
 RequestFn = Callable[[int, int], Awaitable[tuple[int, float | None]]]
 
 
-def rotated(names: list[str], k: int) -> list[str]:
-    """`names` starting at position k (mod len): turn k's order, so that no target always goes first."""
-    k %= len(names)
-    return names[k:] + names[:k]
+def turn_order(names: list[str], k: int) -> list[str]:
+    """Turn k's order of the targets: the cycle of `names` started at position k (mod len), so that no target
+    always goes first, and on odd turns the reverse cycle, so that no target always follows the same one (the
+    round before it could leave work behind, or a machine state, that weighs on its round every time)."""
+    cycle = names if k % 2 == 0 else names[::-1]
+    k %= len(cycle)
+    return cycle[k:] + cycle[:k]
 
 
 def settle(label: str, below_percent: float = 25.0, seconds: int = 2, timeout_s: float = 120.0) -> None:
@@ -299,7 +302,7 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
     for round_no in range(args.rounds + 1):
         label = "warm-up" if round_no == 0 else f"round {round_no}/{args.rounds}"
         line = []
-        for name in rotated(names, round_no):
+        for name in turn_order(names, round_no):
             await asyncio.to_thread(settle, name)
             cpu_before = meter.snapshot(name)
             wall, done = await run_round(targets[name], round_no, args.concurrency)
@@ -319,7 +322,7 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
         err.print(f"  {label}: " + ", ".join(line))
     for i in range(args.solo):
         # Rounds past the measured ones: prompts no earlier request has cached.
-        for name in rotated(names, i):
+        for name in turn_order(names, i):
             await asyncio.to_thread(settle, name)
             _, ttft = await targets[name](args.rounds + 1 + i, i)
             if ttft is not None:

@@ -102,6 +102,17 @@ def test_serving_pairs_rounds_so_the_machines_drift_cancels_out_of_the_throughpu
     assert summary["targets"]["alignloop"]["round_tokens_per_s"] == alignloop
 
 
+def test_serving_varies_which_target_goes_first_and_which_goes_before_each():
+    serving = _load("serving")
+    names = ["alignloop", "vllm-server", "http-floor", "policy-grpc", "raw"]
+    turns = [serving.turn_order(names, k) for k in range(1, 6)]  # the measured rounds of a default run
+    assert all(sorted(order) == sorted(names) for order in turns)
+    assert len({order[0] for order in turns}) > 1
+    for name in names:
+        before = {order[order.index(name) - 1] for order in turns if order.index(name) > 0}
+        assert len(before) > 1, f"{name} always ran right after {before}"
+
+
 def test_sse_floor_streams_a_chat_completion_the_openai_sdk_reads():
     """The floor server's events are what a streamed chat completion looks like to the OpenAI SDK."""
     from openai import OpenAI
