@@ -104,10 +104,20 @@ class Result:
     # Tokens/s of each measured round, in round order: rounds of different targets with the same index ran
     # minutes apart at most, which pairs them against the machine's slow spells.
     round_tokens_per_s: list[float] = field(default_factory=list)
+    # CPU ms per token that this target's own processes used in each measured round (the "machine" total left
+    # out: it counts other tenants' steal too). Process CPU time does not grow when the machine is slow to give
+    # a core, so it drifts far less than tokens/s.
+    round_cpu_ms_per_token: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def cpu_ms_per_token(self) -> float | None:
+        """CPU ms per token of this target's own processes over all measured rounds; None without data."""
+        own = sum(cpu for part, cpu in self.cpu_s.items() if part != "machine")
+        return own * 1000 / self.tokens if self.tokens and own else None
 
     def summary(self) -> dict:
         return {
@@ -119,6 +129,7 @@ class Result:
             "requests": self.requests,
             "solo_ttft_p50_ms": round(percentile(self.solo_ttft_ms, 50), 2),
             "round_tokens_per_s": [round(v, 2) for v in self.round_tokens_per_s],
+            "round_cpu_ms_per_token": [round(v, 3) for v in self.round_cpu_ms_per_token],
             "cpu_ms_per_token": {part: round(cpu * 1000 / self.tokens, 3) for part, cpu in self.cpu_s.items()}
             if self.tokens else {},
         }
@@ -316,6 +327,9 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
             r.requests += len(done)
             r.tokens += tokens
             r.round_tokens_per_s.append(tokens / wall)
+            if tokens:
+                own = sum(seconds for part, seconds in cpu.items() if part != "machine")
+                r.round_cpu_ms_per_token.append(own * 1000 / tokens)
             r.ttft_ms += [ttft * 1000 for _, ttft in done if ttft is not None]
             for part, seconds in cpu.items():
                 r.cpu_s[part] = r.cpu_s.get(part, 0.0) + seconds
@@ -649,10 +663,16 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         return median_difference_ci(pick(results[a]), pick(results[b]))
 
     ratio = ratio_ci = added = vllm_added = solo_added = vllm_solo_added = vs_vllm = None
+    cpu_ratio = cpu_ratio_ci = None
     if "alignloop" in results and "vllm-server" in results and results["vllm-server"].tokens_per_s:
-        ratio = results["alignloop"].tokens_per_s / results["vllm-server"].tokens_per_s
-        ratio_ci = paired_ratio_ci(results["alignloop"].round_tokens_per_s,
-                                   results["vllm-server"].round_tokens_per_s)
+        ours, theirs = results["alignloop"], results["vllm-server"]
+        ratio = ours.tokens_per_s / theirs.tokens_per_s
+        ratio_ci = paired_ratio_ci(ours.round_tokens_per_s, theirs.round_tokens_per_s)
+        # What each serving path costs the machine per token. On cores the engine keeps busy, a path that
+        # spends less leaves more to the forward pass; unlike tokens/s it barely moves when the machine is slow.
+        if ours.cpu_ms_per_token and theirs.cpu_ms_per_token:
+            cpu_ratio = ours.cpu_ms_per_token / theirs.cpu_ms_per_token
+        cpu_ratio_ci = paired_ratio_ci(ours.round_cpu_ms_per_token, theirs.round_cpu_ms_per_token)
     if "raw" in results:
         if "alignloop" in results:
             added = p50("alignloop") - p50("raw")
@@ -698,6 +718,12 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
                 else "on both sides of")
         out.print(f"  per round: geometric mean {ratio_ci[0]:.3f}×, 95% CI {low:.3f}× to {high:.3f}× "
                   f"({args.rounds} rounds), {side} the target")
+    if cpu_ratio is not None:
+        line = f"CPU per token alignloop / vllm-server: {cpu_ratio:.3f}×"
+        if cpu_ratio_ci is not None:
+            line += (f"  (per round: geometric mean {cpu_ratio_ci[0]:.3f}×, 95% CI {cpu_ratio_ci[1]:.3f}× to "
+                     f"{cpu_ratio_ci[2]:.3f}×)")
+        out.print(line + "; below 1.0, alignloop's path leaves more of the cores to its engine")
     out.print(f"added TTFT p50, alignloop − raw:    {with_ci(added, ci('alignloop', 'raw'))} with {n} clients; "
               f"{with_ci(solo_added, ci('alignloop', 'raw', solo=True))} one request at a time  "
               f"(target ≤ {MAX_ADDED_TTFT_MS:.0f} ms in both: {verdict(added_ok)})")
@@ -725,6 +751,11 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         # From the rounds paired by index: their geometric mean and its 95% interval.
         "throughput_ratio_per_round_geomean": None if ratio_ci is None else rounded(ratio_ci[0]),
         "throughput_ratio_ci95": None if ratio_ci is None else [rounded(v) for v in ratio_ci[1:]],
+        # CPU ms per token of alignloop's processes over vLLM's server's (the benchmark's clients in both):
+        # pooled over the rounds, then from the rounds paired by index, with a 95% interval.
+        "cpu_per_token_ratio_vs_vllm_server": rounded(cpu_ratio),
+        "cpu_per_token_ratio_per_round_geomean": None if cpu_ratio_ci is None else rounded(cpu_ratio_ci[0]),
+        "cpu_per_token_ratio_ci95": None if cpu_ratio_ci is None else [rounded(v) for v in cpu_ratio_ci[1:]],
         "added_ttft_p50_ms": rounded(added),
         "vllm_server_added_ttft_p50_ms": rounded(vllm_added),
         "solo_added_ttft_p50_ms": rounded(solo_added),

@@ -102,6 +102,49 @@ def test_serving_pairs_rounds_so_the_machines_drift_cancels_out_of_the_throughpu
     assert summary["targets"]["alignloop"]["round_tokens_per_s"] == alignloop
 
 
+def test_serving_compares_the_cpu_each_path_spends_per_token_round_by_round(monkeypatch):
+    serving = _load("serving")
+
+    class Meter(serving.CpuMeter):
+        """Each snapshot: every part of a target has used 10 ms more, alignloop's stack 20 ms; and the
+        machine, which other tenants' steal inflates, 1 s more."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: dict[str, int] = {}
+
+        def snapshot(self, target: str) -> dict[str, float]:
+            n = self.calls[target] = self.calls.get(target, 0) + 1
+            step = 0.020 if target == "alignloop" else 0.010
+            return {"server": n * step, "benchmark clients": n * 0.005, "machine": n * 1.0}
+
+    async def two_tokens(round_no: int, client: int) -> tuple[int, float | None]:
+        return 2, 0.01
+
+    monkeypatch.setattr(serving, "settle", lambda *a, **k: None)
+    args = serving.parse_args(["--model", "tiny", "--rounds", "2", "--concurrency", "5", "--solo", "0"])
+    results = serving.asyncio.run(serving.measure({"alignloop": two_tokens, "vllm-server": two_tokens},
+                                                  args, Meter()))
+    # 10 tokens a round: alignloop's 25 ms are 2.5 ms a token, vLLM's server's 15 ms 1.5; the machine's
+    # second is left out.
+    assert results["alignloop"].round_cpu_ms_per_token == pytest.approx([2.5, 2.5])
+    assert results["vllm-server"].round_cpu_ms_per_token == pytest.approx([1.5, 1.5])
+    assert results["alignloop"].cpu_ms_per_token == pytest.approx(2.5)
+
+    # In the report: alignloop spends 0.9× per token in every round but one, where the machine slowed.
+    results["alignloop"].round_cpu_ms_per_token = [9.0, 9.2, 8.8]
+    results["vllm-server"].round_cpu_ms_per_token = [10.0, 10.1, 9.9]
+    results["alignloop"].cpu_s = {"policy": 1.8, "gateway": 0.9, "machine": 30.0}
+    results["vllm-server"].cpu_s = {"server": 3.0, "machine": 6.0}
+    for r in results.values():
+        r.tokens = 300
+    summary = serving.report(results, serving.Settings(), args)
+    assert summary["cpu_per_token_ratio_vs_vllm_server"] == pytest.approx(0.9)
+    low, high = summary["cpu_per_token_ratio_ci95"]
+    assert low < summary["cpu_per_token_ratio_per_round_geomean"] < high < 1.0
+    assert summary["targets"]["alignloop"]["round_cpu_ms_per_token"] == [9.0, 9.2, 8.8]
+
+
 def test_serving_varies_which_target_goes_first_and_which_goes_before_each():
     serving = _load("serving")
     names = ["alignloop", "vllm-server", "http-floor", "policy-grpc", "raw"]
