@@ -105,8 +105,8 @@ class Result:
     # minutes apart at most, which pairs them against the machine's slow spells.
     round_tokens_per_s: list[float] = field(default_factory=list)
     # CPU ms per token that this target's own processes used in each measured round (the "machine" total left
-    # out: it counts other tenants' steal too). Process CPU time does not grow when the machine is slow to
-    # give a core, so it drifts far less than tokens/s.
+    # out: it counts other tenants' steal too). A slow spell raises it as well (the cores themselves run
+    # slower, so the same work costs more CPU time), which is why these are paired by round like tokens/s.
     round_cpu_ms_per_token: list[float] = field(default_factory=list)
 
     @property
@@ -668,9 +668,8 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         ours, theirs = results["alignloop"], results["vllm-server"]
         ratio = ours.tokens_per_s / theirs.tokens_per_s
         ratio_ci = paired_ratio_ci(ours.round_tokens_per_s, theirs.round_tokens_per_s)
-        # What each serving path costs the machine per token. On cores the engine keeps busy, a path that
-        # spends less leaves more to the forward pass; unlike tokens/s, it barely moves when the machine is
-        # slow.
+        # What each serving path costs the machine per token: on cores the engine keeps busy, a path that
+        # spends less leaves more to the forward pass.
         if ours.cpu_ms_per_token and theirs.cpu_ms_per_token:
             cpu_ratio = ours.cpu_ms_per_token / theirs.cpu_ms_per_token
         cpu_ratio_ci = paired_ratio_ci(ours.round_cpu_ms_per_token, theirs.round_cpu_ms_per_token)
