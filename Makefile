@@ -7,7 +7,7 @@ PROTOS  := $(wildcard proto/alignloop/v1/*.proto)
 STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: setup proto run test test-unit bench bench-feedback bench-reward bench-rm-training bench-rm-probe bench-ppo clean-state
+.PHONY: setup proto run test test-unit bench bench-feedback bench-reward bench-rm-training bench-rm-curve bench-rm-probe bench-ppo clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -42,6 +42,9 @@ bench-reward: setup
 
 bench-rm-training: setup
 	$(PY) benchmarks/reward_training.py
+
+bench-rm-curve: setup
+	$(PY) benchmarks/reward_learning_curve.py
 
 bench-rm-probe: setup
 	$(PY) benchmarks/reward_probe.py

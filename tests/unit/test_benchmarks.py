@@ -156,6 +156,24 @@ def test_serving_varies_which_target_goes_first_and_which_goes_before_each():
         assert len(before) > 1, f"{name} always ran right after {before}"
 
 
+def test_reward_learning_curve_extrapolates_the_pairs_a_target_accuracy_needs():
+    curve = _load("reward_learning_curve")
+    # Three points on 50% + 2 points per doubling from 500 pairs: 63% is 6.5 doublings past 500.
+    pairs = [500, 1000, 2000]
+    fit = curve.fit_log2(pairs, [0.50, 0.52, 0.54], target=0.63)
+    assert fit["slope_per_doubling"] == pytest.approx(0.02)
+    assert fit["slope_per_doubling_se"] == pytest.approx(0.0, abs=1e-9)
+    assert fit["pairs_for_target"] == pytest.approx(500 * 2 ** 6.5)
+    noisy = curve.fit_log2(pairs, [0.50, 0.55, 0.54], target=0.63)
+    assert noisy["slope_per_doubling_se"] > 0.01  # the points stray from the line: the slope is loose
+    # A flat or falling curve never reaches the target.
+    assert curve.fit_log2(pairs, [0.52, 0.51, 0.50], target=0.63)["pairs_for_target"] is None
+    assert curve.fit_log2([500, 1000], [0.5, 0.52], target=0.63)["slope_per_doubling_se"] is None
+    with pytest.raises(ValueError, match="two"):
+        curve.fit_log2([500, 500], [0.5, 0.52], target=0.63)
+    assert curve.binomial_se(0.56, 908) == pytest.approx(0.0165, abs=1e-4)
+
+
 def test_sse_floor_streams_a_chat_completion_the_openai_sdk_reads():
     """The floor server's events are what a streamed chat completion looks like to the OpenAI SDK."""
     from openai import OpenAI
