@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "hh-rlhf",
                         help="a folder of HH-RLHF *.jsonl.gz files")
     parser.add_argument("--sizes", default="500,1000,2000,5000",
-                        help="training-set sizes in pairs, comma-separated (a size past the split: all of it)")
+                        help="training-set sizes in pairs, comma-separated (past the split's end: all of it)")
     parser.add_argument("--eval-pairs", type=int, default=5000, help="held-out pairs (default: all)")
     parser.add_argument("--backbone", help="a transformers folder (default: all-MiniLM-L6-v2 from its wheel)")
     # The settings of the README's best held-out accuracy with MiniLM (one epoch: a second overfits).
