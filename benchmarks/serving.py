@@ -107,7 +107,8 @@ class Result:
     # CPU ms per token that this target's own processes used in each measured round (the "machine" total left
     # out: it counts other tenants' steal too). A slow spell raises it as well (the cores themselves run
     # slower, so the same work costs more CPU time), which is why these are paired by round like tokens/s.
-    round_cpu_ms_per_token: list[float] = field(default_factory=list)
+    # None for a round that produced no tokens, so that index i is still round i + 1.
+    round_cpu_ms_per_token: list[float | None] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -129,7 +130,7 @@ class Result:
             "requests": self.requests,
             "solo_ttft_p50_ms": round(percentile(self.solo_ttft_ms, 50), 2),
             "round_tokens_per_s": [round(v, 2) for v in self.round_tokens_per_s],
-            "round_cpu_ms_per_token": [round(v, 3) for v in self.round_cpu_ms_per_token],
+            "round_cpu_ms_per_token": [v if v is None else round(v, 3) for v in self.round_cpu_ms_per_token],
             "cpu_ms_per_token": {part: round(cpu * 1000 / self.tokens, 3) for part, cpu in self.cpu_s.items()}
             if self.tokens else {},
         }
@@ -241,13 +242,14 @@ def median_difference_ci(a: list[float], b: list[float], resamples: int = 2000, 
     return percentile(diffs, 2.5), percentile(diffs, 97.5)
 
 
-def paired_ratio_ci(a: list[float], b: list[float], confidence: float = 0.95
+def paired_ratio_ci(a: list[float | None], b: list[float | None], confidence: float = 0.95
                     ) -> tuple[float, float, float] | None:
     """The geometric mean of the per-round ratios a[i] / b[i] and its t-interval: (mean, low, high); None with
-    fewer than 2 rounds. The machine's speed drifts by more than the gap between targets, and both sides of a
-    pair ran in the same round, so their ratio cancels most of that drift; how much the ratios still spread
-    says whether a throughput ratio is measured or noise."""
-    if len(a) != len(b) or len(a) < 2 or min(a + b) <= 0:
+    fewer than 2 rounds or when a round has no figure (None, or not positive) on either side. The machine's
+    speed drifts by more than the gap between targets, and both sides of a pair ran in the same round, so
+    their ratio cancels most of that drift; how much the ratios still spread says whether a throughput ratio
+    is measured or noise."""
+    if len(a) != len(b) or len(a) < 2 or not all(x is not None and x > 0 for x in a + b):
         return None
     logs = [math.log(x / y) for x, y in zip(a, b)]
     mean = statistics.fmean(logs)
@@ -327,9 +329,8 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
             r.requests += len(done)
             r.tokens += tokens
             r.round_tokens_per_s.append(tokens / wall)
-            if tokens:
-                own = sum(seconds for part, seconds in cpu.items() if part != "machine")
-                r.round_cpu_ms_per_token.append(own * 1000 / tokens)
+            own = sum(seconds for part, seconds in cpu.items() if part != "machine")
+            r.round_cpu_ms_per_token.append(own * 1000 / tokens if tokens else None)
             r.ttft_ms += [ttft * 1000 for _, ttft in done if ttft is not None]
             for part, seconds in cpu.items():
                 r.cpu_s[part] = r.cpu_s.get(part, 0.0) + seconds

@@ -131,6 +131,13 @@ def test_serving_compares_the_cpu_each_path_spends_per_token_round_by_round(monk
     assert results["vllm-server"].round_cpu_ms_per_token == pytest.approx([1.5, 1.5])
     assert results["alignloop"].cpu_ms_per_token == pytest.approx(2.5)
 
+    async def nothing_in_round_1(round_no: int, client: int) -> tuple[int, float | None]:
+        return (0, None) if round_no == 1 else (2, 0.01)
+
+    silent = serving.asyncio.run(serving.measure({"alignloop": nothing_in_round_1}, args, Meter()))
+    assert silent["alignloop"].round_cpu_ms_per_token[0] is None
+    assert silent["alignloop"].round_cpu_ms_per_token[1] == pytest.approx(2.5)
+
     # In the report: alignloop spends 0.9× per token in every round but one, where the machine slowed.
     results["alignloop"].round_cpu_ms_per_token = [9.0, 9.2, 8.8]
     results["vllm-server"].round_cpu_ms_per_token = [10.0, 10.1, 9.9]
@@ -143,6 +150,12 @@ def test_serving_compares_the_cpu_each_path_spends_per_token_round_by_round(monk
     low, high = summary["cpu_per_token_ratio_ci95"]
     assert low < summary["cpu_per_token_ratio_per_round_geomean"] < high < 1.0
     assert summary["targets"]["alignloop"]["round_cpu_ms_per_token"] == [9.0, 9.2, 8.8]
+
+    # A round that produced nothing keeps its place (None), so round 3 still pairs with round 3, and the
+    # paired interval declines rather than pairing what is left out of step.
+    assert serving.paired_ratio_ci([9.0, None, 8.8], [10.0, 10.1, 9.9]) is None
+    results["alignloop"].round_cpu_ms_per_token = [9.0, None, 8.8]
+    assert serving.report(results, serving.Settings(), args)["cpu_per_token_ratio_ci95"] is None
 
 
 def test_serving_varies_which_target_goes_first_and_which_goes_before_each():
