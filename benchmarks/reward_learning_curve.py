@@ -104,6 +104,8 @@ def main() -> None:
                            "eval_accuracy": summary["eval_accuracy"],
                            "eval_accuracy_se": binomial_se(summary["eval_accuracy"], data.eval_pairs),
                            "pairs_per_s": summary["pairs_per_s"], "train_seconds": summary["train_seconds"]})
+            console.print(f"{data.train_pairs:,} pairs: held-out accuracy {summary['eval_accuracy']:.1%} "
+                          f"± {points[-1]['eval_accuracy_se']:.1%}, {summary['pairs_per_s']:.2f} pairs/s")
 
     table = Table(title=f"held-out accuracy by training pairs ({points[0]['eval_pairs']} held out)")
     for col in ("training pairs", "held-out accuracy", "± 1 s.e.", "pairs/s"):
