@@ -12,7 +12,7 @@ A saved model is a folder:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,11 +172,12 @@ class RewardModel(nn.Module):
         return model.to(device).eval(), tokenizer
 
     @torch.inference_mode()
-    def score(self, tokenizer, texts: Sequence[str], batch_size: int = 32,
-              sort_by_length: bool = True) -> list[float]:
+    def score(self, tokenizer, texts: Sequence[str], batch_size: int = 32, sort_by_length: bool = True,
+              on_batch: Callable[[int, int], None] | None = None) -> list[float]:
         """Normalised rewards (raw - reward_shift) of rendered texts, in their order.
 
         Texts of similar length are batched together (`sort_by_length`), so batches pad little.
+        `on_batch(done, total)` is called after each batch, for progress on long held-out sets.
         """
         order = list(range(len(texts)))
         if sort_by_length:
@@ -190,4 +191,6 @@ class RewardModel(nn.Module):
             raw = self(enc["input_ids"], enc["attention_mask"])
             for i, r in zip(rows, (raw.float() - self.config.reward_shift).tolist(), strict=True):
                 out[i] = r
+            if on_batch:
+                on_batch(start + len(rows), len(order))
         return out

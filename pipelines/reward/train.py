@@ -26,7 +26,8 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,24 +226,49 @@ def pointwise_loss(rewards: torch.Tensor, rows: torch.Tensor, labels: torch.Tens
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
+OnBatch = Callable[[int, int], None]  # (answers scored so far, answers to score)
+
+
+@contextmanager
+def scoring_progress(console: Console, label: str) -> Iterator[OnBatch]:
+    """Yields an `on_batch` callback that shows how many answers of `label` are scored. On a terminal it
+    is a bar; in a log file, where a bar would show nothing until the end, a line at about each tenth."""
+    if not console.is_terminal:
+        tenths_logged = 0
+
+        def log_line(done: int, total: int) -> None:
+            nonlocal tenths_logged
+            if done == total or done * 10 // total > tenths_logged:
+                tenths_logged = done * 10 // total
+                console.log(f"{label}: {done}/{total} answers scored")
+        yield log_line
+        return
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, transient=False)
+    with progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
 @torch.inference_mode()
-def score_texts(model: RewardModel, tokenizer, texts: Sequence[str], batch_size: int = 32) -> list[float]:
+def score_texts(model: RewardModel, tokenizer, texts: Sequence[str], batch_size: int = 32,
+                on_batch: OnBatch | None = None) -> list[float]:
     """`RewardModel.score` (what serving computes: normalised rewards) in eval mode; the mode is restored."""
     was_training = model.training
     model.eval()
-    scores = model.score(tokenizer, texts, batch_size=batch_size)
+    scores = model.score(tokenizer, texts, batch_size=batch_size, on_batch=on_batch)
     model.train(was_training)
     return scores
 
 
 def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup],
-                  batch_size: int = 32) -> tuple[float | None, float | None]:
+                  batch_size: int = 32, on_batch: OnBatch | None = None) -> tuple[float | None, float | None]:
     """(share of held-out pairs with r_chosen > r_rejected, mean pair loss); (None, None) without pairs.
     A tie counts as wrong: a constant model scores 0, not 0.5."""
     texts = list(dict.fromkeys(t for g in groups for t in g.texts))
     if not any(g.pairs for g in groups):
         return None, None
-    scores = dict(zip(texts, score_texts(model, tokenizer, texts, batch_size), strict=True))
+    scores = dict(zip(texts, score_texts(model, tokenizer, texts, batch_size, on_batch), strict=True))
     right, losses = 0, []
     for g in groups:
         for w, lo in g.pairs:
@@ -253,7 +279,7 @@ def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGrou
 
 
 def mean_raw_reward(model: RewardModel, tokenizer, texts: Sequence[str], sample: int, seed: int,
-                    batch_size: int = 32) -> float:
+                    batch_size: int = 32, on_batch: OnBatch | None = None) -> float:
     """Mean raw reward (reward_shift not applied) over `texts`, or over a seeded sample of `sample`."""
     texts = list(dict.fromkeys(texts))
     if not texts:
@@ -262,7 +288,7 @@ def mean_raw_reward(model: RewardModel, tokenizer, texts: Sequence[str], sample:
         texts = random.Random(seed).sample(texts, sample)
     shift, model.config.reward_shift = model.config.reward_shift, 0.0
     try:
-        return sum(score_texts(model, tokenizer, texts, batch_size)) / len(texts)
+        return sum(score_texts(model, tokenizer, texts, batch_size, on_batch)) / len(texts)
     finally:
         model.config.reward_shift = shift
 
@@ -389,13 +415,14 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
     tracker = publish.Tracker(settings.tracking_uri, enabled=register)
     with tracker.run(run_name=f"reward-{data.digest}", params=params, data=data):
         stats = train(model, tokenizer, data, args, device, on_step=tracker.log_step, console=console)
-        with console.status("evaluating on the held-out pairs"):
-            eval_accuracy, eval_loss = pair_accuracy(model, tokenizer, data.eval_groups, args.eval_batch_size)
-        with console.status("setting reward_shift"):
+        with scoring_progress(console, "scoring the held-out answers") as on_batch:
+            eval_accuracy, eval_loss = pair_accuracy(model, tokenizer, data.eval_groups, args.eval_batch_size,
+                                                     on_batch)
+        with scoring_progress(console, "scoring training answers for reward_shift") as on_batch:
             train_texts = [t for g in data.train_groups for t in g.texts] + \
                           [p.text for p in data.train_pointwise]
             model.config.reward_shift = mean_raw_reward(model, tokenizer, train_texts, args.shift_sample,
-                                                        args.seed, args.eval_batch_size)
+                                                        args.seed, args.eval_batch_size, on_batch)
         model.config.extra = {**model.config.extra, "dataset_hash": data.hash, "eval_accuracy": eval_accuracy,
                               "base_reward_version": base_version}
         model.save(folder, tokenizer)

@@ -6,6 +6,7 @@ a SQLite file in tmp_path.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rich.console import Console
 
 from alignloop.config import Settings
 from alignloop.reward_model import RewardModel, render
@@ -23,7 +25,8 @@ from pipelines.reward import publish
 from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, RewardData, hh_groups, is_held_out,
                                        load_hh, load_snapshot, parse_hh, read_jsonl)
 from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, make_batch,
-                                    pair_accuracy, preference_loss, run, score_texts, train)
+                                    pair_accuracy, preference_loss, run, score_texts, scoring_progress,
+                                    train)
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
 TOPICS = ["cats", "dogs", "rain", "code", "tea", "maps", "jazz", "bread", "stars", "trains", "chess", "snow"]
@@ -298,6 +301,26 @@ def test_training_is_deterministic(tmp_path: Path, backbone: Path) -> None:
     a = run(settings_for(tmp_path), data, fast_args(backbone, epochs=1), register=False, out=tmp_path / "a")
     b = run(settings_for(tmp_path), data, fast_args(backbone, epochs=1), register=False, out=tmp_path / "b")
     assert a["final_loss"] == b["final_loss"] and a["reward_shift"] == b["reward_shift"]
+
+
+def test_scoring_reports_progress_and_a_log_file_gets_a_line_per_tenth(tmp_path: Path,
+                                                                       backbone: Path) -> None:
+    data = load_snapshot(synthetic_snapshot(tmp_path / "snap", comparisons=40, rankings=4), eval_fraction=0.2)
+    model, tokenizer = load_start(str(backbone), fast_args(backbone), torch.device("cpu"))
+    texts = list(dict.fromkeys(t for g in data.train_groups for t in g.texts))
+    calls: list[tuple[int, int]] = []
+    scores = score_texts(model, tokenizer, texts, batch_size=8, on_batch=lambda d, t: calls.append((d, t)))
+    assert calls == [(min(8 * k, len(texts)), len(texts)) for k in range(1, math.ceil(len(texts) / 8) + 1)]
+    assert scores == score_texts(model, tokenizer, texts, batch_size=8)
+
+    # Not a terminal (a log file): a line at each tenth and at the end, not one per batch.
+    log = io.StringIO()
+    console = Console(file=log, force_terminal=False, width=200)
+    with scoring_progress(console, "scoring the held-out answers") as on_batch:
+        for done in range(1, 101):
+            on_batch(done, 100)
+    lines = [line for line in log.getvalue().splitlines() if "answers scored" in line]
+    assert [line.split(": ")[1].split()[0] for line in lines] == [f"{10 * k}/100" for k in range(1, 11)]
 
 
 def test_the_head_has_its_own_learning_rate(tmp_path: Path, backbone: Path) -> None:
