@@ -171,11 +171,12 @@ def register_and_gate(
     champion_untrained = champion is not None and is_untrained(settings.tracking_uri, champion)
     champion_accuracy = None
     if champion is not None and not champion_untrained:
-        with console.status(f"scoring the champion (version {champion.version}) on the same held-out pairs"):
+        with console.status(f"loading the champion (version {champion.version})"):
             champion_folder = fetch_version(settings.tracking_uri, champion, settings.models_dir)
             champion_model, champion_tokenizer = RewardModel.load(champion_folder, device=device)
-            champion_accuracy = score(champion_model, champion_tokenizer)
-            del champion_model
+        # Outside the spinner: `score` may show its own progress, and rich allows one live display at a time.
+        champion_accuracy = score(champion_model, champion_tokenizer)
+        del champion_model
     decision = decide(eval_accuracy, champion_accuracy, tolerance, has_champion=champion is not None,
                       champion_untrained=champion_untrained)
     # With promote=False the gate is decided and recorded, and a caller (the pipeline runner) moves the alias

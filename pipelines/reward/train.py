@@ -278,6 +278,13 @@ def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGrou
     return right / len(losses), sum(losses) / len(losses)
 
 
+def champion_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup], batch_size: int,
+                      console: Console) -> float | None:
+    """The champion's accuracy on the new model's held-out pairs (the gate's yardstick), with progress."""
+    with scoring_progress(console, "scoring the champion on the same held-out answers") as on_batch:
+        return pair_accuracy(model, tokenizer, groups, batch_size, on_batch)[0]
+
+
 def mean_raw_reward(model: RewardModel, tokenizer, texts: Sequence[str], sample: int, seed: int,
                     batch_size: int = 32, on_batch: OnBatch | None = None) -> float:
     """Mean raw reward (reward_shift not applied) over `texts`, or over a seeded sample of `sample`."""
@@ -444,7 +451,8 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
         if register:
             summary |= publish.register_and_gate(
                 settings, tracker, folder, data=data, eval_accuracy=eval_accuracy,
-                score=lambda m, tok: pair_accuracy(m, tok, data.eval_groups, args.eval_batch_size)[0],
+                score=lambda m, tok: champion_accuracy(m, tok, data.eval_groups, args.eval_batch_size,
+                                                       console),
                 tolerance=tolerance, untrained=stats.steps == 0, base_version=base_version,
                 backbone=model.config.backbone, reward_shift=model.config.reward_shift, device=device,
                 console=console, promote=promote)
