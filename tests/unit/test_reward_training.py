@@ -1,7 +1,7 @@
 """pipelines.reward: HH parsing, snapshot grouping, the InstructGPT loss, training, reward_shift, the gate.
 
-A tiny random BERT (hidden 32, 2 layers, a WordPiece vocabulary written here) stands in for MiniLM; MLflow is
-a SQLite file in tmp_path.
+A tiny random BERT (hidden 32, 2 layers, a WordPiece vocabulary; tests/reward_toys.py) stands in for MiniLM;
+MLflow is a SQLite file in tmp_path.
 """
 
 from __future__ import annotations
@@ -27,51 +27,15 @@ from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, Reward
 from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, make_batch,
                                     pair_accuracy, preference_loss, run, score_texts, scoring_progress,
                                     train)
+from tests.reward_toys import QUALITY, TOPICS, answer, build_tiny_bert, conversation
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
-TOPICS = ["cats", "dogs", "rain", "code", "tea", "maps", "jazz", "bread", "stars", "trains", "chess", "snow"]
-FILLER = ["the", "a", "is", "it", "and", "of", "to", "in", "you", "that", "this", "very", "some", "more"]
-QUALITY = ["excellent", "good", "okay", "bad"]  # best first
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "human", "assistant", ":", "?", ".", ",", "!",
-         "tell", "me", "about", "answer", "question", *TOPICS, *FILLER, *QUALITY]
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random BertModel (hidden 32, 2 layers) with a WordPiece tokenizer over VOCAB, built in under 1 s."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    # Built with `tokenizers` directly: transformers 5's BertTokenizerFast(vocab_file=...) maps every word to
-    # [UNK] here.
-    wordpiece = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", VOCAB.index("[CLS]")), ("[SEP]", VOCAB.index("[SEP]"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                        model_max_length=128)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _answer(rng: random.Random, quality: str) -> str:
-    words = rng.choices(FILLER, k=rng.randint(3, 8))
-    words.insert(rng.randint(0, len(words)), quality)
-    return " ".join(words) + "."
-
-
-def _messages(topic: str) -> list[dict]:
-    return [{"role": "user", "content": f"tell me about {topic}?"}]
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _pair_row(source: str, group: str, messages: list[dict], chosen: str, rejected: str, ids: tuple[str, str],
@@ -107,14 +71,14 @@ def synthetic_snapshot(folder: Path, *, comparisons: int = 240, rankings: int = 
     rows = []
     for i in range(comparisons):
         topic = rng.choice(TOPICS)
-        rows.append(_pair_row("comparison", f"c{i}", _messages(topic), _answer(rng, "good"),
-                              _answer(rng, "bad"), (f"c{i}a", f"c{i}b")))
+        rows.append(_pair_row("comparison", f"c{i}", conversation(topic), answer(rng, "good"),
+                              answer(rng, "bad"), (f"c{i}a", f"c{i}b")))
     for i in range(rankings):
         topic = rng.choice(TOPICS)
-        answers = [_answer(rng, q) for q in QUALITY]
+        answers = [answer(rng, q) for q in QUALITY]
         for a in range(4):
             for b in range(a + 1, 4):
-                rows.append(_pair_row("ranking", f"r{i}", _messages(topic), answers[a], answers[b],
+                rows.append(_pair_row("ranking", f"r{i}", conversation(topic), answers[a], answers[b],
                                       (f"r{i}-{a}", f"r{i}-{b}"), (a, b)))
     return write_snapshot(folder, rows, digest=digest)
 
@@ -186,7 +150,7 @@ def test_hh_parser_on_real_lines() -> None:
 # ---- snapshots and the C(K,2) grouping ---------------------------------------------------------------------
 def test_a_ranking_of_four_is_one_group_of_six_pairs_and_four_forwards(tmp_path: Path,
                                                                         backbone: Path) -> None:
-    msgs = _messages("cats")
+    msgs = conversation("cats")
     answers = ["excellent cats.", "good cats.", "okay cats.", "bad cats."]
     rows = [_pair_row("ranking", "r1", msgs, answers[a], answers[b], (f"id{a}", f"id{b}"), (a, b))
             for a in range(4) for b in range(a + 1, 4)]
@@ -210,7 +174,7 @@ def test_a_ranking_of_four_is_one_group_of_six_pairs_and_four_forwards(tmp_path:
 
 def test_length_sorted_chunks_give_the_rewards_of_one_padded_forward(tmp_path: Path, backbone: Path) -> None:
     rng = random.Random(2)
-    texts = [render(_messages(rng.choice(TOPICS)), _answer(rng, rng.choice(QUALITY)) * rng.randint(1, 4))
+    texts = [render(conversation(rng.choice(TOPICS)), answer(rng, rng.choice(QUALITY)) * rng.randint(1, 4))
              for _ in range(12)]
     model, tokenizer = load_start(backbone, Args(max_length=64), torch.device("cpu"))
     table = TokenTable(tokenizer, texts, 64)
@@ -260,7 +224,7 @@ def test_snapshot_split_is_by_group_and_deterministic(tmp_path: Path) -> None:
 
 
 def test_thumbs_pairs_are_single_groups_and_pointwise_follows_their_split(tmp_path: Path) -> None:
-    msgs = _messages("tea")
+    msgs = conversation("tea")
     rows = [_pair_row("thumbs", "thumbs:t1:P", msgs, "good tea.", "bad tea.", ("u1", "d1")),
             _pair_row("thumbs", "thumbs:t1:P", msgs, "good tea!", "bad tea.", ("u2", "d1"))]
     for r in rows:
@@ -338,11 +302,11 @@ def test_the_head_has_its_own_learning_rate(tmp_path: Path, backbone: Path) -> N
 
 def test_pointwise_term_trains_on_unpaired_thumbs(tmp_path: Path, backbone: Path) -> None:
     rng = random.Random(1)
-    msgs = _messages("bread")
+    msgs = conversation("bread")
     # Training data: thumbs without a counterpart only; held-out pairs to measure what they taught.
-    held_out = [PreferenceGroup(f"c{i}", tuple(render(msgs, _answer(rng, q)) for q in ("good", "bad")),
+    held_out = [PreferenceGroup(f"c{i}", tuple(render(msgs, answer(rng, q)) for q in ("good", "bad")),
                                 ((0, 1),)) for i in range(40)]
-    points = [PointwiseExample(render(msgs, _answer(rng, q)), float(q == "good"))
+    points = [PointwiseExample(render(msgs, answer(rng, q)), float(q == "good"))
               for q in ["good", "bad"] * 100]
     data = RewardData(train_groups=[], eval_groups=held_out, train_pointwise=points, name="points",
                       hash="cd" * 32, source="test")
