@@ -16,10 +16,14 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto": this process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    """"auto": this process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU. A bare "cuda"
+    also means this process's GPU: torch.cuda.set_device refuses a device without an index."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 def configure_threads(threads: int | None) -> int:
