@@ -7,7 +7,8 @@ PROTOS  := $(wildcard proto/alignloop/v1/*.proto)
 STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
-.PHONY: setup proto run test test-unit bench bench-feedback bench-reward bench-rm-training bench-rm-curve bench-rm-probe bench-ppo clean-state
+.PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
+	bench-rm-probe bench-rm-sweep bench-ppo clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -31,6 +32,10 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# The trainers on a CUDA device (part of `make test` too, where they skip without one).
+test-gpu: setup
+	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) benchmarks/serving.py
 
@@ -48,6 +53,9 @@ bench-rm-curve: setup
 
 bench-rm-probe: setup
 	$(PY) benchmarks/reward_probe.py
+
+bench-rm-sweep: setup
+	$(PY) benchmarks/reward_sweep.py
 
 bench-ppo: setup
 	$(PY) benchmarks/ppo_step.py

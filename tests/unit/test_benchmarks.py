@@ -361,3 +361,45 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
     # Length times the question's embedding: the weight on length follows the kind of question, no split told.
     by_question = rows[("embedding + length + relevance, weighted by the question", False)]
     assert by_question["eval_accuracy"] >= 0.9 > untold["eval_accuracy"]
+
+
+def test_reward_sweep_chooses_on_validation_pairs_and_reports_held_out_pairs_over_seeds(tmp_path: Path,
+                                                                                       monkeypatch, capsys):
+    """A rate at which the RM learns beats one at which it cannot, on pairs cut from the training split; the
+    winner and the reference setting are then trained on the whole split once per seed and scored on the
+    held-out pairs, which the choice never saw."""
+    import gzip
+    import json
+
+    from pipelines.models_init import build_tiny_reward_model
+
+    sweep = _load("reward_sweep")
+    fit, validation = sweep.split_validation(list(range(20)), 0.15)
+    assert (fit, validation) == (list(range(17)), [17, 18, 19])
+    with pytest.raises(ValueError, match="no training groups"):
+        sweep.split_validation([1], 0.5)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with gzip.open(data / "toy.jsonl.gz", "wt") as f:
+        for i in range(240):
+            prompt = f"\n\nHuman: tell me about thing {i}"
+            f.write(json.dumps({"chosen": f"{prompt}\n\nAssistant: yes, gladly {i}",
+                                "rejected": f"{prompt}\n\nAssistant: no {i}"}) + "\n")
+    backbone = build_tiny_reward_model(tmp_path / "rm") / "backbone"
+    monkeypatch.setattr(sys, "argv", [
+        "reward_sweep.py", "--data", str(data), "--backbone", str(backbone), "--lrs", "3e-3,1e-9",
+        "--epochs", "2", "--max-lengths", "64", "--batch-sizes", "8", "--seeds", "0,1",
+        "--reference", "1e-9,2,64,8", "--device", "cpu"])
+    sweep.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    n = result["pairs"]
+    assert n["fit"] + n["validation"] == n["train"] and n["validation"] > 0 and n["held_out"] > 0
+    assert [(r["lr"], r["seed"]) for r in result["searched"]] == [(3e-3, 0), (1e-9, 0)]
+    assert result["best_hyper"] == {"lr": 3e-3, "epochs": 2, "max_length": 64, "batch_size": 8}
+    assert max(result["searched"], key=lambda r: r["accuracy"])["lr"] == 3e-3
+    for name, lr in (("best", 3e-3), ("reference", 1e-9)):
+        assert [(r["lr"], r["seed"]) for r in result["finals"][name]] == [(lr, 0), (lr, 1)]
+    assert result["best_held_out_mean"] >= 0.9
+    assert result["best_held_out_mean"] > result["reference_held_out_mean"]
