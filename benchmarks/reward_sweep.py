@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import itertools
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -33,23 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def load_sibling(name: str):
-    """Another benchmark script of this folder, as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.reward_learning_curve import binomial_se  # noqa: E402 - needs REPO on the path
+from benchmarks.reward_training import split_files  # noqa: E402
 
 
 def numbers(text: str, kind=float) -> list:
     """'1e-5, 2e-5' -> [1e-5, 2e-5] (order kept, repeats dropped)."""
     return list(dict.fromkeys(kind(x) for x in text.split(",") if x.strip()))
-
-
-def binomial_se(accuracy: float, n: int) -> float:
-    return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
 
 
 def split_validation(groups: list, share: float) -> tuple[list, list]:
@@ -124,7 +112,7 @@ def main() -> None:
     points = grid(cli)
 
     with tempfile.TemporaryDirectory(prefix="reward-sweep-") as tmp:
-        train_file, eval_file, _ = load_sibling("reward_training").split_files(cli.data, Path(tmp))
+        train_file, eval_file, _ = split_files(cli.data, Path(tmp))
         data = load_hh([train_file], [eval_file], limit=cli.train_pairs, eval_limit=cli.eval_pairs)
     fit, validation = split_validation(data.train_groups, cli.validation_share)
     n = {"fit": sum(len(g.pairs) for g in fit), "validation": sum(len(g.pairs) for g in validation),
