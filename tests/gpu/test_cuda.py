@@ -4,7 +4,7 @@ PPO runs here with transformers `generate` as the rollout engine (`rollout_engin
 no vLLM build for CUDA; the vLLM rollouts are covered on the CPU by tests/integration/test_ppo.py. The bars are
 that file's: the reward climbs, and a larger beta keeps the policy nearer the reference. The reward model's
 CUDA path forwards in larger length-sorted chunks (Args.forward_tokens: 16384 on CUDA); it must give what one
-padded forward gives, learn the synthetic preferences, and score as the CPU does.
+padded forward gives, learn toy preferences, and score as the CPU does.
 
     python -m pytest tests/gpu -q
 """
