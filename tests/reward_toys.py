@@ -11,11 +11,20 @@ from pathlib import Path
 
 import torch
 
+from pipelines.reward.train import Args
+
 TOPICS = ["cats", "dogs", "rain", "code", "tea", "maps", "jazz", "bread", "stars", "trains", "chess", "snow"]
 FILLER = ["the", "a", "is", "it", "and", "of", "to", "in", "you", "that", "this", "very", "some", "more"]
 QUALITY = ["excellent", "good", "okay", "bad"]  # best first
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "human", "assistant", ":", "?", ".", ",", "!",
          "tell", "me", "about", "answer", "question", *TOPICS, *FILLER, *QUALITY]
+
+
+def fast_args(folder: Path, **overrides) -> Args:
+    """RM training settings under which the tiny BERT learns the toy preferences in seconds."""
+    values = dict(backbone=str(folder), lr=3e-3, batch_size=8, epochs=4, max_length=64, warmup_ratio=0.1,
+                  pointwise_weight=0.0, eval_fraction=0.2, seed=0)
+    return Args(**(values | overrides))
 
 
 def build_tiny_bert(folder: Path) -> Path:

@@ -1,10 +1,10 @@
 """The trainers' CUDA paths, on the tiny random models: skipped where torch sees no GPU (CI has none).
 
 PPO runs here with transformers `generate` as the rollout engine (`rollout_engine="hf"`), so these tests need
-no vLLM build for CUDA; the vLLM rollouts are covered on the CPU by tests/integration/test_ppo.py. The bars are
-that file's: the reward climbs, and a larger beta keeps the policy nearer the reference. The reward model's
-CUDA path forwards in larger length-sorted chunks (Args.forward_tokens: 16384 on CUDA); it must give what one
-padded forward gives, learn toy preferences, and score as the CPU does.
+no vLLM build for CUDA; the vLLM rollouts are covered on the CPU by tests/integration/test_ppo.py. The bars
+are that file's: the reward climbs, and a larger beta keeps the policy nearer the reference. The reward
+model's CUDA path forwards in larger length-sorted chunks (Args.forward_tokens: 16384 on CUDA); it must give
+what one padded forward gives, learn toy preferences, and score as the CPU does.
 
     python -m pytest tests/gpu -q
 """
@@ -24,14 +24,16 @@ from pipelines.models_init import build_tiny_policy
 from pipelines.ppo.rewards import FunctionReward
 from pipelines.ppo.train import Inputs, train
 from pipelines.reward.datasets import PreferenceGroup, RewardData
-from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, pair_accuracy,
+from pipelines.reward.train import (TokenTable, chunks_by_length, forward_rows, load_start, pair_accuracy,
                                     run, score_texts)
 from tests.integration.test_ppo import PROMPTS, REWARD, fast_args, window
 from tests.reward_toys import QUALITY, TOPICS, answer, build_tiny_bert, conversation
+from tests.reward_toys import fast_args as fast_rm_args
 
-# Another device by the environment (cuda:1; or cpu, to check these tests themselves on a machine without one).
+# Another device by the environment (cuda:1; or cpu, to check these tests on a machine without a GPU).
 CUDA = torch.device(os.environ.get("ALIGNLOOP_GPU_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(),
+                                reason="no CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +50,6 @@ def toy_preferences(n: int, seed: int) -> list[PreferenceGroup]:
         groups.append(PreferenceGroup(f"g{seed}-{i}", (render(question, answer(rng, "good")),
                                                       render(question, answer(rng, "bad"))), ((0, 1),)))
     return groups
-
-
-def rm_args(backbone: Path) -> Args:
-    """The unit tests' settings, under which the tiny BERT learns the toy preferences in seconds."""
-    return Args(backbone=str(backbone), lr=3e-3, batch_size=8, epochs=4, max_length=64, warmup_ratio=0.1,
-                pointwise_weight=0.0, seed=0, device=str(CUDA))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +84,7 @@ def test_reward_chunks_on_cuda_give_the_rewards_of_one_padded_forward(backbone: 
     rng = random.Random(2)
     texts = [render(conversation(rng.choice(TOPICS)), answer(rng, rng.choice(QUALITY)) * rng.randint(1, 4))
              for _ in range(40)]
-    model, tokenizer = load_start(backbone, rm_args(backbone), CUDA)
+    model, tokenizer = load_start(backbone, fast_rm_args(backbone, device=str(CUDA)), CUDA)
     table = TokenTable(tokenizer, texts, 64)
     rows = list(range(len(texts)))
     assert len(chunks_by_length(rows, table, 256)) > 3
@@ -98,10 +94,10 @@ def test_reward_chunks_on_cuda_give_the_rewards_of_one_padded_forward(backbone: 
 
 
 def test_reward_training_on_cuda_learns_and_scores_as_the_cpu_does(tmp_path: Path, backbone: Path):
-    data = RewardData(toy_preferences(240, seed=0), toy_preferences(60, seed=1), [], name="toy", hash="0" * 64,
-                      source="tests/gpu")
-    summary = run(Settings(home=tmp_path / "home"), data, rm_args(backbone), register=False,
-                  out=tmp_path / "rm")
+    data = RewardData(toy_preferences(240, seed=0), toy_preferences(60, seed=1), [], name="toy",
+                      hash="0" * 64, source="tests/gpu")
+    args = fast_rm_args(backbone, device=str(CUDA))
+    summary = run(Settings(home=tmp_path / "home"), data, args, register=False, out=tmp_path / "rm")
     assert summary["eval_accuracy"] >= 0.9
 
     texts = list(dict.fromkeys(t for g in data.eval_groups for t in g.texts))

@@ -27,7 +27,7 @@ from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, Reward
 from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, make_batch,
                                     pair_accuracy, preference_loss, run, score_texts, scoring_progress,
                                     train)
-from tests.reward_toys import QUALITY, TOPICS, answer, build_tiny_bert, conversation
+from tests.reward_toys import QUALITY, TOPICS, answer, build_tiny_bert, conversation, fast_args
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
 
@@ -87,12 +87,6 @@ def settings_for(tmp_path: Path) -> Settings:
     """MLflow in a SQLite file in tmp_path; its default artifact root (./mlruns) lands in tmp_path too, since
     the registry tests chdir there (the `in_tmp` fixture)."""
     return Settings(home=tmp_path / "home", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-
-def fast_args(folder: Path, **overrides) -> Args:
-    values = dict(backbone=str(folder), lr=3e-3, batch_size=8, epochs=4, max_length=64, warmup_ratio=0.1,
-                  pointwise_weight=0.0, eval_fraction=0.2, seed=0)
-    return Args(**(values | overrides))
 
 
 @pytest.fixture
