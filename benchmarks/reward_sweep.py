@@ -70,8 +70,8 @@ def fit_and_score(backbone: str, train_groups: list, score_groups: list, base, h
     accuracy, loss = pair_accuracy(model, tokenizer, score_groups, args.eval_batch_size)
     pairs = sum(len(g.pairs) for g in score_groups)
     return {**hyper, "seed": seed, "accuracy": accuracy, "accuracy_se": binomial_se(accuracy, pairs),
-            "pair_loss": loss, "final_train_loss": stats.last_loss, "pairs_per_s": round(stats.pairs_per_s, 2),
-            "train_seconds": round(stats.seconds, 2)}
+            "pair_loss": loss, "final_train_loss": stats.last_loss,
+            "pairs_per_s": round(stats.pairs_per_s, 2), "train_seconds": round(stats.seconds, 2)}
 
 
 def main() -> None:
@@ -87,7 +87,8 @@ def main() -> None:
                         help="lr,epochs,max_length,batch_size of the setting to compare the winner with")
     parser.add_argument("--validation-share", type=float, default=0.15,
                         help="share of the training groups that validate the grid")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds of the final runs on the whole training split")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="seeds of the final runs on the whole training split")
     parser.add_argument("--train-pairs", type=int, help="use the first N training pairs (default: all)")
     parser.add_argument("--eval-pairs", type=int, help="use the first N held-out pairs (default: all)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -97,7 +98,7 @@ def main() -> None:
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from alignloop.reward_model import default_backbone_path
+    from alignloop.reward_model import DEFAULT_BACKBONE, default_backbone_path
     from pipelines.reward.datasets import load_hh
     from pipelines.training import pick_device
 
@@ -117,8 +118,9 @@ def main() -> None:
     fit, validation = split_validation(data.train_groups, cli.validation_share)
     n = {"fit": sum(len(g.pairs) for g in fit), "validation": sum(len(g.pairs) for g in validation),
          "train": data.train_pairs, "held_out": data.eval_pairs}
-    console.print(f"{len(points)} settings on {n['fit']} pairs, validated on {n['validation']}; then the best "
-                  f"and the reference on all {n['train']} with seeds {seeds}, held out {n['held_out']} ({device})")
+    console.print(f"{len(points)} settings on {n['fit']} pairs, validated on {n['validation']}; then the "
+                  f"best and the reference on all {n['train']} with seeds {seeds}, held out {n['held_out']} "
+                  f"({device})")
 
     searched = []
     for i, hyper in enumerate(points, 1):
@@ -136,8 +138,8 @@ def main() -> None:
         finals[name] = []
         for seed in seeds:
             console.rule(f"{name} {hyper}, seed {seed}, all training pairs")
-            finals[name].append(fit_and_score(backbone, data.train_groups, data.eval_groups, data, hyper, seed,
-                                              device, console))
+            finals[name].append(fit_and_score(backbone, data.train_groups, data.eval_groups, data, hyper,
+                                              seed, device, console))
 
     table = Table(title=f"validation accuracy ({n['validation']} pairs, trained on {n['fit']}, seed 0)")
     for col in ("lr", "epochs", "max tokens", "batch", "validation", "± 1 s.e.", "pairs/s"):
@@ -158,9 +160,9 @@ def main() -> None:
         held.add_row(f"{name} {summary[name]['hyper']}", *(f"{a:.1%}" for a in accs),
                      f"{summary[name]['mean']:.1%}", "-" if sd is None else f"{sd:.1%}")
     Console().print(held)
-    print(json.dumps({"device": str(device), "backbone": Path(backbone).name, "pairs": n,
+    print(json.dumps({"device": str(device), "backbone": cli.backbone or DEFAULT_BACKBONE, "pairs": n,
                       "validation_share": cli.validation_share, "searched": searched, "finals": finals,
-                      "best_hyper": best_hyper, "reference_hyper": reference,
+                      "held_out": summary, "best_hyper": best_hyper, "reference_hyper": reference,
                       "best_held_out_mean": summary["best"]["mean"],
                       "reference_held_out_mean": summary["reference"]["mean"]}))
 
