@@ -26,6 +26,7 @@ the same way for both. The last stdout line is a JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -69,19 +70,12 @@ def split_files(data_dir: Path, out: Path, eval_share: float = 0.2, seed: int = 
     return paths["train"], paths["eval"], eval_sources
 
 
-def accuracy_by_source(model_dir: Path, groups: list, sources: list[str]) -> dict[str, dict]:
-    """Held-out accuracy of the saved RM on the pairs of each source file (HH-RLHF's helpful and harmless
-    splits disagree about what a good answer is, so their accuracies say more than their mean)."""
-    from alignloop.reward_model import RewardModel
-    from pipelines.reward.train import pair_accuracy
-
-    model, tokenizer = RewardModel.load(model_dir)
-    model.eval()
-    by_source: dict[str, list] = {}
-    for g in groups:  # group ids are "eval.jsonl.gz:LINE"
-        by_source.setdefault(sources[int(g.group_id.rsplit(":", 1)[1])], []).append(g)
-    return {name: {"pairs": len(gs), "eval_accuracy": pair_accuracy(model, tokenizer, gs)[0]}
-            for name, gs in sorted(by_source.items())}
+def label_sources(groups: list, sources: list[str]) -> list:
+    """`groups` of eval.jsonl.gz with each one's source set to the file its line came from, so that the
+    trainer reports held-out accuracy per HH-RLHF file (the helpful and harmless splits disagree about what a
+    good answer is, so their accuracies say more than their mean)."""
+    # group ids are "eval.jsonl.gz:LINE"; a dropped line leaves a gap, so index by the line, not the position
+    return [dataclasses.replace(g, source=sources[int(g.group_id.rsplit(":", 1)[1])]) for g in groups]
 
 
 def token_pairs(groups, tokenizer, max_length: int) -> list[list[list[int]]]:
@@ -217,6 +211,7 @@ def main() -> None:
         tmp = Path(tmp)
         train_file, eval_file, eval_sources = split_files(cli.data, tmp)
         data = load_hh([train_file], [eval_file], limit=cli.train_pairs, eval_limit=cli.eval_pairs)
+        data = dataclasses.replace(data, eval_groups=label_sources(data.eval_groups, eval_sources))
         result.update(train_pairs=data.train_pairs, eval_pairs=data.eval_pairs)
 
         trl = None
@@ -238,10 +233,9 @@ def main() -> None:
         console.print(f"alignloop: {data.train_pairs} pairs, then {data.eval_pairs} held out")
         ours = run(Settings(home=tmp / "home"), data, hyper, register=False, out=tmp / "ours",
                    console=console)
-        with console.status("held-out accuracy per source file"):
-            result["eval_accuracy_by_file"] = accuracy_by_source(tmp / "ours", data.eval_groups, eval_sources)
 
-    result |= {"pairs_per_s": ours["pairs_per_s"], "eval_accuracy": ours["eval_accuracy"],
+    result |= {"eval_accuracy_by_file": ours["eval_accuracy_by_source"],
+               "pairs_per_s": ours["pairs_per_s"], "eval_accuracy": ours["eval_accuracy"],
                "train_seconds": ours["train_seconds"], "loadavg_end": os.getloadavg()[0]}
     if trl:
         result |= {"trl_pairs_per_s": round(trl["pairs_per_s"], 3), "trl_eval_accuracy": trl["eval_accuracy"],

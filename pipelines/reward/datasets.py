@@ -223,8 +223,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def hh_groups(rows: Sequence[dict], name: str) -> tuple[list[PreferenceGroup], dict[str, int]]:
-    """One group of one pair per HH line; drops lines whose two sides are identical or have no final
-    assistant turn, and says how many."""
+    """One group of one pair per HH line, its source the file's `name`; drops lines whose two sides are
+    identical or have no final assistant turn, and says how many."""
     groups, dropped = [], {"identical_pairs": 0, "unparsable": 0}
     for i, row in enumerate(rows):
         try:
@@ -235,7 +235,7 @@ def hh_groups(rows: Sequence[dict], name: str) -> tuple[list[PreferenceGroup], d
         if chosen == rejected:
             dropped["identical_pairs"] += 1
             continue
-        groups.append(PreferenceGroup(f"{name}:{i}", (chosen, rejected), ((0, 1),), "hh-rlhf"))
+        groups.append(PreferenceGroup(f"{name}:{i}", (chosen, rejected), ((0, 1),), name))
     return groups, dropped
 
 

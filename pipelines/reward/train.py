@@ -261,21 +261,41 @@ def score_texts(model: RewardModel, tokenizer, texts: Sequence[str], batch_size:
     return scores
 
 
+def pair_margins(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup],
+                 batch_size: int = 32, on_batch: OnBatch | None = None) -> list[tuple[str, float]]:
+    """(the group's source, r_chosen - r_rejected) for every pair of `groups`; each distinct answer is
+    scored once, however many pairs it is in."""
+    if not any(g.pairs for g in groups):
+        return []
+    texts = list(dict.fromkeys(t for g in groups for t in g.texts))
+    scores = dict(zip(texts, score_texts(model, tokenizer, texts, batch_size, on_batch), strict=True))
+    return [(g.source, scores[g.texts[w]] - scores[g.texts[lo]]) for g in groups for w, lo in g.pairs]
+
+
+def accuracy_and_loss(margins: Sequence[float]) -> tuple[float | None, float | None]:
+    """(share of margins > 0, mean -log sigmoid(margin)); (None, None) for no margins. A tie counts as
+    wrong: a constant model scores 0, not 0.5."""
+    if not margins:
+        return None, None
+    right = sum(m > 0 for m in margins)
+    return right / len(margins), -F.logsigmoid(torch.tensor(margins, dtype=torch.float64)).mean().item()
+
+
+def accuracy_by_source(margins: Sequence[tuple[str, float]]) -> dict[str, dict]:
+    """{source: {"pairs": n, "eval_accuracy": share right}} from `pair_margins`: feedback's kinds (ranking,
+    comparison, thumbs) or HH-RLHF's files can disagree, and their mean hides it."""
+    by_source: dict[str, list[float]] = {}
+    for source, margin in margins:
+        by_source.setdefault(source, []).append(margin)
+    return {source: {"pairs": len(ms), "eval_accuracy": accuracy_and_loss(ms)[0]}
+            for source, ms in sorted(by_source.items())}
+
+
 def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup],
                   batch_size: int = 32, on_batch: OnBatch | None = None) -> tuple[float | None, float | None]:
     """(share of held-out pairs with r_chosen > r_rejected, mean pair loss); (None, None) without pairs.
     A tie counts as wrong: a constant model scores 0, not 0.5."""
-    texts = list(dict.fromkeys(t for g in groups for t in g.texts))
-    if not any(g.pairs for g in groups):
-        return None, None
-    scores = dict(zip(texts, score_texts(model, tokenizer, texts, batch_size, on_batch), strict=True))
-    right, losses = 0, []
-    for g in groups:
-        for w, lo in g.pairs:
-            margin = scores[g.texts[w]] - scores[g.texts[lo]]
-            right += margin > 0
-            losses.append(-F.logsigmoid(torch.tensor(margin)).item())
-    return right / len(losses), sum(losses) / len(losses)
+    return accuracy_and_loss([m for _, m in pair_margins(model, tokenizer, groups, batch_size, on_batch)])
 
 
 def champion_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup], batch_size: int,
@@ -423,8 +443,9 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
     with tracker.run(run_name=f"reward-{data.digest}", params=params, data=data):
         stats = train(model, tokenizer, data, args, device, on_step=tracker.log_step, console=console)
         with scoring_progress(console, "scoring the held-out answers") as on_batch:
-            eval_accuracy, eval_loss = pair_accuracy(model, tokenizer, data.eval_groups, args.eval_batch_size,
-                                                     on_batch)
+            margins = pair_margins(model, tokenizer, data.eval_groups, args.eval_batch_size, on_batch)
+        eval_accuracy, eval_loss = accuracy_and_loss([m for _, m in margins])
+        by_source = accuracy_by_source(margins)
         with scoring_progress(console, "scoring training answers for reward_shift") as on_batch:
             train_texts = [t for g in data.train_groups for t in g.texts] + \
                           [p.text for p in data.train_pointwise]
@@ -434,7 +455,8 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
                               "base_reward_version": base_version}
         model.save(folder, tokenizer)
         summary = {
-            "eval_accuracy": eval_accuracy, "eval_loss": eval_loss, "model_version": None, "promoted": False,
+            "eval_accuracy": eval_accuracy, "eval_loss": eval_loss, "eval_accuracy_by_source": by_source,
+            "model_version": None, "promoted": False,
             "gate_passed": None,
             "champion_eval_accuracy": None, "champion_version": None,
             "gate": "not registered (--no-register)",
@@ -445,9 +467,10 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
             "reward_shift": model.config.reward_shift, "dataset_hash": data.hash,
             "model_dir": str(folder) if keep else None, "run_id": tracker.run_id,
         }
+        per_source = {f"eval_accuracy/{name}": v["eval_accuracy"] for name, v in by_source.items() if name}
         tracker.log_metrics({"eval_accuracy": eval_accuracy, "eval_loss": eval_loss,
                              "pairs_per_s": stats.pairs_per_s, "reward_shift": model.config.reward_shift,
-                             "train_seconds": stats.seconds})
+                             "train_seconds": stats.seconds} | per_source)
         if register:
             summary |= publish.register_and_gate(
                 settings, tracker, folder, data=data, eval_accuracy=eval_accuracy,

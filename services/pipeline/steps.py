@@ -64,8 +64,11 @@ def reward_train(runner, ctx: Context, step: Step) -> None:
     if not summary.get("model_version"):
         raise StepFailed("reward train registered no model version")
     ctx.outputs["reward_trained"] = summary
+    by_source = summary.get("eval_accuracy_by_source") or {}
+    kinds = ", ".join(f"{source} {_pct(v.get('eval_accuracy'))}" for source, v in by_source.items())
     step.detail = (f"alignloop-reward v{summary['model_version']}: held-out accuracy "
-                   f"{_pct(summary.get('eval_accuracy'))} on {summary.get('eval_pairs')} pairs")
+                   f"{_pct(summary.get('eval_accuracy'))} on {summary.get('eval_pairs')} pairs"
+                   + (f" ({kinds})" if len(by_source) > 1 else ""))
 
 
 def reward_gate(runner, ctx: Context, step: Step) -> None:

@@ -296,12 +296,13 @@ def test_serving_stops_its_targets_when_it_is_stopped(tmp_path: Path, sig: signa
             floor.kill()
 
 
-def test_reward_benchmark_splits_held_out_accuracy_by_source_file(tmp_path: Path):
-    """Per-file accuracies cover every held-out pair once and average back to the overall accuracy."""
+def test_reward_benchmark_reports_held_out_accuracy_by_source_file(tmp_path: Path):
+    """Each held-out pair is labelled with the file its line came from, a dropped line notwithstanding; the
+    per-file accuracies cover every pair once and average back to the overall accuracy."""
     from alignloop.reward_model import RewardModel
     from pipelines.models_init import build_tiny_reward_model
     from pipelines.reward.datasets import PreferenceGroup
-    from pipelines.reward.train import pair_accuracy
+    from pipelines.reward.train import accuracy_by_source, pair_accuracy, pair_margins
 
     bench = _load("reward_training")
     model_dir = build_tiny_reward_model(tmp_path / "rm")
@@ -309,10 +310,13 @@ def test_reward_benchmark_splits_held_out_accuracy_by_source_file(tmp_path: Path
     groups = [PreferenceGroup(f"eval.jsonl.gz:{i}", (f"\n\nHuman: q{i}\n\nAssistant: yes {'!' * i}",
                                                       f"\n\nHuman: q{i}\n\nAssistant: no"), ((0, 1),))
               for i in range(10) if i != 3]  # a dropped line: ids keep their file line numbers
-    by_file = bench.accuracy_by_source(model_dir, groups, sources)
-    assert {name: v["pairs"] for name, v in by_file.items()} == {"harmless.jsonl.gz": 4, "helpful.jsonl.gz": 5}
+    labelled = bench.label_sources(groups, sources)
+    assert [g.source for g in labelled] == [sources[i] for i in range(10) if i != 3]
     model, tokenizer = RewardModel.load(model_dir)
-    overall = pair_accuracy(model.eval(), tokenizer, groups)[0]
+    by_file = accuracy_by_source(pair_margins(model.eval(), tokenizer, labelled))
+    assert {name: v["pairs"] for name, v in by_file.items()} == {"harmless.jsonl.gz": 4,
+                                                                  "helpful.jsonl.gz": 5}
+    overall = pair_accuracy(model, tokenizer, groups)[0]
     assert sum(v["pairs"] * v["eval_accuracy"] for v in by_file.values()) / 9 == pytest.approx(overall)
 
 

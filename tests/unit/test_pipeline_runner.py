@@ -38,7 +38,10 @@ class CannedLauncher(LocalLauncher):
 
 GOOD = {
     "feedback export": (0, {"folder": "/snap", "hash": "abc", "counts": {"pairs": 10, "feedback": 12}}, 0),
-    "reward train": (0, {"model_version": "2", "gate_passed": True, "eval_accuracy": 0.9, "gate": "better"}, 0),
+    "reward train": (0, {"model_version": "2", "gate_passed": True, "eval_accuracy": 0.9, "gate": "better",
+                         "eval_pairs": 10, "eval_accuracy_by_source": {
+                             "comparison": {"pairs": 4, "eval_accuracy": 1.0},
+                             "ranking": {"pairs": 6, "eval_accuracy": 5 / 6}}}, 0),
     "ppo train": (0, {"model_version": "5", "iterations": 2, "reward": 1.0, "kl": 0.1}, 0),
     "ppo evaluate": (0, {"win_rate": 0.7, "passed": True}, 0),
 }
@@ -89,6 +92,8 @@ def test_a_whole_run_promotes_the_rm_then_the_policy(env):
     assert promoted == [("alignloop-reward", "2"), ("alignloop-policy", "5")]
     assert out["run"].promoted_policy_version == "5" and "promoted alignloop-policy v5" in out["run"].outcome
     assert all(s["status"] == "succeeded" for s in out["steps"].values())
+    assert out["steps"]["reward_train"]["detail"] == (
+        "alignloop-reward v2: held-out accuracy 90.0% on 10 pairs (comparison 100.0%, ranking 83.3%)")
     # PPO and the gate score with the candidate RM, in-process; RM training judges without promoting.
     ppo_argv = next(a for a in launcher.calls if "ppo" in a and "train" in a)
     assert ppo_argv[ppo_argv.index("--reward") + 1] == "inprocess:2"

@@ -120,7 +120,7 @@ def test_hh_groups_drop_identical_and_unparsable_pairs() -> None:
             {"chosen": "\n\nHuman: q", "rejected": "\n\nHuman: q\n\nAssistant: no"}]
     groups, dropped = hh_groups(rows, "x")
     assert dropped == {"identical_pairs": 1, "unparsable": 1}
-    assert len(groups) == 1 and groups[0].pairs == ((0, 1),)
+    assert len(groups) == 1 and groups[0].pairs == ((0, 1),) and groups[0].source == "x"
     assert groups[0].texts == ("\n\nHuman: q\n\nAssistant: yes", "\n\nHuman: q\n\nAssistant: no")
 
 
@@ -243,6 +243,14 @@ def test_training_learns_synthetic_preferences(tmp_path: Path, backbone: Path) -
     assert summary["eval_accuracy"] >= 0.9
     assert summary["train_pairs"] == data.train_pairs and summary["pairs_per_s"] > 0
     assert summary["model_version"] is None and summary["promoted"] is False
+    # Held-out accuracy per kind of feedback: every kind in the split, every pair once, the same mean.
+    by_source = summary["eval_accuracy_by_source"]
+    eval_pairs = {}
+    for g in data.eval_groups:
+        eval_pairs[g.source] = eval_pairs.get(g.source, 0) + len(g.pairs)
+    assert len(eval_pairs) > 1 and {k: v["pairs"] for k, v in by_source.items()} == eval_pairs
+    assert sum(v["pairs"] * v["eval_accuracy"] for v in by_source.values()) / data.eval_pairs == \
+        pytest.approx(summary["eval_accuracy"])
 
     # The saved folder is what the reward service loads; its rewards average 0 over the training answers.
     model, tokenizer = RewardModel.load(tmp_path / "rm")
@@ -363,6 +371,8 @@ def test_register_promote_and_refuse(in_tmp: Path, backbone: Path) -> None:
     dataset = run_info.inputs.dataset_inputs[0].dataset
     assert (dataset.name, dataset.digest) == ("feedback-pairs", "ab" * 6)  # as `feedback export` logs it
     assert str(tmp_path / "snap") in dataset.source and "eval_accuracy" in run_info.data.metrics
+    for source, figures in second["eval_accuracy_by_source"].items():
+        assert run_info.data.metrics[f"eval_accuracy/{source}"] == pytest.approx(figures["eval_accuracy"])
     assert len(client.get_metric_history(run_info.info.run_id, "loss")) == second["steps"]
 
     # Fine-tuning the champion: "@champion" as the backbone records the base version.
