@@ -136,7 +136,8 @@ def trl_worker(job_path: Path) -> None:
         learning_rate=h["lr"], weight_decay=h["weight_decay"], adam_beta1=h["adam_betas"][0],
         adam_beta2=h["adam_betas"][1], adam_epsilon=h["adam_eps"], lr_scheduler_type="linear",
         warmup_steps=max(1, round(h["warmup_ratio"] * steps)) if h["warmup_ratio"] > 0 else 0,
-        max_grad_norm=h["max_grad_norm"], seed=h["seed"], data_seed=h["seed"], disable_dropout=True,
+        max_grad_norm=h["max_grad_norm"], seed=h["seed"], data_seed=h["seed"],
+        disable_dropout=h["disable_dropout"],
         max_length=None,  # already truncated, the same way as ours
         bf16=False, gradient_checkpointing=False, save_strategy="no", eval_strategy="no", report_to="none",
         logging_steps=max(1, steps // 10), dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
@@ -177,10 +178,17 @@ def main() -> None:
                         help="alignloop's scalar head (default: --lr; TRL has one rate)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (both trainers)")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--keep-dropout", action="store_true",
+                        help="train with the backbone's dropout (both trainers; default: off, as TRL)")
+    parser.add_argument("--freeze-layers", type=int, default=0,
+                        help="alignloop's trainer only (with --skip-trl): keep the embeddings and the "
+                             "first N blocks as pretrained")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-trl", action="store_true", help="measure alignloop's trainer alone")
     parser.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)
     cli = parser.parse_args()
+    if cli.freeze_layers and not cli.skip_trl:
+        parser.error("--freeze-layers has no TRL counterpart: add --skip-trl")
     if cli.trl_worker:
         trl_worker(cli.trl_worker)
         return
@@ -198,14 +206,15 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     backbone = cli.backbone or str(default_backbone_path())
     hyper = Args(backbone=backbone, lr=cli.lr, head_lr=cli.head_lr, batch_size=cli.batch_size,
-                 epochs=cli.epochs, max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0)
+                 epochs=cli.epochs, max_length=cli.max_length, seed=cli.seed, pointwise_weight=0.0,
+                 disable_dropout=not cli.keep_dropout, freeze_layers=cli.freeze_layers)
     threads = configure_threads(None)
     backbone_name = Path(cli.backbone).name if cli.backbone else DEFAULT_BACKBONE
     result: dict = {"train_pairs": None, "eval_pairs": None, "backbone": backbone_name,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": threads,
                     "hyper": {k: getattr(hyper, k) for k in ("lr", "head_lr", "batch_size", "epochs",
                                                             "max_length", "weight_decay", "warmup_ratio",
-                                                            "seed")},
+                                                            "seed", "disable_dropout", "freeze_layers")},
                     "loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         tmp = Path(tmp)

@@ -53,6 +53,9 @@ class Args:
     backbone: str | None = None  # a transformers folder, a saved RM folder, or "@ALIAS" of the registered RM
     max_length: int = 512  # tokens per answer (prompt + response, truncated on the left: the response stays)
     disable_dropout: bool = True  # as TRL's RewardTrainer: the K answers of a group see the same network
+    # The embeddings and the first N transformer blocks keep their pretrained weights (0: all train). Fewer
+    # weights to fit from little data, and no backward pass through the frozen blocks.
+    freeze_layers: int = 0
     # optimisation (AdamW, linear warmup then linear decay to 0)
     lr: float = 2e-5
     # The scalar head's learning rate (None: lr). The head starts random and is small, so a larger rate lets
@@ -103,7 +106,28 @@ def load_start(backbone: str | Path, args: Args, device: torch.device) -> tuple[
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    if args.freeze_layers:
+        freeze_lower_layers(model.backbone, args.freeze_layers)
     return model.to(device).train(), tokenizer
+
+
+def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> list[str]:
+    """Stops training the embeddings and the first `n` transformer blocks of `backbone` (any transformers
+    encoder or decoder: the blocks are its ModuleList of num_hidden_layers entries; everything registered
+    before the first block is the embeddings). Returns the names of the frozen parameters."""
+    layers = backbone.config.num_hidden_layers
+    if not 0 < n <= layers:
+        raise ValueError(f"freeze_layers must be between 1 and the backbone's {layers} layers, not {n}")
+    blocks = next(m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
+    first = next(blocks[0].parameters())
+    lower = {id(w) for block in blocks[:n] for w in block.parameters()}
+    frozen, before_blocks = [], True
+    for name, weight in backbone.named_parameters():
+        before_blocks = before_blocks and weight is not first
+        if before_blocks or id(weight) in lower:
+            weight.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 # ---- batches -----------------------------------------------------------------------------------------------
@@ -351,7 +375,7 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
     head_lr = args.lr if args.head_lr is None else args.head_lr
     groups = []
     for module, lr in ((model.backbone, args.lr), (model.head, head_lr)):
-        weights = list(module.parameters())
+        weights = [w for w in module.parameters() if w.requires_grad]
         groups += [{"params": [w for w in weights if w.ndim >= 2], "lr": lr,
                     "weight_decay": args.weight_decay},
                    {"params": [w for w in weights if w.ndim < 2], "lr": lr, "weight_decay": 0.0}]

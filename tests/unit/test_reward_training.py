@@ -24,9 +24,9 @@ from pipelines.feedback_export import SCHEMAS
 from pipelines.reward import publish
 from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, RewardData, hh_groups, is_held_out,
                                        load_hh, load_snapshot, parse_hh, read_jsonl)
-from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, load_start, make_batch,
-                                    pair_accuracy, preference_loss, run, score_texts, scoring_progress,
-                                    train)
+from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, freeze_lower_layers,
+                                    load_start, make_batch, pair_accuracy, preference_loss, run, score_texts,
+                                    scoring_progress, train)
 from tests.reward_toys import QUALITY, TOPICS, answer, build_tiny_bert, conversation, fast_args
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
@@ -300,6 +300,29 @@ def test_the_head_has_its_own_learning_rate(tmp_path: Path, backbone: Path) -> N
         moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
         # (The bias cancels in r_w - r_l: it moves only by Adam's reading of rounding noise, if at all.)
         assert moved <= {"head.weight", "head.bias"} and ("head.weight" in moved) == head_moves
+
+
+def test_freeze_layers_keeps_the_embeddings_and_the_lower_blocks_as_they_were(tmp_path: Path,
+                                                                             backbone: Path) -> None:
+    data = load_snapshot(synthetic_snapshot(tmp_path / "snap", comparisons=16, rankings=0), eval_fraction=0.2)
+    args = fast_args(backbone, epochs=1, freeze_layers=1)
+    model, tokenizer = load_start(backbone, args, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, tokenizer, data, args, torch.device("cpu"))
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    frozen = {k for k in before if k.startswith(("backbone.embeddings.", "backbone.encoder.layer.0."))}
+    assert frozen and not moved & frozen
+    assert any(k.startswith("backbone.encoder.layer.1.") for k in moved) and "head.weight" in moved
+
+    # The same rule on a decoder (the policy's architecture): the token embeddings and block 0.
+    from transformers import LlamaConfig, LlamaModel
+    llama = LlamaModel(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2))
+    names = freeze_lower_layers(llama, 1)
+    assert names[0] == "embed_tokens.weight" and all(n.startswith("layers.0.") for n in names[1:])
+    assert {n for n, w in llama.named_parameters() if not w.requires_grad} == set(names)
+    with pytest.raises(ValueError, match="freeze_layers"):
+        freeze_lower_layers(llama, 4)
 
 
 def test_pointwise_term_trains_on_unpaired_thumbs(tmp_path: Path, backbone: Path) -> None:
