@@ -270,8 +270,8 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
         err.print("[red]✗ give either --snapshot DIR, or both --train and --eval (HH-RLHF files)[/]")
         return 2
     # Unset flags keep Args' defaults (pipelines/reward/train.py), which are documented there, once.
-    names = ("backbone", "epochs", "lr", "batch_size", "max_length", "pointwise_weight", "seed",
-             "eval_fraction", "limit", "eval_limit")
+    names = ("backbone", "epochs", "lr", "batch_size", "max_length", "pointwise_weight", "freeze_layers",
+             "seed", "eval_fraction", "limit", "eval_limit")
     given = {k: getattr(args, k) for k in names}
     hyper = Args(**{k: v for k, v in given.items() if v is not None})
     if args.train:
@@ -555,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     rtrain.add_argument("--max-length", type=int, help="tokens per answer")
     rtrain.add_argument("--pointwise-weight", type=float,
                         help="weight of the logistic loss on unpaired thumbs and ratings (0: pairs only)")
+    rtrain.add_argument("--freeze-layers", type=int, metavar="N",
+                        help="keep the embeddings and the first N transformer blocks as pretrained")
     rtrain.add_argument("--eval-fraction", type=float,
                         help="snapshots: share of groups held out")
     rtrain.add_argument("--seed", type=int)

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Scalar = bool | int | float | str
 
 # `alignloop reward train` flags the runner may pass (the rest belong to the runner: --snapshot, --out, ...).
-REWARD_KEYS = frozenset({"backbone", "epochs", "lr", "batch_size", "max_length", "pointwise_weight", "seed",
-                         "eval_fraction", "limit", "eval_limit", "gate_tolerance"})
+REWARD_KEYS = frozenset({"backbone", "epochs", "lr", "batch_size", "max_length", "pointwise_weight",
+                         "freeze_layers", "seed", "eval_fraction", "limit", "eval_limit", "gate_tolerance"})
 EVALUATE_KEYS = frozenset({"max_prompts", "samples_per_prompt", "max_new_tokens", "min_win_rate",
                            "min_reward_gain", "max_kl", "seed"})
 

@@ -188,6 +188,17 @@ def test_flags_spell_booleans_as_the_cli_does():
         "--iterations", "4", "--no-whiten-advantages", "--anneal-lr"]
 
 
+def test_every_reward_key_the_runner_accepts_is_a_flag_of_reward_train():
+    """A key the runner lets through but `reward train` does not know would fail every run at that step."""
+    from alignloop.cli import build_parser
+
+    sample = {"backbone": "@champion", "lr": 1e-5, "pointwise_weight": 0.1, "eval_fraction": 0.2,
+              "gate_tolerance": 0.01}
+    values = {key: sample.get(key, 1) for key in sorted(run_config.REWARD_KEYS)}
+    args = build_parser().parse_args(["reward", "train", "--snapshot", "/snap", *run_config.flags(values)])
+    assert {key: getattr(args, key) for key in values} == values
+
+
 def test_recover_marks_a_run_left_running_failed(env):
     settings, _, _ = env
     runner, _ = make_runner(settings, GOOD)
