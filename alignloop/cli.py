@@ -296,6 +296,9 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     except StackError as exc:
         err.print(f"[red]✗ {exc}[/]")
         return 1
+    except ValueError as exc:  # a setting the backbone cannot take (--freeze-layers beyond its depth)
+        err.print(f"[red]✗ {exc}[/]")
+        return 2
     print(json.dumps(summary))
     return 0
 

@@ -106,8 +106,7 @@ def load_start(backbone: str | Path, args: Args, device: torch.device) -> tuple[
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if args.freeze_layers:
-        freeze_lower_layers(model.backbone, args.freeze_layers)
+    freeze_lower_layers(model.backbone, args.freeze_layers)
     return model.to(device).train(), tokenizer
 
 
@@ -116,8 +115,10 @@ def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> list[str]:
     encoder or decoder: the blocks are its ModuleList of num_hidden_layers entries; everything registered
     before the first block is the embeddings). Returns the names of the frozen parameters."""
     layers = backbone.config.num_hidden_layers
-    if not 0 < n <= layers:
-        raise ValueError(f"freeze_layers must be between 1 and the backbone's {layers} layers, not {n}")
+    if not 0 <= n <= layers:
+        raise ValueError(f"freeze_layers must be between 0 and the backbone's {layers} layers, not {n}")
+    if n == 0:
+        return []
     blocks = next(m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
     first = next(blocks[0].parameters())
     lower = {id(w) for block in blocks[:n] for w in block.parameters()}

@@ -323,6 +323,7 @@ def test_freeze_layers_keeps_the_embeddings_and_the_lower_blocks_as_they_were(tm
     assert {n for n, w in llama.named_parameters() if not w.requires_grad} == set(names)
     with pytest.raises(ValueError, match="freeze_layers"):
         freeze_lower_layers(llama, 4)
+    assert freeze_lower_layers(LlamaModel(llama.config), 0) == []
 
 
 def test_pointwise_term_trains_on_unpaired_thumbs(tmp_path: Path, backbone: Path) -> None:
@@ -448,3 +449,7 @@ def test_cli_trains_the_newest_snapshot_and_prints_a_json_summary(
     with pytest.raises(SystemExit) as exit_:
         cli.main(["reward", "train", "--train", str(tmp_path / "x.jsonl")])  # --eval missing
     assert exit_.value.code == 2
+
+    with pytest.raises(SystemExit) as exit_:  # the tiny BERT has 2 blocks
+        cli.main(["reward", "train", "--backbone", str(backbone), "--no-register", "--freeze-layers", "3"])
+    assert exit_.value.code == 2 and "freeze_layers must be between 0 and" in capsys.readouterr().err
