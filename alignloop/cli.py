@@ -260,7 +260,7 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from pipelines.reward.datasets import load_hh, load_snapshot
-    from pipelines.reward.train import Args, run
+    from pipelines.reward.train import Args, BackboneMismatch, run
 
     settings = Settings()
     settings.ensure_dirs()
@@ -296,7 +296,7 @@ def cmd_reward_train(args: argparse.Namespace) -> int:
     except StackError as exc:
         err.print(f"[red]✗ {exc}[/]")
         return 1
-    except ValueError as exc:  # a setting the backbone cannot take (--freeze-layers beyond its depth)
+    except BackboneMismatch as exc:
         err.print(f"[red]✗ {exc}[/]")
         return 2
     print(json.dumps(summary))

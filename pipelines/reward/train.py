@@ -110,13 +110,17 @@ def load_start(backbone: str | Path, args: Args, device: torch.device) -> tuple[
     return model.to(device).train(), tokenizer
 
 
+class BackboneMismatch(ValueError):
+    """A setting the chosen backbone cannot take (it is known only once the backbone is loaded)."""
+
+
 def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> list[str]:
     """Stops training the embeddings and the first `n` transformer blocks of `backbone` (any transformers
     encoder or decoder: the blocks are its ModuleList of num_hidden_layers entries; everything registered
     before the first block is the embeddings). Returns the names of the frozen parameters."""
     layers = backbone.config.num_hidden_layers
     if not 0 <= n <= layers:
-        raise ValueError(f"freeze_layers must be between 0 and the backbone's {layers} layers, not {n}")
+        raise BackboneMismatch(f"freeze_layers must be between 0 and the backbone's {layers} layers, not {n}")
     if n == 0:
         return []
     blocks = next(m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
