@@ -11,14 +11,15 @@ alignloop.reward_model.render and tokenized once with the backbone's tokenizer (
         forward chunks), in this process.
   TRL   trl.RewardTrainer on AutoModelForSequenceClassification(num_labels=1) of the same backbone, fp32,
         no gradient checkpointing (TRL defaults to bf16 and checkpointing; both are turned off to match),
-        dropout off (both), same lr, batch size in pairs, epochs, weight decay, warmup, linear decay,
-        grad-norm clip and seed; in its own virtualenv (.alignloop/bench/trl-venv, made on first use: TRL
-        needs accelerate and datasets, which the project's environment does not carry), which shares this
-        environment's torch and transformers through a .pth file.
+        dropout off (both, unless --keep-dropout), same lr, batch size in pairs, epochs, weight decay,
+        warmup, linear decay, grad-norm clip and seed; in its own virtualenv (.alignloop/bench/trl-venv, made
+        on first use: TRL needs accelerate and datasets, which the project's environment does not carry),
+        which shares this environment's torch and transformers through a .pth file.
 
 pairs/s: training pairs per second of the training loop (TRL: of `trainer.train()`), tokenization and
 evaluation excluded. Held-out accuracy: share of pairs with r_chosen > r_rejected (a tie is wrong), computed
-the same way for both. The last stdout line is a JSON object.
+the same way for both; alignloop's also per HH-RLHF file (eval_accuracy_by_file). The last stdout line is a
+JSON object.
 
     .venv/bin/python benchmarks/reward_training.py --train-pairs 1000 --eval-pairs 500
 """
