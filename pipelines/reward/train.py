@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -118,12 +119,16 @@ def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> list[str]:
     """Stops training the embeddings and the first `n` transformer blocks of `backbone` (any transformers
     encoder or decoder: the blocks are its ModuleList of num_hidden_layers entries; everything registered
     before the first block is the embeddings). Returns the names of the frozen parameters."""
-    layers = backbone.config.num_hidden_layers
+    if n == 0:  # asks nothing of the backbone: any architecture trains whole
+        return []
+    layers = getattr(backbone.config, "num_hidden_layers", None)
+    blocks = next((m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers),
+                  None) if layers else None
+    if blocks is None:
+        raise BackboneMismatch(f"freeze_layers: {type(backbone).__name__} has no list of num_hidden_layers "
+                               f"blocks to freeze")
     if not 0 <= n <= layers:
         raise BackboneMismatch(f"freeze_layers must be between 0 and the backbone's {layers} layers, not {n}")
-    if n == 0:
-        return []
-    blocks = next(m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
     first = next(blocks[0].parameters())
     lower = {id(w) for block in blocks[:n] for w in block.parameters()}
     frozen, before_blocks = [], True
@@ -320,6 +325,14 @@ def accuracy_by_source(margins: Sequence[tuple[str, float]]) -> dict[str, dict]:
             for source, ms in sorted(by_source.items())}
 
 
+def source_metrics(by_source: dict[str, dict]) -> dict[str, float]:
+    """`accuracy_by_source` as MLflow metrics, "eval_accuracy/SOURCE". A source can be any file name, but
+    MLflow refuses a metric name with characters other than letters, digits and `_-. /:`, and would refuse it
+    only after the training: every other character becomes "_"."""
+    return {"eval_accuracy/" + re.sub(r"[^\w.\- ]", "_", name).strip(". "): v["eval_accuracy"]
+            for name, v in by_source.items() if name.strip(". ")}
+
+
 def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup],
                   batch_size: int = 32, on_batch: OnBatch | None = None) -> tuple[float | None, float | None]:
     """(share of held-out pairs with r_chosen > r_rejected, mean pair loss); (None, None) without pairs.
@@ -496,10 +509,9 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
             "reward_shift": model.config.reward_shift, "dataset_hash": data.hash,
             "model_dir": str(folder) if keep else None, "run_id": tracker.run_id,
         }
-        per_source = {f"eval_accuracy/{name}": v["eval_accuracy"] for name, v in by_source.items() if name}
         tracker.log_metrics({"eval_accuracy": eval_accuracy, "eval_loss": eval_loss,
                              "pairs_per_s": stats.pairs_per_s, "reward_shift": model.config.reward_shift,
-                             "train_seconds": stats.seconds} | per_source)
+                             "train_seconds": stats.seconds} | source_metrics(by_source))
         if register:
             summary |= publish.register_and_gate(
                 settings, tracker, folder, data=data, eval_accuracy=eval_accuracy,

@@ -11,6 +11,7 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,9 +25,10 @@ from pipelines.feedback_export import SCHEMAS
 from pipelines.reward import publish
 from pipelines.reward.datasets import (PointwiseExample, PreferenceGroup, RewardData, hh_groups, is_held_out,
                                        load_hh, load_snapshot, parse_hh, read_jsonl)
-from pipelines.reward.train import (Args, TokenTable, chunks_by_length, forward_rows, freeze_lower_layers,
-                                    load_start, make_batch, pair_accuracy, preference_loss, run, score_texts,
-                                    scoring_progress, train)
+from pipelines.reward.train import (Args, BackboneMismatch, TokenTable, chunks_by_length, forward_rows,
+                                    freeze_lower_layers, load_start, make_batch, pair_accuracy,
+                                    preference_loss, run, score_texts, scoring_progress, source_metrics,
+                                    train)
 from tests.reward_toys import QUALITY, TOPICS, answer, build_tiny_bert, conversation, fast_args
 
 HH_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf"
@@ -324,6 +326,24 @@ def test_freeze_layers_keeps_the_embeddings_and_the_lower_blocks_as_they_were(tm
     with pytest.raises(ValueError, match="freeze_layers"):
         freeze_lower_layers(llama, 4)
     assert freeze_lower_layers(LlamaModel(llama.config), 0) == []
+
+    # A backbone whose blocks cannot be found: 0 asks nothing of it, any other depth is refused plainly.
+    odd = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    odd.config = SimpleNamespace()
+    assert freeze_lower_layers(odd, 0) == []
+    with pytest.raises(BackboneMismatch, match="no list of num_hidden_layers blocks"):
+        freeze_lower_layers(odd, 1)
+
+
+def test_per_source_metric_names_are_ones_mlflow_takes() -> None:
+    from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
+
+    by_source = {name: {"pairs": 1, "eval_accuracy": 0.5}
+                 for name in ("ranking", "my data (1).jsonl.gz", "räte+ränk", "..", "")}
+    metrics = source_metrics(by_source)
+    assert set(metrics) == {"eval_accuracy/ranking", "eval_accuracy/my data _1_.jsonl.gz",
+                            "eval_accuracy/räte_ränk"}
+    assert all(validate_param_and_metric_name(k) and not path_not_unique(k) for k in metrics)
 
 
 def test_pointwise_term_trains_on_unpaired_thumbs(tmp_path: Path, backbone: Path) -> None:
