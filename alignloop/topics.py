@@ -44,6 +44,9 @@ class CompletionRecordV1(BaseModel):
     schema_name: str = COMPLETIONS_V1
     completion_id: str
     response_id: str
+    # The HTTP request's X-Request-Id (the caller's, or the gateway's when it sent none); None in records
+    # written before it was added.
+    request_id: str | None = None
     choice_index: int
     messages: list[ChatMessageV1]
     response_text: str

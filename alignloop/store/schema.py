@@ -26,6 +26,7 @@ class Completion(Base):
 
     completion_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     response_id: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)  # X-Request-Id; NULL before 0004
     choice_index: Mapped[int] = mapped_column(Integer)
     api_key_hash: Mapped[str] = mapped_column(String(64), index=True)
     prompt_hash: Mapped[str] = mapped_column(String(64), index=True)

@@ -47,6 +47,7 @@ def completion_row(rec: CompletionRecordV1, now: datetime) -> dict:
     return {
         "completion_id": rec.completion_id,
         "response_id": rec.response_id,
+        "request_id": rec.request_id,
         "choice_index": rec.choice_index,
         "api_key_hash": rec.api_key_hash,
         "prompt_hash": prompt_hash(rec.messages),

@@ -46,6 +46,7 @@ from services.gateway.pipeline_protocol import (
 )
 from services.gateway.pipelines import PipelineApi
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
+from services.gateway.request_id import RequestIds, request_id
 from services.gateway.routing import PolicyRouter
 
 log = logging.getLogger("alignloop.gateway")
@@ -121,6 +122,8 @@ def create_app(settings: Settings) -> FastAPI:
         err = _validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status_code)
 
+    # The last added runs first: the metrics count what RequestIds refuses too.
+    app.add_middleware(RequestIds)
     app.add_middleware(metrics.RequestMetrics)
 
     async def policy_info(request: Request) -> pb.GetInfoResponse:
@@ -148,13 +151,13 @@ def create_app(settings: Settings) -> FastAPI:
                 raise ApiError(400, f"best_of must be at most {settings.max_n}", param="best_of")
         chat: ChatService = request.app.state.chat
         if body.stream:
-            events = await chat.stream(body, who.key_hash)
+            events = await chat.stream(body, who.key_hash, request_id(request))
             # Starlette's own streaming response, as vLLM's server uses: one plain send per token. sse-starlette
             # wraps every send in a timeout scope (benchmarks/sse_events.py: about 10× the cost of a send here),
             # and its keep-alive pings are for idle streams, which a token stream is not.
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash))
+        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash, request_id(request)))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request, _: AnyKey) -> ModelList:

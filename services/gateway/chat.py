@@ -80,6 +80,7 @@ class _Turn:
 
     req: ChatCompletionRequest
     key_hash: str
+    request_id: str | None = None  # the HTTP request's X-Request-Id
     response_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     received_at: float = field(default_factory=time.time)
     completion_ids: list[str] = field(init=False)
@@ -93,6 +94,7 @@ class _Turn:
         return CompletionRecordV1(
             completion_id=self.completion_ids[index],
             response_id=self.response_id,
+            request_id=self.request_id,
             choice_index=index,
             messages=[ChatMessageV1(role=m.role, content=m.text()) for m in req.messages],
             response_text=text,
@@ -172,13 +174,14 @@ class ChatService:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def complete(self, req: ChatCompletionRequest, key_hash: str) -> ChatCompletionResponse:
+    async def complete(self, req: ChatCompletionRequest, key_hash: str,
+                       request_id: str | None = None) -> ChatCompletionResponse:
         """All choices at once. With best_of, best_of answers are sampled in the same policy call, the reward
         service ranks them and the n best are returned; every sampled answer is recorded either way."""
         if req.best_of and self.reward is None:
             raise ApiError(503, "best_of needs the reward service, which this gateway is not connected to",
                            "service_unavailable", param="best_of")
-        turn = _Turn(req, key_hash)
+        turn = _Turn(req, key_hash, request_id)
         generate = to_policy_request(req, turn.response_id)
         if req.best_of:
             generate.sampling.n = req.best_of
@@ -237,10 +240,11 @@ class ChatService:
         return _Ranking(order=order, rewards=rewards, version=scored.model.version,
                         model=f"{scored.model.name}/v{scored.model.version}")
 
-    async def stream(self, req: ChatCompletionRequest, key_hash: str) -> AsyncIterator[bytes]:
+    async def stream(self, req: ChatCompletionRequest, key_hash: str,
+                     request_id: str | None = None) -> AsyncIterator[bytes]:
         """Opens the stream and waits for the policy to accept the request (its first message comes before any
         token), so that a bad request still gets a 4xx status; returns the server-sent events that follow."""
-        turn = _Turn(req, key_hash)
+        turn = _Turn(req, key_hash, request_id)
         call, first = await self._open_stream(to_policy_request(req, turn.response_id), turn)
         if first is grpc.aio.EOF:
             raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
@@ -298,7 +302,7 @@ class ChatService:
             yield sse(json.dumps(from_rpc_error(exc).body()))
             yield sse("[DONE]")
         except Exception:
-            log.exception("stream %s failed", turn.response_id)
+            log.exception("stream %s (request %s) failed", turn.response_id, turn.request_id)
             yield sse(json.dumps(ApiError(500, "internal error while streaming", "api_error").body()))
             yield sse("[DONE]")
         finally:

@@ -89,6 +89,7 @@ def test_n_choices_each_with_its_own_id_and_record(openai_client, stack):
         model=MODEL, messages=HELLO, max_tokens=6, n=2, temperature=1.0, seed=7
     )
     assert [c.index for c in resp.choices] == [0, 1]
+    assert resp._request_id.startswith("req_")  # the gateway's own, since the client sent none
     ids = {c.completion_id for c in resp.choices}
     assert len(ids) == 2
 
@@ -96,7 +97,7 @@ def test_n_choices_each_with_its_own_id_and_record(openai_client, stack):
     assert records.keys() == ids
     for choice in resp.choices:
         rec = records[choice.completion_id]
-        assert rec.response_id == resp.id
+        assert rec.response_id == resp.id and rec.request_id == resp._request_id
         assert rec.choice_index == choice.index
         assert rec.response_text == choice.message.content
         assert rec.messages[0].content == "Say hello." and rec.messages[0].role == "user"

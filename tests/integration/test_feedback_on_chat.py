@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 def test_feedback_on_served_answers_lands_in_the_store_bound_to_them(stack, openai_client):
     resp = openai_client.chat.completions.create(
         model="alignloop-policy", messages=[{"role": "user", "content": "Rank these answers."}], n=3,
-        max_tokens=8, temperature=1.0, seed=7)
+        max_tokens=8, temperature=1.0, seed=7, extra_headers={"X-Request-Id": "app-trace-7"})
+    assert resp._request_id == "app-trace-7"  # the SDK reads it from the response's x-request-id
     ids = [c.completion_id for c in resp.choices]
     app_key = stack.credentials["app_key"]
     headers = {"Authorization": f"Bearer {app_key}"}
@@ -53,6 +54,7 @@ def test_feedback_on_served_answers_lands_in_the_store_bound_to_them(stack, open
     assert fb.completion_ids == ids[::-1] and completion.completion_id == ids[2]
     assert completion.response_text == resp.choices[2].message.content
     assert completion.messages == [{"role": "user", "content": "Rank these answers."}]
+    assert completion.request_id == "app-trace-7" and completion.response_id == resp.id
     assert fb.api_key_hash == completion.api_key_hash == key_hash(app_key)
     fb, completion = by_kind["thumbs"]
     assert (fb.thumbs_up, fb.correction, completion.completion_id) == (False, "A better answer.", ids[0])
