@@ -89,6 +89,11 @@ class Settings(BaseSettings):
 
     # gateway
     max_n: int = 8
+    # Admission control: chat requests one gateway holds at once (streams until their end), in all and per
+    # API key; past either, a fast 503 / 429 with Retry-After instead of a place at the back of the engine's
+    # queue. 0: no cap. The default is eight times the engine's batch (max_num_seqs) per key and sixteen in all.
+    max_chats_in_flight: int = 1024
+    max_chats_in_flight_per_key: int = 512
     grpc_timeout_s: float = 600.0
     completion_queue_size: int = 10_000
     # How often the gateway asks the canary policy service what it serves and its share of traffic.

@@ -23,6 +23,7 @@ from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from alignloop.v1 import reward_pb2_grpc as reward_grpc
 from services.gateway import metrics, web
+from services.gateway.admission import Admission, ReleaseAdmitted
 from services.gateway.auth import Caller, KeyRing
 from services.gateway.chat import ChatService
 from services.gateway.completion_log import CompletionLog
@@ -115,7 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -123,6 +124,9 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(err.body(), status_code=err.status_code)
 
     # The last added runs first: the metrics count what RequestIds refuses too.
+    admission = Admission(settings.max_chats_in_flight, settings.max_chats_in_flight_per_key)
+    app.state.admission = admission
+    app.add_middleware(ReleaseAdmitted, admission=admission)
     app.add_middleware(RequestIds)
     app.add_middleware(metrics.RequestMetrics)
 
@@ -149,6 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
                 raise ApiError(400, f"best_of must be at least n ({body.n})", param="best_of")
             if body.best_of > settings.max_n:
                 raise ApiError(400, f"best_of must be at most {settings.max_n}", param="best_of")
+        request.app.state.admission.enter(request.scope, who.key_hash)  # released by ReleaseAdmitted
         chat: ChatService = request.app.state.chat
         if body.stream:
             events = await chat.stream(body, who.key_hash, request_id(request))

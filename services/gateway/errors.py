@@ -11,7 +11,7 @@ from services.gateway.protocol import ErrorInfo, ErrorResponse
 class ApiError(Exception):
     def __init__(
         self, status_code: int, message: str, type_: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None, **extra: str,
+        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None, **extra: str,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -20,6 +20,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.extra = extra  # alignloop's own fields beside OpenAI's four, e.g. run_id
+        self.headers = headers  # e.g. Retry-After
 
     def body(self) -> dict:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code, **self.extra)
