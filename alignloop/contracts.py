@@ -13,3 +13,7 @@ UNTRAINED_TAG = "alignloop.untrained"
 # The share of chat traffic (0..100) the gateway sends to the challenger (`alignloop-policy@challenger`), as a
 # tag on the registered policy model; `pipelines/promotion.py` writes it, the canary policy service reports it.
 CANARY_PERCENT_TAG = "alignloop.canary_percent"
+
+# Most token ids one request's logit_bias may name (OpenAI's limit); the gateway and the policy service both
+# refuse more.
+LOGIT_BIAS_MAX_ENTRIES = 300

@@ -30,6 +30,13 @@ class SamplingV1(BaseModel):
     seed: int | None = None
     n: int = 1
     best_of: int | None = None  # best-of-n serving: this many were sampled, the n best by reward returned
+    # Set only when the request set them (records written before they were added have none).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 def prompt_hash(messages: list[ChatMessageV1]) -> str:

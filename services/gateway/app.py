@@ -55,7 +55,7 @@ log = logging.getLogger("alignloop.gateway")
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "[key]")]
     if err.get("type") == "json_invalid":
         return ApiError(400, f"The request body is not valid JSON: {err.get('msg')}", param="body")
     param = ".".join(loc) or "body"

@@ -36,6 +36,10 @@ from services.gateway.streaming import ChunkRenderer, sse
 log = logging.getLogger("alignloop.gateway.chat")
 
 
+# Sampling fields passed on only when the request sets them: unset, the policy service keeps vLLM's defaults.
+OPTIONAL_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p")
+
+
 def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
         n=req.n,
@@ -53,6 +57,11 @@ def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.Generat
         sampling.max_tokens = max_tokens
     if req.seed is not None:
         sampling.seed = req.seed
+    for name in OPTIONAL_SAMPLING:
+        if (value := getattr(req, name)) is not None:
+            setattr(sampling, name, value)
+    if req.logit_bias:
+        sampling.logit_bias.update(req.logit_bias)
     return pb.GenerateRequest(
         request_id=request_id,
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]),
@@ -111,6 +120,8 @@ class _Turn:
                 seed=req.seed,
                 n=req.n,
                 best_of=req.best_of,
+                **{name: getattr(req, name) for name in OPTIONAL_SAMPLING},
+                logit_bias=req.logit_bias,
             ),
             api_key_hash=self.key_hash,
             stream=req.stream,

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from alignloop.contracts import LOGIT_BIAS_MAX_ENTRIES
+
 
 class ErrorInfo(BaseModel):
     # extra: alignloop adds fields of its own to some errors (a 409's run_id), beside OpenAI's four.
@@ -69,9 +71,16 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: str | None = None
-    # vLLM's extensions, for fixed-length generation (benchmarks, tests).
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    # Token id (a string in JSON, as OpenAI has it) -> bias added to its logit.
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # vLLM's extensions: fixed-length generation (benchmarks, tests), and its sampling knobs beyond OpenAI's.
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     # alignloop: best-of-n serving. Sample best_of answers, score each with the reward model, return the n best.
     best_of: Annotated[int, Field(ge=1)] | None = None
 
@@ -88,6 +97,13 @@ class ChatCompletionRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_size(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is not None and len(v) > LOGIT_BIAS_MAX_ENTRIES:
+            raise ValueError(f"at most {LOGIT_BIAS_MAX_ENTRIES} tokens")
+        return v
 
     def effective_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from alignloop.config import Settings, vllm_serving_environment
+from alignloop.contracts import LOGIT_BIAS_MAX_ENTRIES
 from alignloop.v1 import policy_pb2 as pb
 
 
@@ -108,8 +110,42 @@ def prepare(request: pb.GenerateRequest, tokenizer, max_model_len: int, *, strea
         ignore_eos=s.ignore_eos,
         min_tokens=min(s.min_tokens, max_tokens),
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        **penalties(s, len(tokenizer)),
     )
     return PreparedRequest(prompt_token_ids=prompt_ids, sampling_params=params)
+
+
+def penalties(s: pb.SamplingParams, vocab_size: int) -> dict:
+    """The penalties, top_k, min_p and logit_bias of `s` as SamplingParams arguments, checked here so that a bad
+    one is refused naming its field (vLLM checks logit_bias's token ids only once the engine has the request)."""
+    args = {}
+    for name, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                            ("min_p", 0.0, 1.0)):
+        if s.HasField(name):
+            value = getattr(s, name)
+            if not low <= value <= high:  # also refuses NaN
+                raise InvalidRequest(f"{name} must be in [{low:g}, {high:g}]", name)
+            args[name] = value
+    if s.HasField("repetition_penalty"):
+        if not 0 < s.repetition_penalty < math.inf:
+            raise InvalidRequest("repetition_penalty must be a finite number > 0", "repetition_penalty")
+        args["repetition_penalty"] = s.repetition_penalty
+    if s.HasField("top_k"):
+        if s.top_k < -1:
+            raise InvalidRequest("top_k must be at least 1, or 0 or -1 for no limit", "top_k")
+        args["top_k"] = max(s.top_k, 0)
+    if s.logit_bias:
+        if len(s.logit_bias) > LOGIT_BIAS_MAX_ENTRIES:
+            raise InvalidRequest(f"logit_bias may name at most {LOGIT_BIAS_MAX_ENTRIES} tokens", "logit_bias")
+        for token_id, bias in s.logit_bias.items():
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequest(f"logit_bias: token id {token_id} is not in this model's vocabulary "
+                                     f"(ids 0 to {vocab_size - 1})", "logit_bias")
+            if not -100 <= bias <= 100:
+                raise InvalidRequest(f"logit_bias: the bias of token {token_id} must be in [-100, 100]",
+                                     "logit_bias")
+        args["logit_bias"] = dict(s.logit_bias)
+    return args
 
 
 def completion_message(output, *, with_logprobs: bool, top_k: int) -> pb.Completion:

@@ -248,6 +248,10 @@ LONG = "word " * (TEST_MAX_MODEL_LEN * 2)
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": None}, "model"),
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias.abc"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),  # checked by the policy service against the vocabulary
     ],
 )
 def test_bad_input_is_400_naming_the_field(stack, body, param):
@@ -342,3 +346,34 @@ def test_unary_generate_returns_token_ids_and_logprobs(stack):
         assert all(lp.logprob <= 0 for lp in c.logprobs)
         assert c.finish_reason == "length"
     assert resp.model.version == "1" and resp.prompt_tokens > 0
+
+
+def test_logit_bias_and_penalties_reach_the_engine(openai_client, stack):
+    """OpenAI's logit_bias and penalties are applied by the real engine, not just accepted."""
+    def generate(**sampling) -> pb.Completion:
+        sampling = {"max_tokens": 16, "ignore_eos": True, "temperature": 0, **sampling}
+        request = pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
+                                     sampling=pb.SamplingParams(**sampling))
+        with grpc.insecure_channel(stack.policy) as channel:
+            return pb_grpc.PolicyServiceStub(channel).Generate(request, timeout=60).completions[0]
+
+    greedy = list(generate().token_ids)
+    first = greedy[0]
+    # -100 on the greedy first token: greedy decoding must start elsewhere.
+    assert generate(logit_bias={first: -100}).token_ids[0] != first
+    # +100 on one token: greedy decoding says nothing else.
+    forced = generate(logit_bias={first: 100})
+    assert list(forced.token_ids) == [first] * 16
+    # Through the gateway, as the openai SDK sends it (token ids as strings): the same text.
+    reply = openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=16, temperature=0,
+        logit_bias={str(first): 100}, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == forced.text
+    # Penalties act on tokens the answer already holds: greedy decoding of the random tiny model repeats
+    # itself, and each penalty must change what it says.
+    assert len(set(greedy)) < len(greedy), "the premise: greedy decoding repeats a token"
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        assert list(generate(**penalty).token_ids) != greedy, penalty
+    # top_k=1 and min_p=1 leave only the likeliest token: sampling at temperature 1 becomes greedy decoding.
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}):
+        assert list(generate(**{**narrow, "temperature": 1.0, "seed": 3}).token_ids) == greedy, narrow

@@ -151,7 +151,12 @@ def test_prepare_defaults_max_tokens_to_the_rest_of_the_context(tokenizer):
 @pytest.mark.parametrize(
     ("sampling", "param"),
     [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 64}, "max_tokens"), ({"temperature": -1}, "temperature"),
-     ({"top_p": 1.5}, "top_p")],
+     ({"top_p": 1.5}, "top_p"), ({"presence_penalty": 2.5}, "presence_penalty"),
+     ({"frequency_penalty": -3}, "frequency_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+     ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+     ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"logit_bias": {10**6: 1.0}}, "logit_bias"),
+     ({"logit_bias": {-1: 1.0}}, "logit_bias"), ({"logit_bias": {3: 101.0}}, "logit_bias"),
+     ({"logit_bias": dict.fromkeys(range(301), 1.0)}, "logit_bias")],
 )
 def test_prepare_names_the_bad_field(tokenizer, sampling, param):
     from services.policy.engine import InvalidRequest, prepare
@@ -159,6 +164,20 @@ def test_prepare_names_the_bad_field(tokenizer, sampling, param):
     with pytest.raises(InvalidRequest) as e:
         prepare(_req(**sampling), tokenizer, 64, stream=False)
     assert e.value.param == param
+
+
+def test_prepare_passes_penalties_top_k_min_p_and_logit_bias_and_leaves_vllms_defaults_when_unset(tokenizer):
+    from services.policy.engine import prepare
+
+    unset = prepare(_req(), tokenizer, 64, stream=False).sampling_params
+    assert (unset.presence_penalty, unset.frequency_penalty, unset.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert (unset.top_k, unset.min_p, unset.logit_bias) == (0, 0.0, None)
+    last = len(tokenizer) - 1
+    p = prepare(_req(presence_penalty=0.5, frequency_penalty=-2, repetition_penalty=1.25, top_k=5, min_p=0.25,
+                     logit_bias={0: -100.0, last: 100.0}), tokenizer, 64, stream=False).sampling_params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -2.0, 1.25)
+    assert (p.top_k, p.min_p, p.logit_bias) == (5, 0.25, {0: -100.0, last: 100.0})
+    assert prepare(_req(top_k=-1), tokenizer, 64, stream=False).sampling_params.top_k == 0  # no limit
 
 
 def test_prepare_rejects_a_prompt_longer_than_the_context(tokenizer):

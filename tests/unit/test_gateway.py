@@ -92,6 +92,43 @@ def test_policy_request_carries_sampling_only_when_given():
     assert sent.sampling.temperature == 0 and sent.sampling.HasField("temperature")
     assert sent.sampling.max_tokens == 9  # the newer name wins
     assert sent.sampling.seed == 5 and sent.sampling.n == 2 and sent.request_id == "r2"
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p"):
+        assert not sent.sampling.HasField(name)
+    assert not sent.sampling.logit_bias
+
+
+def test_penalties_top_k_min_p_and_logit_bias_reach_the_policy_and_the_record():
+    req = ChatCompletionRequest.model_validate({
+        "model": "alignloop-policy", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5,
+        "frequency_penalty": -1, "repetition_penalty": 1.1, "top_k": 0, "min_p": 0.05,
+        "logit_bias": {"42": -100, "7": 2.5}})
+    s = to_policy_request(req, "r").sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.top_k) == (0.5, -1.0, 0)
+    assert s.HasField("top_k")  # 0 was said, and is sent
+    assert abs(s.repetition_penalty - 1.1) < 1e-6 and abs(s.min_p - 0.05) < 1e-6  # float32 on the wire
+    assert dict(s.logit_bias) == {42: -100.0, 7: 2.5}
+
+    resp = pb.GenerateResponse(completions=[pb.Completion(index=0, text="Hi", token_ids=[5], finish_reason="stop")],
+                               prompt_tokens=2, model=MODEL)
+    log = FakeLog()
+    asyncio.run(ChatService(PolicyRouter(FakeStub(unary=resp)), log, 10).complete(req, "h"))
+    sampling = log.records[0].sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -1, 1.1)
+    assert (sampling.top_k, sampling.min_p, sampling.logit_bias) == (0, 0.05, {42: -100.0, 7: 2.5})
+    # The record round-trips through its JSON (Kafka), token ids and all.
+    again = type(log.records[0]).model_validate_json(log.records[0].model_dump_json())
+    assert again.sampling == sampling
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0), ("top_k", -2),
+    ("min_p", 1.5), ("logit_bias", {"x": 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {"3": 101}),
+    ("logit_bias", {str(i): 1 for i in range(301)}),
+])
+def test_bad_sampling_knobs_are_refused_by_the_protocol(field, value):
+    with pytest.raises(ValidationError) as e:
+        request(**{field: value})
+    assert e.value.errors()[0]["loc"][0] == field
 
 
 # ---- errors and auth ------------------------------------------------------------------------------------
