@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -37,6 +37,9 @@ class SamplingV1(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     logit_bias: dict[int, float] | None = None
+    # The answer's constraint, as {kind: value}: {"json_object": true}, {"json_schema": {...}}, {"regex": "..."}
+    # or {"choice": [...]}; None: free text.
+    structured_output: dict[str, Any] | None = None
 
 
 def prompt_hash(messages: list[ChatMessageV1]) -> str:

@@ -143,6 +143,10 @@ def create_app(settings: Settings) -> FastAPI:
                                 f"'{settings.policy_model_name}'.", param="model", code="model_not_found")
         if body.n > settings.max_n:
             raise ApiError(400, f"n must be at most {settings.max_n}", param="n")
+        if body.structured_outputs is not None and body.response_format is not None \
+                and body.response_format.type != "text":
+            raise ApiError(400, "Give either structured_outputs or a JSON response_format, not both",
+                           param="structured_outputs")
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if body.best_of is not None:

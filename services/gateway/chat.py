@@ -62,6 +62,14 @@ def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.Generat
             setattr(sampling, name, value)
     if req.logit_bias:
         sampling.logit_bias.update(req.logit_bias)
+    if (constraint := req.constraint()) is not None:
+        [(kind, value)] = constraint.items()
+        if kind == "json_schema":
+            sampling.structured_output.json_schema = json.dumps(value)
+        elif kind == "choice":
+            sampling.structured_output.choice.values.extend(value)
+        else:
+            setattr(sampling.structured_output, kind, value)
     return pb.GenerateRequest(
         request_id=request_id,
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]),
@@ -81,6 +89,14 @@ def to_openai_logprobs(items) -> ChoiceLogprobs:
             for lp in items
         ]
     )
+
+
+def policy_error(exc: grpc.aio.AioRpcError, req: ChatCompletionRequest) -> ApiError:
+    """The HTTP error for a failed policy call, naming the request's own field where the policy named its."""
+    err = from_rpc_error(exc)
+    if err.param == "structured_output" and req.constraint() is not None:
+        err.param = req.constraint_field()
+    return err
 
 
 @dataclass
@@ -122,6 +138,7 @@ class _Turn:
                 best_of=req.best_of,
                 **{name: getattr(req, name) for name in OPTIONAL_SAMPLING},
                 logit_bias=req.logit_bias,
+                structured_output=req.constraint(),
             ),
             api_key_hash=self.key_hash,
             stream=req.stream,
@@ -168,7 +185,7 @@ class ChatService:
                     raise
             return await self.router.champion.Generate(generate, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise policy_error(exc, turn.req) from None
 
     async def _open_stream(self, generate: pb.GenerateRequest, turn: _Turn):
         """The open call and its first message (sent once the policy accepted the request)."""
@@ -183,7 +200,7 @@ class ChatService:
             call = self.router.champion.GenerateStream(generate, timeout=self.timeout_s)
             return call, await call.read()
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise policy_error(exc, turn.req) from None
 
     async def complete(self, req: ChatCompletionRequest, key_hash: str,
                        request_id: str | None = None) -> ChatCompletionResponse:

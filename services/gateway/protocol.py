@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from alignloop.contracts import LOGIT_BIAS_MAX_ENTRIES
 
@@ -52,6 +52,42 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    schema_: Annotated[dict, Field(alias="schema")]
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON that satisfies a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs extension: exactly one constraint on the answer."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_: dict | None = Field(None, alias="json")
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if sum(v is not None for v in (self.json_, self.regex, self.choice)) != 1:
+            raise ValueError("give exactly one of json, regex and choice")
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat request that alignloop serves; unknown fields are ignored, as vLLM does."""
 
@@ -81,6 +117,8 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension; not with a JSON response_format
     # alignloop: best-of-n serving. Sample best_of answers, score each with the reward model, return the n best.
     best_of: Annotated[int, Field(ge=1)] | None = None
 
@@ -104,6 +142,22 @@ class ChatCompletionRequest(BaseModel):
         if v is not None and len(v) > LOGIT_BIAS_MAX_ENTRIES:
             raise ValueError(f"at most {LOGIT_BIAS_MAX_ENTRIES} tokens")
         return v
+
+    def constraint(self) -> dict | None:
+        """The answer's constraint as one {kind: value} (the policy's StructuredOutput), or None: free text."""
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            return ({"json_schema": so.json_} if so.json_ is not None else
+                    {"regex": so.regex} if so.regex is not None else {"choice": so.choice})
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        if self.response_format.type == "json_object":
+            return {"json_object": True}
+        return {"json_schema": self.response_format.json_schema.schema_}
+
+    def constraint_field(self) -> str:
+        """The request field that set the constraint, to name in an error about it."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     def effective_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +56,26 @@ class PreparedRequest:
     sampling_params: object  # vllm.SamplingParams
 
 
-def prepare(request: pb.GenerateRequest, tokenizer, max_model_len: int, *, stream: bool) -> PreparedRequest:
+def vllm_checks(engine) -> Callable[[object], None]:
+    """vLLM's own checks of a request's SamplingParams, as `engine` runs them when it takes the request (the
+    structured-output constraint compiled by its backend, token ids against the vocabulary, ...)."""
+    processor = engine.input_processor
+
+    def verify(params) -> None:
+        params.verify(processor.model_config, processor.speculative_config, processor.structured_outputs_config,
+                      processor.tokenizer)
+
+    return verify
+
+
+def prepare(request: pb.GenerateRequest, tokenizer, max_model_len: int, *, stream: bool,
+            verify: Callable[[object], None] | None = None) -> PreparedRequest:
     """Validates a request against the model's context and builds the engine's inputs.
 
     Tokenising here (not in the engine) lets us name the offending field when the prompt does not fit.
     """
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     which = request.WhichOneof("input")
@@ -99,20 +115,58 @@ def prepare(request: pb.GenerateRequest, tokenizer, max_model_len: int, *, strea
     if not 0 < top_p <= 1:
         raise InvalidRequest("top_p must be in (0, 1]", "top_p")
 
-    params = SamplingParams(
-        n=max(1, s.n),
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        stop=list(s.stop) or None,
-        seed=s.seed if s.HasField("seed") else None,
-        logprobs=s.top_logprobs if s.logprobs else None,
-        ignore_eos=s.ignore_eos,
-        min_tokens=min(s.min_tokens, max_tokens),
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        **penalties(s, len(tokenizer)),
-    )
+    constraint = structured_outputs(s)
+    knobs = penalties(s, len(tokenizer))
+    try:
+        params = SamplingParams(
+            n=max(1, s.n),
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            stop=list(s.stop) or None,
+            seed=s.seed if s.HasField("seed") else None,
+            logprobs=s.top_logprobs if s.logprobs else None,
+            ignore_eos=s.ignore_eos,
+            min_tokens=min(s.min_tokens, max_tokens),
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=constraint,
+            **knobs,
+        )
+        if verify is not None:
+            # Here, not when the engine takes the request: by then a stream has told its caller the request
+            # was accepted, and a refusal could only come in-band, without the field's name.
+            verify(params)
+    except (VLLMValidationError, ValueError) as exc:
+        param = getattr(exc, "parameter", None) or ("structured_output" if constraint is not None else "sampling")
+        raise InvalidRequest(str(exc.args[0]) if exc.args else str(exc), param) from None
     return PreparedRequest(prompt_token_ids=prompt_ids, sampling_params=params)
+
+
+def structured_outputs(s: pb.SamplingParams):
+    """The vLLM StructuredOutputsParams of `s`'s constraint, or None for free text."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = s.structured_output.WhichOneof("constraint") if s.HasField("structured_output") else None
+    if kind is None:
+        return None
+    so = s.structured_output
+    if kind == "json_object":
+        if not so.json_object:
+            raise InvalidRequest("structured_output.json_object must be true if set", "structured_output")
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        try:
+            schema = json.loads(so.json_schema)
+        except ValueError as exc:
+            raise InvalidRequest(f"the JSON schema is not valid JSON: {exc}", "structured_output") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("the JSON schema must be a JSON object", "structured_output")
+        return StructuredOutputsParams(json=schema)
+    if kind == "regex":
+        return StructuredOutputsParams(regex=so.regex)
+    if not so.choice.values:
+        raise InvalidRequest("choice must list at least one string", "structured_output")
+    return StructuredOutputsParams(choice=list(so.choice.values))
 
 
 def penalties(s: pb.SamplingParams, vocab_size: int) -> dict:

@@ -33,7 +33,7 @@ from alignloop.inplace_reload import architecture, reload_folder
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, canary_share, fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
-from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare
+from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare, vllm_checks
 
 log = logging.getLogger("alignloop.policy")
 
@@ -69,7 +69,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, tokenizer, *,
                        stream: bool):
         try:
-            return prepare(request, tokenizer, self.max_model_len, stream=stream)
+            return prepare(request, tokenizer, self.max_model_len, stream=stream, verify=vllm_checks(self.engine))
         except InvalidRequest as exc:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=((PARAM_METADATA_KEY, exc.param),)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import grpc
@@ -252,6 +253,11 @@ LONG = "word " * (TEST_MAX_MODEL_LEN * 2)
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"logit_bias": {"abc": 1}}, "logit_bias.abc"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),  # checked by the policy service against the vocabulary
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+        # vLLM's own checks, run by the policy service before it answers, streamed or not
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "(unclosed"}, "stream": True}, "structured_outputs"),
     ],
 )
 def test_bad_input_is_400_naming_the_field(stack, body, param):
@@ -377,3 +383,40 @@ def test_logit_bias_and_penalties_reach_the_engine(openai_client, stack):
     # top_k=1 and min_p=1 leave only the likeliest token: sampling at temperature 1 becomes greedy decoding.
     for narrow in ({"top_k": 1}, {"min_p": 1.0}):
         assert list(generate(**{**narrow, "temperature": 1.0, "seed": 3}).token_ids) == greedy, narrow
+
+
+def test_structured_outputs_constrain_what_the_engine_says(openai_client, stack):
+    """response_format and vLLM's structured_outputs, applied by the real engine (random tiny model: only the
+    constraint can make its answers well-formed)."""
+    hi = [{"role": "user", "content": "hi"}]
+    # A JSON schema with a closed set of values: every answer is one of them, as JSON, and ends by itself.
+    verdict = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": {"enum": ["yes", "no"]}}}
+    reply = openai_client.chat.completions.create(model=MODEL, messages=hi, max_tokens=20, temperature=1.0, seed=1,
+                                                  n=4, response_format=verdict)
+    for choice in reply.choices:
+        assert json.loads(choice.message.content) in ("yes", "no") and choice.finish_reason == "stop"
+    records = read_records(stack.kafka, {c.completion_id for c in reply.choices})
+    assert {r.sampling.structured_output["json_schema"]["enum"][0] for r in records.values()} == {"yes"}
+
+    # An object schema: each answer that ends by itself (whitespace may run to max_tokens) is a valid instance.
+    flag = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+        "additionalProperties": False}}}
+    objects = openai_client.chat.completions.create(model=MODEL, messages=hi, max_tokens=120, temperature=1.0,
+                                                    seed=1, n=4, response_format=flag).choices
+    assert all(c.message.content.startswith("{") for c in objects)
+    finished = [json.loads(c.message.content) for c in objects if c.finish_reason == "stop"]
+    assert finished, "no answer ended within max_tokens"
+    assert all(set(o) == {"ok"} and isinstance(o["ok"], bool) for o in finished)
+
+    # vLLM's extension: a choice, streamed, and a regular expression.
+    stream = openai_client.chat.completions.create(
+        model=MODEL, messages=hi, max_tokens=10, temperature=1.0, seed=2, stream=True,
+        extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("red", "green", "blue")
+    digits = openai_client.chat.completions.create(model=MODEL, messages=hi, max_tokens=10, temperature=1.0,
+                                                   seed=3, extra_body={"structured_outputs": {"regex": "[0-9]{3}"}})
+    assert re.fullmatch("[0-9]{3}", digits.choices[0].message.content)
+    # Unconstrained, the same request says something else.
+    free = openai_client.chat.completions.create(model=MODEL, messages=hi, max_tokens=10, temperature=1.0, seed=3)
+    assert not re.fullmatch("[0-9]{3}", free.choices[0].message.content)

@@ -180,6 +180,55 @@ def test_prepare_passes_penalties_top_k_min_p_and_logit_bias_and_leaves_vllms_de
     assert prepare(_req(top_k=-1), tokenizer, 64, stream=False).sampling_params.top_k == 0  # no limit
 
 
+def test_prepare_builds_each_structured_output_constraint(tokenizer):
+    from alignloop.v1 import policy_pb2 as pb
+    from services.policy.engine import prepare
+
+    def constraint(**kind):
+        return prepare(_req(structured_output=pb.StructuredOutput(**kind)), tokenizer, 64,
+                       stream=False).sampling_params.structured_outputs
+
+    assert prepare(_req(), tokenizer, 64, stream=False).sampling_params.structured_outputs is None
+    assert constraint(json_object=True).json_object is True
+    assert constraint(json_schema='{"type": "boolean"}').json == {"type": "boolean"}
+    assert constraint(regex="[0-9]{3}").regex == "[0-9]{3}"
+    assert constraint(choice=pb.Choices(values=["yes", "no"])).choice == ["yes", "no"]
+
+
+@pytest.mark.parametrize("kind", [{"json_object": False}, {"json_schema": "{not json"}, {"json_schema": "[1]"},
+                                  {"choice": {}}])
+def test_prepare_refuses_a_malformed_constraint_naming_it(tokenizer, kind):
+    from alignloop.v1 import policy_pb2 as pb
+    from services.policy.engine import InvalidRequest, prepare
+
+    with pytest.raises(InvalidRequest) as e:
+        prepare(_req(structured_output=pb.StructuredOutput(**kind)), tokenizer, 64, stream=False)
+    assert e.value.param == "structured_output"
+
+
+def test_prepare_turns_vllms_own_refusals_into_invalid_requests(tokenizer):
+    from alignloop.v1 import policy_pb2 as pb
+    from vllm.exceptions import VLLMValidationError
+
+    from services.policy.engine import InvalidRequest, prepare
+
+    def refuse(parameter):
+        def verify(params):
+            raise VLLMValidationError("refused by the engine", parameter=parameter)
+        return verify
+
+    with pytest.raises(InvalidRequest) as e:
+        prepare(_req(), tokenizer, 64, stream=False, verify=refuse("logit_bias"))
+    assert (e.value.param, str(e.value)) == ("logit_bias", "refused by the engine")
+    with pytest.raises(InvalidRequest) as e:  # no parameter named: the constraint is the likely culprit
+        prepare(_req(structured_output=pb.StructuredOutput(regex="(")), tokenizer, 64, stream=False,
+                verify=refuse(None))
+    assert e.value.param == "structured_output"
+    checked = []
+    prepare(_req(), tokenizer, 64, stream=False, verify=checked.append)
+    assert len(checked) == 1 and checked[0].max_tokens > 0  # the SamplingParams the engine will get
+
+
 def test_prepare_rejects_a_prompt_longer_than_the_context(tokenizer):
     from alignloop.v1 import policy_pb2 as pb
     from services.policy.engine import InvalidRequest, prepare

@@ -120,6 +120,57 @@ def test_penalties_top_k_min_p_and_logit_bias_reach_the_policy_and_the_record():
     assert again.sampling == sampling
 
 
+@pytest.mark.parametrize(("body", "sent", "recorded"), [
+    ({"response_format": {"type": "text"}}, None, None),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}, {"json_object": True}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "verdict", "schema": {"enum": ["a"]}}}},
+     {"json_schema": '{"enum": ["a"]}'}, {"json_schema": {"enum": ["a"]}}),
+    ({"structured_outputs": {"json": {"type": "boolean"}}}, {"json_schema": '{"type": "boolean"}'},
+     {"json_schema": {"type": "boolean"}}),
+    ({"structured_outputs": {"regex": "[0-9]+"}}, {"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+    ({"structured_outputs": {"choice": ["x", "y"]}}, {"choice": {"values": ["x", "y"]}}, {"choice": ["x", "y"]}),
+])
+def test_constraints_reach_the_policy_and_the_record(body, sent, recorded):
+    from google.protobuf.json_format import MessageToDict
+
+    req = ChatCompletionRequest.model_validate({"model": "alignloop-policy", "messages": [{"role": "user",
+                                                                                          "content": "hi"}], **body})
+    sampling = to_policy_request(req, "r").sampling
+    assert (MessageToDict(sampling.structured_output, preserving_proto_field_name=True)
+            if sampling.HasField("structured_output") else None) == sent
+    resp = pb.GenerateResponse(completions=[pb.Completion(index=0, text="x", token_ids=[5], finish_reason="stop")],
+                               prompt_tokens=2, model=MODEL)
+    log = FakeLog()
+    asyncio.run(ChatService(PolicyRouter(FakeStub(unary=resp)), log, 10).complete(req, "h"))
+    assert log.records[0].sampling.structured_output == recorded
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}}},
+     "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+])
+def test_malformed_constraints_are_refused_by_the_protocol(body, field):
+    with pytest.raises(ValidationError) as e:
+        request(**body)
+    assert e.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize(("body", "param"), [({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+                                             ({"response_format": {"type": "json_object"}}, "response_format"),
+                                             ({}, "structured_output")])
+def test_the_policys_refusal_of_a_constraint_names_the_field_the_request_used(body, param):
+    stub = FakeStub(unary=rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "bad constraint", "structured_output"))
+    with pytest.raises(ApiError) as e:
+        asyncio.run(ChatService(PolicyRouter(stub), FakeLog(), 10).complete(request(**body), "h"))
+    assert (e.value.status_code, e.value.param) == (400, param)
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0), ("top_k", -2),
     ("min_p", 1.5), ("logit_bias", {"x": 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {"3": 101}),
