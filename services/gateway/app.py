@@ -118,6 +118,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the caller's fault: answer in OpenAI's format, and leave one log line that the caller's
+        # request id finds. Starlette runs this outside every middleware, so the id header is added here.
+        rid = request_id(request)
+        log.error("request %s: %s %s failed", rid, request.method, request.url.path, exc_info=exc)
+        err = ApiError(500, f"internal error; the gateway's log has it under request id {rid}", "api_error")
+        return JSONResponse(err.body(), status_code=500, headers={"x-request-id": rid})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = _validation_error(exc)

@@ -89,3 +89,21 @@ def test_the_longest_allowed_id_is_taken(gateway):
 def test_every_response_carries_the_id(gateway, path, headers, status):
     got = gateway.client.get(path, headers={**headers, "X-Request-Id": "probe-1"})
     assert got.status_code == status and got.headers["x-request-id"] == "probe-1"
+
+
+def test_an_unexpected_error_is_a_500_in_openai_format_naming_the_request_id(tmp_path, caplog):
+    app = create_app(Settings(home=tmp_path))
+    app.state.keys = KeyRing(Credentials(app_key="a-key", operator_key="o-key"))
+
+    class Broken:
+        async def complete(self, *args):
+            raise RuntimeError("a bug")
+
+    app.state.chat = Broken()
+    client = TestClient(app, raise_server_exceptions=False)
+    got = client.post("/v1/chat/completions", json=CHAT, headers={**APP, "X-Request-Id": "bug-1"})
+    assert got.status_code == 500 and got.headers["x-request-id"] == "bug-1"
+    error = got.json()["error"]
+    assert error["type"] == "api_error" and "bug-1" in error["message"] and "a bug" not in error["message"]
+    assert any("bug-1" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert app.state.admission.total == 0  # its place is given back all the same
