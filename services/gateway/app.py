@@ -177,11 +177,21 @@ def create_app(settings: Settings) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash, request_id(request)))
 
+    async def model_card(request: Request) -> ModelCard:
+        info = await policy_info(request)
+        return ModelCard(id=settings.policy_model_name, created=int(app.state.started_at),
+                         version=info.model.version, max_model_len=info.max_model_len)
+
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request, _: AnyKey) -> ModelList:
-        info = await policy_info(request)
-        return ModelList(data=[ModelCard(id=settings.policy_model_name, created=int(app.state.started_at),
-                                         version=info.model.version, max_model_len=info.max_model_len)])
+        return ModelList(data=[await model_card(request)])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard)
+    async def model(model: str, request: Request, _: AnyKey) -> ModelCard:
+        if model != settings.policy_model_name:
+            raise ApiError(404, f"The model '{model}' does not exist; this gateway serves "
+                                f"'{settings.policy_model_name}'.", param="model", code="model_not_found")
+        return await model_card(request)
 
     @app.post("/v1/feedback", response_model=FeedbackResult)
     async def feedback(request: Request, who: AnyKey) -> JSONResponse:

@@ -181,6 +181,11 @@ def test_models_route(openai_client):
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].model_extra["version"] == "1"
     assert models.data[0].model_extra["max_model_len"] == TEST_MAX_MODEL_LEN
+    one = openai_client.models.retrieve(MODEL)
+    assert (one.id, one.model_extra["version"]) == (MODEL, "1")
+    with pytest.raises(openai.NotFoundError) as e:
+        openai_client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
 
 
 # ---- auth --------------------------------------------------------------------------------------------------
