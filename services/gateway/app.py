@@ -152,6 +152,8 @@ def create_app(settings: Settings) -> FastAPI:
                                 f"'{settings.policy_model_name}'.", param="model", code="model_not_found")
         if body.n > settings.max_n:
             raise ApiError(400, f"n must be at most {settings.max_n}", param="n")
+        if (refused := body.unsupported()) is not None:
+            raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
         if body.structured_outputs is not None and body.response_format is not None \
                 and body.response_format.type != "text":
             raise ApiError(400, "Give either structured_outputs or a JSON response_format, not both",

@@ -117,6 +117,13 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # Accepted only to be refused when they ask for something this server does not do (see unsupported()):
+    # ignored, they would leave a client believing its model may call tools or speak.
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension; not with a JSON response_format
     # alignloop: best-of-n serving. Sample best_of answers, score each with the reward model, return the n best.
@@ -142,6 +149,16 @@ class ChatCompletionRequest(BaseModel):
         if v is not None and len(v) > LOGIT_BIAS_MAX_ENTRIES:
             raise ValueError(f"at most {LOGIT_BIAS_MAX_ENTRIES} tokens")
         return v
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for the first thing asked that this server does not do, or None."""
+        if self.tools and self.tool_choice != "none":
+            return "tools", "tool calls are not supported: this gateway serves text answers only"
+        if self.functions:
+            return "functions", "function calls are not supported: this gateway serves text answers only"
+        if self.audio is not None or any(m != "text" for m in self.modalities or ()):
+            return ("audio" if self.audio is not None else "modalities"), "only text output is supported"
+        return None
 
     def constraint(self) -> dict | None:
         """The answer's constraint as one {kind: value} (the policy's StructuredOutput), or None: free text."""

@@ -259,6 +259,9 @@ LONG = "word " * (TEST_MAX_MODEL_LEN * 2)
         ({"logit_bias": {"abc": 1}}, "logit_bias.abc"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),  # checked by the policy service against the vocabulary
         ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "lookup"}}]}, "tools"),
+        ({"functions": [{"name": "lookup"}]}, "functions"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
         # vLLM's own checks, run by the policy service before it answers, streamed or not
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),

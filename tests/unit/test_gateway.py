@@ -171,6 +171,17 @@ def test_the_policys_refusal_of_a_constraint_names_the_field_the_request_used(bo
     assert (e.value.status_code, e.value.param) == (400, param)
 
 
+def test_what_the_server_cannot_do_is_named_not_ignored():
+    tool = [{"type": "function", "function": {"name": "lookup"}}]
+    assert request(tools=tool).unsupported()[0] == "tools"
+    assert request(tools=tool, tool_choice="none").unsupported() is None  # no call may be made: plain text
+    assert request(tools=[]).unsupported() is None
+    assert request(functions=[{"name": "lookup"}]).unsupported()[0] == "functions"
+    assert request(modalities=["text", "audio"]).unsupported()[0] == "modalities"
+    assert request(audio={"voice": "alloy", "format": "wav"}).unsupported()[0] == "audio"
+    assert request(modalities=["text"]).unsupported() is None
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0), ("top_k", -2),
     ("min_p", 1.5), ("logit_bias", {"x": 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {"3": 101}),
