@@ -111,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         rc = 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        sup.stop_all()
+        sup.stop_all(timeout_s=max(20.0, settings.drain_s + 10))  # each service drains first
     return rc
 
 

@@ -139,6 +139,11 @@ class Settings(BaseSettings):
 
     # readiness waits of the supervisor, per component
     start_timeout_s: float = 300.0
+    # How long a stopping service (SIGTERM) lets the calls in flight finish: a stream gets this long to end
+    # before it is cut. New calls are refused from the start, and the gateway's channels retry those on
+    # another replica (alignloop/grpc_channels.py). In Kubernetes, terminationGracePeriodSeconds must cover
+    # it, plus the preStop pause.
+    drain_s: float = 10.0
 
     @classmethod
     def settings_customise_sources(

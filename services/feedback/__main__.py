@@ -42,8 +42,8 @@ async def serve_collector(settings: Settings) -> None:
 
     stop = stop_on_signals()
     await stop.wait()
-    log.info("stopping: finishing in-flight submissions (5 s grace)")
-    await server.stop(grace=5)
+    log.info("stopping: finishing in-flight submissions (%g s grace)", settings.drain_s)
+    await server.stop(grace=settings.drain_s)
     await asyncio.to_thread(producer.close)
     executor.shutdown()
     engine.dispose()

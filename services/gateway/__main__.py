@@ -15,7 +15,7 @@ def main() -> None:
         port=settings.gateway_port,
         log_level="info",
         access_log=False,  # per-request counts and latencies are in /metrics
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.drain_s,  # in-flight requests and streams finish first
     )
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from alignloop.config import Settings
+from alignloop.grpc_channels import retrying_channel
 from alignloop.kafka_admin import ensure_topics
 from alignloop.v1 import feedback_pb2 as feedback_pb
 from alignloop.v1 import feedback_pb2_grpc as feedback_grpc
@@ -85,19 +86,20 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.completion_log = await asyncio.to_thread(
             CompletionLog.connect, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
         )
-        channel = grpc.aio.insecure_channel(settings.policy_target)
+        channel = retrying_channel(settings.policy_target)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
+        # No retries to the canary: the champion answers at once what the challenger cannot.
         canary_channel = grpc.aio.insecure_channel(settings.policy_canary_target)
         app.state.router = PolicyRouter(app.state.policy, pb_grpc.PolicyServiceStub(canary_channel),
                                         poll_s=settings.canary_poll_s)
         canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")
-        reward_channel = grpc.aio.insecure_channel(settings.reward_target)
+        reward_channel = retrying_channel(settings.reward_target)
         app.state.chat = ChatService(app.state.router, app.state.completion_log, settings.grpc_timeout_s,
                                      reward_grpc.RewardServiceStub(reward_channel))
-        feedback_channel = grpc.aio.insecure_channel(settings.feedback_target)
+        feedback_channel = retrying_channel(settings.feedback_target)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
         app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
-        pipeline_channel = grpc.aio.insecure_channel(settings.pipeline_target)
+        pipeline_channel = retrying_channel(settings.pipeline_target)
         pipeline_stub = pipeline_grpc.PipelineServiceStub(pipeline_channel)
         app.state.pipeline = PipelineApi(pipeline_stub)
         app.state.models = ModelsApi(pipeline_stub, app.state.feedback_stub, app.state.router,

@@ -253,8 +253,8 @@ async def serve(settings: Settings) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        log.info("stopping: finishing in-flight requests (5 s grace)")
-        await server.stop(grace=5)
+        log.info("stopping: finishing in-flight requests (%g s grace)", settings.drain_s)
+        await server.stop(grace=settings.drain_s)
         if servicer.engine is not None:
             servicer.engine.shutdown()
 

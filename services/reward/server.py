@@ -152,9 +152,9 @@ async def serve(settings: Settings) -> None:
     stop = stop_on_signals()
     poller = asyncio.create_task(follow_alias(settings, slot, stop), name="follow-alias")
     await stop.wait()
-    log.info("stopping: finishing in-flight calls (5 s grace)")
+    log.info("stopping: finishing in-flight calls (%g s grace)", settings.drain_s)
     poller.cancel()
-    await server.stop(grace=5)
+    await server.stop(grace=settings.drain_s)
     await batcher.stop()
 
 

@@ -659,6 +659,25 @@ def test_kubernetes_probes_ask_the_services_health(rendered, overlay):
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
+SERVING = ("alignloop-gateway", "alignloop-feedback", "alignloop-reward", "alignloop-policy",
+           "alignloop-policy-canary")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serving_pods_drain_before_they_stop(rendered, overlay):
+    """A pod that answers calls pauses (preStop) while its endpoint's removal spreads, then drains the calls in
+    flight for ALIGNLOOP_DRAIN_S, all within its grace period, so that a rolling update drops no call."""
+    objects = rendered[overlay]
+    for name in SERVING:
+        dep = by_key(objects)[("Deployment", name)]
+        c, = containers(dep)
+        pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        drain = Settings(**{"drain_s": container_env(objects, dep, c)["ALIGNLOOP_DRAIN_S"]}).drain_s
+        grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert 1 <= pause and drain >= 30, f"{overlay} {name}: pause {pause} s, drain {drain} s"
+        assert grace >= pause + drain + 10, f"{overlay} {name}: {grace} s of grace < {pause} + {drain} + 10"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gpus_autoscaling_budgets_and_schedule(rendered, overlay):
     objects = rendered[overlay]

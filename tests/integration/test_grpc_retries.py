@@ -1,0 +1,146 @@
+"""The gateway's gRPC channels on real gRPC servers: a call a server refuses with UNAVAILABLE (as a stopping one
+does) is sent again, but only if repeating it is safe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+
+from alignloop.grpc_channels import retrying_channel, service_config
+from alignloop.grpc_serving import start_server
+from alignloop.v1 import pipeline_pb2 as ppb
+from alignloop.v1 import pipeline_pb2_grpc as ppb_grpc
+from alignloop.v1 import policy_pb2 as pb
+from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+ANSWER = pb.Completion(index=0, text="hi", token_ids=[1], finish_reason="stop")
+
+
+class Flaky(pb_grpc.PolicyServiceServicer, ppb_grpc.PipelineServiceServicer):
+    """Refuses the first `refusals` calls of each method with UNAVAILABLE, then answers."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.calls: dict[str, int] = {}
+
+    async def _maybe_refuse(self, method: str, context) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if self.calls[method] <= self.refusals:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "stopping")
+
+    async def Generate(self, request, context):
+        await self._maybe_refuse("Generate", context)
+        return pb.GenerateResponse(completions=[ANSWER])
+
+    async def GenerateStream(self, request, context):
+        await self._maybe_refuse("GenerateStream", context)
+        yield pb.GenerateStreamResponse(prompt_tokens=1)
+        yield pb.GenerateStreamResponse(deltas=[ANSWER])
+
+    async def StartRun(self, request, context):
+        await self._maybe_refuse("StartRun", context)
+        return ppb.PipelineRun(run_id="run-1")
+
+    async def ListRuns(self, request, context):
+        await self._maybe_refuse("ListRuns", context)
+        return ppb.ListRunsResponse()
+
+
+async def _serve(refusals: int):
+    servicer = Flaky(refusals)
+    address = f"127.0.0.1:{free_port()}"
+
+    def add(server):
+        pb_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+        ppb_grpc.add_PipelineServiceServicer_to_server(servicer, server)
+
+    return servicer, address, await start_server(address, add)
+
+
+def test_idempotent_calls_are_retried_through_a_few_refusals():
+    async def scenario():
+        servicer, address, server = await _serve(refusals=2)
+        try:
+            # A channel each: the retry throttle of one channel counts every failure it saw.
+            async with retrying_channel(address) as channel:
+                policy = pb_grpc.PolicyServiceStub(channel)
+                assert (await policy.Generate(pb.GenerateRequest(), timeout=10)).completions[0].text == "hi"
+            async with retrying_channel(address) as channel:
+                policy = pb_grpc.PolicyServiceStub(channel)
+                stream = [m async for m in policy.GenerateStream(pb.GenerateRequest(), timeout=10)]
+                assert stream[-1].deltas[0].text == "hi"
+            async with retrying_channel(address) as channel:
+                await ppb_grpc.PipelineServiceStub(channel).ListRuns(ppb.ListRunsRequest(), timeout=10)
+            assert servicer.calls == {"Generate": 3, "GenerateStream": 3, "ListRuns": 3}
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_call_that_is_not_safe_to_repeat_is_not_retried():
+    async def scenario():
+        servicer, address, server = await _serve(refusals=1)
+        try:
+            async with retrying_channel(address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await ppb_grpc.PipelineServiceStub(channel).StartRun(ppb.StartRunRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert servicer.calls == {"StartRun": 1}
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_stays_down_is_reported_and_then_not_retried():
+    async def scenario():
+        servicer, address, server = await _serve(refusals=100)
+        try:
+            async with retrying_channel(address) as channel:
+                policy = pb_grpc.PolicyServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await policy.Generate(pb.GenerateRequest(), timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert servicer.calls == {"Generate": 5}  # maxAttempts, then the error
+                # Five failures emptied half the throttle's bucket: the next call is not retried at all.
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await policy.Generate(pb.GenerateRequest(), timeout=10)
+                assert servicer.calls == {"Generate": 6}
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_without_the_retry_policy_the_first_refusal_is_the_answer():
+    async def scenario():
+        servicer, address, server = await _serve(refusals=1)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await pb_grpc.PolicyServiceStub(channel).Generate(pb.GenerateRequest(), timeout=10)
+            assert servicer.calls == {"Generate": 1}
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_every_method_named_in_the_service_config_exists():
+    from google.protobuf import descriptor_pool
+
+    from alignloop.v1 import feedback_pb2, reward_pb2  # noqa: F401 (registers their services)
+
+    pool = descriptor_pool.Default()
+    [method_config] = json.loads(service_config())["methodConfig"]
+    for name in method_config["name"]:
+        service = pool.FindServiceByName(name["service"])
+        if "method" in name:
+            assert service.FindMethodByName(name["method"]) is not None, name
