@@ -4,6 +4,8 @@ import time
 
 from prometheus_client import Counter, Histogram
 
+from services.gateway.asgi import HttpMiddleware
+
 REQUESTS = Counter("alignloop_gateway_requests_total", "HTTP requests by route and status.", ["route", "status"])
 LATENCY = Histogram(
     "alignloop_gateway_request_seconds", "Time to the response's headers, by route.", ["route"],
@@ -16,16 +18,10 @@ TTFT = Histogram(
 GENERATED_TOKENS = Counter("alignloop_gateway_generated_tokens_total", "Completion tokens served.")
 
 
-class RequestMetrics:
-    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would buffer and slow streaming responses)."""
+class RequestMetrics(HttpMiddleware):
+    """Counts each request and times it to its response's headers, by route."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope, receive, send) -> None:
         started = time.perf_counter()
         status = 500
 

@@ -12,6 +12,7 @@ import uuid
 
 from starlette.requests import Request
 
+from services.gateway.asgi import HttpMiddleware
 from services.gateway.errors import ApiError
 
 HEADER = "x-request-id"
@@ -31,18 +32,11 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id") or new_request_id()
 
 
-class RequestIds:
-    """Pure ASGI middleware, so that a streamed response is passed through untouched: takes the caller's
-    X-Request-Id (400 naming the header if it is not 1-128 visible ASCII characters) or makes one, keeps it in
-    the request's state and adds it to the response's headers."""
+class RequestIds(HttpMiddleware):
+    """Takes the caller's X-Request-Id (400 naming the header if it is not 1-128 visible ASCII characters) or
+    makes one, keeps it in the request's state and adds it to the response's headers."""
 
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope, receive, send) -> None:
         given = next((value for name, value in scope["headers"] if name == _HEADER_BYTES), None)
         if given is not None and not _VALID.fullmatch(given):
             await _refuse(send, new_request_id())

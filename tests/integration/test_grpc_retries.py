@@ -4,7 +4,9 @@ does) is sent again, but only if repeating it is safe."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -52,7 +54,9 @@ class Flaky(pb_grpc.PolicyServiceServicer, ppb_grpc.PipelineServiceServicer):
         return ppb.ListRunsResponse()
 
 
-async def _serve(refusals: int):
+@contextlib.asynccontextmanager
+async def flaky_server(refusals: int) -> AsyncIterator[tuple[Flaky, str]]:
+    """A real gRPC server on a free port with a Flaky servicer behind both services; (servicer, address)."""
     servicer = Flaky(refusals)
     address = f"127.0.0.1:{free_port()}"
 
@@ -60,13 +64,16 @@ async def _serve(refusals: int):
         pb_grpc.add_PolicyServiceServicer_to_server(servicer, server)
         ppb_grpc.add_PipelineServiceServicer_to_server(servicer, server)
 
-    return servicer, address, await start_server(address, add)
+    server = await start_server(address, add)
+    try:
+        yield servicer, address
+    finally:
+        await server.stop(None)
 
 
 def test_idempotent_calls_are_retried_through_a_few_refusals():
     async def scenario():
-        servicer, address, server = await _serve(refusals=2)
-        try:
+        async with flaky_server(refusals=2) as (servicer, address):
             # A channel each: the retry throttle of one channel counts every failure it saw.
             async with retrying_channel(address) as channel:
                 policy = pb_grpc.PolicyServiceStub(channel)
@@ -78,31 +85,25 @@ def test_idempotent_calls_are_retried_through_a_few_refusals():
             async with retrying_channel(address) as channel:
                 await ppb_grpc.PipelineServiceStub(channel).ListRuns(ppb.ListRunsRequest(), timeout=10)
             assert servicer.calls == {"Generate": 3, "GenerateStream": 3, "ListRuns": 3}
-        finally:
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_call_that_is_not_safe_to_repeat_is_not_retried():
     async def scenario():
-        servicer, address, server = await _serve(refusals=1)
-        try:
+        async with flaky_server(refusals=1) as (servicer, address):
             async with retrying_channel(address) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await ppb_grpc.PipelineServiceStub(channel).StartRun(ppb.StartRunRequest(), timeout=10)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             assert servicer.calls == {"StartRun": 1}
-        finally:
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_a_server_that_stays_down_is_reported_and_then_not_retried():
     async def scenario():
-        servicer, address, server = await _serve(refusals=100)
-        try:
+        async with flaky_server(refusals=100) as (servicer, address):
             async with retrying_channel(address) as channel:
                 policy = pb_grpc.PolicyServiceStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -113,32 +114,27 @@ def test_a_server_that_stays_down_is_reported_and_then_not_retried():
                 with pytest.raises(grpc.aio.AioRpcError):
                     await policy.Generate(pb.GenerateRequest(), timeout=10)
                 assert servicer.calls == {"Generate": 6}
-        finally:
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_without_the_retry_policy_the_first_refusal_is_the_answer():
     async def scenario():
-        servicer, address, server = await _serve(refusals=1)
-        try:
+        async with flaky_server(refusals=1) as (servicer, address):
             async with grpc.aio.insecure_channel(address) as channel:
                 with pytest.raises(grpc.aio.AioRpcError):
                     await pb_grpc.PolicyServiceStub(channel).Generate(pb.GenerateRequest(), timeout=10)
             assert servicer.calls == {"Generate": 1}
-        finally:
-            await server.stop(None)
 
     asyncio.run(scenario())
 
 
 def test_every_method_named_in_the_service_config_exists():
-    from google.protobuf import descriptor_pool
+    from alignloop.v1 import feedback_pb2, reward_pb2
 
-    from alignloop.v1 import feedback_pb2, reward_pb2  # noqa: F401 (registers their services)
-
-    pool = descriptor_pool.Default()
+    # Importing a module registers its services in the default pool; the pool of any of them finds them all.
+    pool = feedback_pb2.DESCRIPTOR.pool
+    assert reward_pb2.DESCRIPTOR.pool is pool
     [method_config] = json.loads(service_config())["methodConfig"]
     for name in method_config["name"]:
         service = pool.FindServiceByName(name["service"])
