@@ -410,8 +410,8 @@ def test_structured_outputs_constrain_what_the_engine_says(openai_client, stack)
     flag = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {
         "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
         "additionalProperties": False}}}
-    objects = openai_client.chat.completions.create(model=MODEL, messages=hi, max_tokens=120, temperature=1.0,
-                                                    seed=1, n=4, response_format=flag).choices
+    objects = [c for seed in (1, 2) for c in openai_client.chat.completions.create(
+        model=MODEL, messages=hi, max_tokens=200, temperature=1.0, seed=seed, n=4, response_format=flag).choices]
     assert all(c.message.content.startswith("{") for c in objects)
     finished = [json.loads(c.message.content) for c in objects if c.finish_reason == "stop"]
     assert finished, "no answer ended within max_tokens"
