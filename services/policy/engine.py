@@ -171,7 +171,7 @@ def structured_outputs(s: pb.SamplingParams):
 
 def penalties(s: pb.SamplingParams, vocab_size: int) -> dict:
     """The penalties, top_k, min_p and logit_bias of `s` as SamplingParams arguments, checked here so that a bad
-    one is refused naming its field (vLLM checks logit_bias's token ids only once the engine has the request)."""
+    one is refused naming its field: vLLM's own refusals of most of them name none."""
     args = {}
     for name, low, high in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
                             ("min_p", 0.0, 1.0)):
