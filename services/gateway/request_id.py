@@ -6,11 +6,11 @@ can find that request's completion records on Kafka and in the store, and the ga
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from services.gateway.asgi import HttpMiddleware
 from services.gateway.errors import ApiError
@@ -39,7 +39,10 @@ class RequestIds(HttpMiddleware):
     async def http(self, scope, receive, send) -> None:
         given = next((value for name, value in scope["headers"] if name == _HEADER_BYTES), None)
         if given is not None and not _VALID.fullmatch(given):
-            await _refuse(send, new_request_id())
+            err = ApiError(400, f"The X-Request-Id header must be 1 to {MAX_CHARS} visible ASCII characters "
+                                "(no spaces).", param="X-Request-Id", code="invalid_request_id")
+            refusal = JSONResponse(err.body(), status_code=400, headers={HEADER: new_request_id()})
+            await refusal(scope, receive, send)
             return
         rid = given.decode() if given is not None else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
@@ -52,12 +55,3 @@ class RequestIds(HttpMiddleware):
 
         await self.app(scope, receive, send_with_id)
 
-
-async def _refuse(send, rid: str) -> None:
-    err = ApiError(400, f"The X-Request-Id header must be 1 to {MAX_CHARS} visible ASCII characters "
-                        "(no spaces).", param="X-Request-Id", code="invalid_request_id")
-    body = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (_HEADER_BYTES, rid.encode())]
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
