@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     # another replica (alignloop/grpc_channels.py). In Kubernetes, terminationGracePeriodSeconds must cover
     # it, plus the preStop pause.
     drain_s: float = 10.0
+    # How long a gRPC server keeps a client's connection before asking it to reconnect (calls in flight
+    # finish first). Clients resolve the service's name again then: a replica added since is called within
+    # about this long. 0: connections are kept for good.
+    grpc_max_connection_age_s: float = 300.0
 
     @classmethod
     def settings_customise_sources(

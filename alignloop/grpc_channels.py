@@ -1,8 +1,15 @@
-"""gRPC client channels that retry what a restarting or rolling server refuses.
+"""gRPC client channels that spread calls over every replica and retry what a stopping one refuses.
 
-A server that is stopping (SIGTERM, a rolling update, a restart) refuses new calls with UNAVAILABLE, and a
-connection to a pod that is gone fails the same way; gRPC's own retry policy sends such a call again on a new
-connection, which the Service gives to a live replica. Only calls that are safe to repeat are retried: those
+**Balancing.** gRPC keeps long-lived HTTP/2 connections, and a Kubernetes Service balances connections, not
+calls: a client on a plain channel sends everything to the one replica it first reached. These channels use
+gRPC's `round_robin` policy instead: the target's name resolves to every replica (a headless Service in
+`deploy/` gives one address per ready pod), the channel connects to each, and calls go to them in turn. A
+new replica is found when the channel next resolves the name: when a connection ends, which the servers make
+happen every `ALIGNLOOP_GRPC_MAX_CONNECTION_AGE_S` (`alignloop/grpc_serving.py`).
+
+**Retries.** A server that is stopping (SIGTERM, a rolling update, a restart) refuses new calls with
+UNAVAILABLE, and a connection to a pod that is gone fails the same way; gRPC's own retry policy sends such a
+call again, on another replica or a new connection. Only calls that are safe to repeat are retried: those
 that change nothing, and feedback submissions, which carry their feedback id so the store keeps one copy.
 A stream is retried only before its first message, as gRPC does for every streaming call.
 """
@@ -31,25 +38,38 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 
+# Every resolved address gets a connection and the calls take them in turn (gRPC's default, pick_first,
+# sends every call down the first address that connects).
+LOAD_BALANCING = [{"round_robin": {}}]
 
-def service_config() -> str:
-    """The channel's service config (JSON): the retry policy on every idempotent method, and retry
-    throttling, so that a backend that is down does not get every call several times over."""
-    names = []
-    for service, methods in IDEMPOTENT_METHODS.items():
-        names += [{"service": service}] if methods is None else [{"service": service, "method": m} for m in methods]
-    return json.dumps({
-        "methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}],
+
+def service_config(retries: bool = True) -> str:
+    """The channel's service config (JSON): round-robin over the resolved addresses and, with `retries`, the
+    retry policy on every idempotent method plus retry throttling, so that a backend that is down does not
+    get every call several times over."""
+    config: dict = {"loadBalancingConfig": LOAD_BALANCING}
+    if retries:
+        names = []
+        for service, methods in IDEMPOTENT_METHODS.items():
+            names += [{"service": service}] if methods is None else [{"service": service, "method": m}
+                                                                     for m in methods]
+        config["methodConfig"] = [{"name": names, "retryPolicy": RETRY_POLICY}]
         # Retries stop while more than half of the recent calls failed (gRPC's token bucket: 10 tokens, each
         # failure costs 1, each success gives 0.1 back).
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-    })
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
+    return json.dumps(config)
 
 
-def channel_options(*extra: tuple[str, object]) -> list[tuple[str, object]]:
-    return [("grpc.service_config", service_config()), ("grpc.enable_retries", 1), *extra]
+def channel_options(*extra: tuple[str, object], retries: bool = True) -> list[tuple[str, object]]:
+    """Options for `grpc.insecure_channel` / `grpc.aio.insecure_channel`: balanced, and retrying unless told."""
+    return [("grpc.service_config", service_config(retries)), ("grpc.enable_retries", int(retries)), *extra]
 
 
 def retrying_channel(target: str, *extra: tuple[str, object]) -> grpc.aio.Channel:
-    """An asyncio channel to `target` that retries the idempotent methods on UNAVAILABLE."""
+    """An asyncio channel to every replica behind `target` that retries the idempotent methods on UNAVAILABLE."""
     return grpc.aio.insecure_channel(target, options=channel_options(*extra))
+
+
+def balanced_channel(target: str, *extra: tuple[str, object]) -> grpc.aio.Channel:
+    """An asyncio channel to every replica behind `target`, without retries (the caller has its own fallback)."""
+    return grpc.aio.insecure_channel(target, options=channel_options(*extra, retries=False))

@@ -8,12 +8,24 @@ import signal
 import grpc
 
 
-async def start_server(address: str, add_servicer) -> grpc.aio.Server:
-    """A started grpc.aio server on `address`, with `add_servicer(server)` applied first.
+def server_options(max_connection_age_s: float = 0.0) -> list[tuple[str, int]]:
+    """Options every alignloop gRPC server takes.
 
     so_reuseport=0: a port that is already taken must fail loudly, not be shared silently with another process.
+    max_connection_age: after this long (jittered by ±10%) the server asks the client to move to a new
+    connection (GOAWAY). The client then resolves the service name again, which is how a scaled-out replica
+    starts getting calls from the clients that were already connected. Calls in flight on the old connection
+    finish there, however long they run (the grace stays gRPC's default: unlimited). 0: never.
     """
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    options = [("grpc.so_reuseport", 0)]
+    if max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
+    return options
+
+
+async def start_server(address: str, add_servicer, *, max_connection_age_s: float = 0.0) -> grpc.aio.Server:
+    """A started grpc.aio server on `address`, with `add_servicer(server)` applied first (see `server_options`)."""
+    server = grpc.aio.server(options=server_options(max_connection_age_s))
     add_servicer(server)
     server.add_insecure_port(address)
     await server.start()

@@ -41,12 +41,14 @@ class GrpcReward:
     def __init__(self, address: str, timeout_s: float = 120.0) -> None:
         import grpc
 
+        from alignloop.grpc_channels import channel_options
         from alignloop.v1 import reward_pb2 as pb
         from alignloop.v1 import reward_pb2_grpc as pb_grpc
 
         self._pb = pb
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                                 ("grpc.max_send_message_length", 64 << 20)])
+        # Every reward replica gets a share of the scoring, and a replica that is stopping hands its calls on.
+        self._channel = grpc.insecure_channel(address, options=channel_options(
+            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)))
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self.timeout_s = timeout_s
         info = self._call(self._stub.GetInfo, pb.GetRewardInfoRequest())

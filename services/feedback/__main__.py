@@ -37,7 +37,8 @@ async def serve_collector(settings: Settings) -> None:
                                 completion_wait_s=settings.feedback_completion_wait_s,
                                 max_ranking=settings.feedback_max_ranking)
     server = await start_server(settings.feedback_target,
-                                lambda srv: pb_grpc.add_FeedbackServiceServicer_to_server(servicer, srv))
+                                lambda srv: pb_grpc.add_FeedbackServiceServicer_to_server(servicer, srv),
+                                max_connection_age_s=settings.grpc_max_connection_age_s)
     log.info("feedback collector listening on %s; store %s", settings.feedback_target, engine.url)
 
     stop = stop_on_signals()

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from alignloop.config import Settings
-from alignloop.grpc_channels import retrying_channel
+from alignloop.grpc_channels import balanced_channel, retrying_channel
 from alignloop.kafka_admin import ensure_topics
 from alignloop.v1 import feedback_pb2 as feedback_pb
 from alignloop.v1 import feedback_pb2_grpc as feedback_grpc
@@ -89,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         channel = retrying_channel(settings.policy_target)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
         # No retries to the canary: the champion answers at once what the challenger cannot.
-        canary_channel = grpc.aio.insecure_channel(settings.policy_canary_target)
+        canary_channel = balanced_channel(settings.policy_canary_target)
         app.state.router = PolicyRouter(app.state.policy, pb_grpc.PolicyServiceStub(canary_channel),
                                         poll_s=settings.canary_poll_s)
         canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")

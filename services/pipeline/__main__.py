@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from alignloop import store
 from alignloop.config import Settings
+from alignloop.grpc_serving import server_options
 from alignloop.v1 import pipeline_pb2_grpc as pb_grpc
 from services.pipeline.runner import Runner
 from services.pipeline.runs import RunStore
@@ -26,7 +27,8 @@ def main() -> None:
     runner.recover()
 
     start_http_server(settings.pipeline_metrics_port, addr=settings.host)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=server_options(settings.grpc_max_connection_age_s))
     pb_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(runner), server)
     server.add_insecure_port(settings.pipeline_target)
     server.start()

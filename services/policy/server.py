@@ -233,7 +233,8 @@ async def serve(settings: Settings) -> None:
     servicer = PolicyServicer(alias)
     address = f"{settings.host}:{settings.policy_port}"
     server = await start_server(address,
-                                lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv))
+                                lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv),
+                                max_connection_age_s=settings.grpc_max_connection_age_s)
     log.info("policy service listening on %s", address)
     tasks: list[asyncio.Task] = []
     try:

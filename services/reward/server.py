@@ -145,7 +145,8 @@ async def serve(settings: Settings) -> None:
     servicer = RewardServicer(slot, batcher, settings.reward_max_items)
     address = f"{settings.host}:{settings.reward_port}"
     server = await start_server(address,
-                                lambda srv: pb_grpc.add_RewardServiceServicer_to_server(servicer, srv))
+                                lambda srv: pb_grpc.add_RewardServiceServicer_to_server(servicer, srv),
+                                max_connection_age_s=settings.grpc_max_connection_age_s)
     log.info("reward service listening on %s (max_batch %d, max_wait %.1f ms); metrics on :%d", address,
              settings.reward_max_batch, settings.reward_max_wait_ms, settings.reward_metrics_port)
 

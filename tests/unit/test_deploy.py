@@ -626,6 +626,34 @@ def test_kubernetes_addresses_reach_services_that_select_the_right_pods(rendered
                     f"{value} does not reach the port {backends[0]['metadata']['name']} listens on"
 
 
+# The runner is one replica by design (it runs one pipeline at a time); every other gRPC service scales out.
+SINGLE_REPLICA = {"alignloop-pipeline"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_clients_reach_every_replica(rendered, overlay):
+    """gRPC holds one connection per address and a ClusterIP balances connections: the Services that clients
+    call must be headless (one DNS address per ready pod, which the channels' round_robin calls in turn), and
+    their servers must recycle connections so that clients resolve again and find new replicas."""
+    objects = rendered[overlay]
+    maps = by_key(objects)
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    named = {container_env(objects, dep, c).get(f"ALIGNLOOP_{field.upper()}")
+             for dep in deployments for c in containers(dep) for field in ADDRESS_PORTS} - {None}
+    assert len(named) == len(ADDRESS_PORTS), named
+    for address in named:
+        service = maps[("Service", address.rsplit(":", 1)[0])]
+        name = service["metadata"]["name"]
+        if name in SINGLE_REPLICA:
+            continue
+        assert service["spec"].get("clusterIP") == "None", f"{overlay} {name}: not headless"
+        backend, = [d for d in deployments if selects(service["spec"]["selector"], d)]
+        c, = containers(backend)
+        age = Settings(grpc_max_connection_age_s=container_env(objects, backend, c)
+                       ["ALIGNLOOP_GRPC_MAX_CONNECTION_AGE_S"]).grpc_max_connection_age_s
+        assert 0 < age <= 600, f"{overlay} {name}: connections kept {age} s"
+
+
 def selects(selector: dict, deployment: dict) -> bool:
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     return all(labels.get(k) == v for k, v in selector.items())
