@@ -48,6 +48,29 @@ def acked_producer(bootstrap_servers: str, topic: str, *, client_id: str, linger
         batch_size=256 * 1024,
         request_timeout_ms=delivery_timeout_ms // 2,
         delivery_timeout_ms=delivery_timeout_ms,
+        # kafka-python backs off up to 30 s between reconnections to a broker that went away; Java's client
+        # caps it at 1 s. A broker that is back should be written to within about a second, not half a minute.
+        reconnect_backoff_max_ms=1000,
     )
     producer.partitions_for(topic)
     return producer
+
+
+def topic_has_leaders(bootstrap_servers: str, topic: str, timeout_ms: int = 3000) -> bool:
+    """Whether the brokers answer, now, that every partition of `topic` has a leader: what a producer whose
+    sends failed needs before it can be written to again. Asks with a client of its own, so the answer does
+    not come from a producer's cached metadata. False on any error."""
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="alignloop-health",
+                                 request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+    except Exception:  # NoBrokersAvailable and the like
+        return False
+    try:
+        [described] = admin.describe_topics([topic])
+        partitions = described.get("partitions") or []
+        return described.get("error_code", 0) == 0 and bool(partitions) and all(
+            p.get("error_code", 0) == 0 and p.get("leader_id", -1) >= 0 for p in partitions)
+    except Exception:
+        return False
+    finally:
+        admin.close()

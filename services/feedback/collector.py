@@ -253,7 +253,8 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         return pb.StatsResponse(rows=rows, served=served)
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        if not self.producer.healthy():
+        # Not on the store's executor: while Kafka is down a recheck takes seconds.
+        if not self.producer.healthy() and not await asyncio.to_thread(self.producer.recheck):
             return pb.HealthResponse(ready=False, detail="Kafka is not reachable, or the last send failed")
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._ping)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import pytest
@@ -388,6 +389,89 @@ def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
     assert producer.sent == ["cmpl-0", "cmpl-1", "cmpl-2"]
 
 
+class FlakyProducer:
+    """Stands in for a producer whose broker can be down: a send then fails, as after the delivery timeout."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.attempts: list[str] = []
+        self.acked: list[str] = []
+
+    def send(self, topic, key, value):
+        self.attempts.append(key.decode())
+        failed = self.down
+        if not failed:
+            self.acked.append(key.decode())
+
+        class Future:  # already done, as kafka-python's future calls a late callback at once
+            def add_callback(self, fn, *a):
+                if not failed:
+                    fn(None, *a)
+                return self
+
+            def add_errback(self, fn, *a):
+                if failed:
+                    fn(*a, ConnectionError("broker down"))  # kafka-python passes the exception last
+                return self
+
+        return Future()
+
+    def flush(self, timeout=None):
+        pass
+
+    def close(self, timeout=None):
+        pass
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back():
+    from services.gateway.completion_log import BACKLOG, CompletionLog
+
+    producer = FlakyProducer()
+    log = CompletionLog(producer, first_backoff_s=0.05, max_backoff_s=0.2)
+    log.submit(_record(0))
+    wait_until(lambda: producer.acked == ["cmpl-0"])
+    producer.down = True
+    for i in range(1, 6):
+        log.submit(_record(i))
+    wait_until(lambda: log.backlog() == 5)
+    assert not log.healthy() and BACKLOG._value.get() == 5
+    # While Kafka is down one kept record at a time goes out as a probe, with growing pauses.
+    time.sleep(0.6)
+    probes = len(producer.attempts) - 1
+    assert 2 <= probes <= 6 + 5, producer.attempts  # the first failure of each record, then backoffs
+    producer.down = False
+    wait_until(lambda: log.backlog() == 0)
+    assert log.healthy() and BACKLOG._value.get() == 0
+    assert sorted(producer.acked) == [f"cmpl-{i}" for i in range(6)]  # nothing lost, each acked once
+    log.close()
+
+
+def test_completion_log_backlog_is_bounded_and_what_is_left_at_shutdown_is_counted():
+    from services.gateway.completion_log import RECORDS, CompletionLog
+
+    dropped_before = RECORDS.labels("dropped")._value.get()
+    producer = FlakyProducer()
+    producer.down = True
+    log = CompletionLog(producer, max_queue=3, first_backoff_s=60)
+    for i in range(5):
+        log.submit(_record(i))
+        # Full at 3: each newer record makes room by dropping the oldest.
+        wait_until(lambda: (log.backlog(), RECORDS.labels("dropped")._value.get() - dropped_before)
+                   == (min(i + 1, 3), max(0, i - 2)))
+    assert producer.attempts == ["cmpl-0"]  # the others were held back, not sent into a broker that is down
+    assert [r.completion_id for r in log._backlog] == ["cmpl-2", "cmpl-3", "cmpl-4"]
+    log.close()
+    assert RECORDS.labels("dropped")._value.get() - dropped_before == 5
+    assert producer.acked == []
+
+
 @pytest.mark.parametrize("text", [" hello", "", "é✓ 漢字", "line\nbreak\t\"quoted\" \\ \x01\x1f", "\u2028 /</script>"])
 def test_content_chunks_from_the_template_equal_the_protocol_models(text):
     render = ChunkRenderer("chatcmpl-1", 1700000000, "alignloop-policy", "alignloop-policy/v3", ["cmpl-a", "cmpl-b"])
@@ -395,3 +479,37 @@ def test_content_chunks_from_the_template_equal_the_protocol_models(text):
         by_models = render.chunk([ChunkChoice(index=index, delta=DeltaMessage(content=text), completion_id=completion_id)])
         assert render.content(index, text) == by_models
         assert json.loads(by_models.decode().removeprefix("data: "))["choices"][0]["delta"]["content"] == text
+
+
+@pytest.mark.parametrize(("kafka", "feedback", "policy", "status"), [
+    (True, True, True, 200),
+    (False, False, True, 200),  # shared backends failing do not take the gateway (and chat) out of service
+    (True, True, False, 503),
+])
+def test_readiness_needs_the_policy_and_reports_the_rest(kafka, feedback, policy, status):
+    import httpx
+
+    from alignloop.config import Settings
+    from alignloop.v1 import feedback_pb2
+    from services.gateway.app import create_app
+
+    class Backends:
+        def healthy(self):
+            return kafka
+
+        async def Health(self, req, timeout=None):
+            return feedback_pb2.HealthResponse(ready=feedback)
+
+        async def GetInfo(self, req, timeout=None):
+            return pb.GetInfoResponse(ready=policy)
+
+    app = create_app(Settings(_env_file=None))
+    app.state.completion_log = app.state.feedback_stub = app.state.policy = Backends()
+
+    async def probe():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+            return await client.get("/readyz")
+
+    r = asyncio.run(probe())
+    assert r.status_code == status
+    assert r.json() == {"ready": policy, "checks": {"kafka": kafka, "feedback": feedback, "policy": policy}}
