@@ -126,6 +126,7 @@ def policy(settings: Settings) -> Component:
         port=settings.policy_port,
         url=f"grpc://{settings.policy_target}",
         probe=lambda: policy_ready(settings.policy_target),
+        metrics_port=settings.policy_metrics_port,
         env=vllm_serving_environment(settings),
         start_timeout_s=settings.start_timeout_s,
     )
@@ -137,9 +138,11 @@ def policy_canary(settings: Settings) -> Component:
     base = policy(settings)
     return replace(
         base, name="policy-canary", port=settings.policy_canary_port, url=f"grpc://{settings.policy_canary_target}",
+        metrics_port=settings.policy_canary_metrics_port,
         # Ready = answering: it has nothing to serve until there is a challenger.
         probe=lambda: policy_info(settings.policy_canary_target) is not None,
         env={**base.env, "ALIGNLOOP_POLICY_PORT": str(settings.policy_canary_port),
+             "ALIGNLOOP_POLICY_METRICS_PORT": str(settings.policy_canary_metrics_port),
              "ALIGNLOOP_POLICY_MODEL_ALIAS": settings.policy_canary_alias, "ALIGNLOOP_POLICY_WAIT_FOR_ALIAS": "true"},
         start_timeout_s=60,
     )

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     materializer_port: int = 9464  # the materializer's /metrics
     reward_port: int = 50053
     reward_metrics_port: int = 9465  # the reward service's /metrics
+    policy_metrics_port: int = 9467  # the policy service's /metrics (its own and vLLM's)
+    policy_canary_metrics_port: int = 9468  # the canary policy service's
     # Where clients reach each gRPC service; unset: host:port (everything on one machine). In compose or
     # Kubernetes, where `host` is the bind address 0.0.0.0, set these to the services' DNS names.
     policy_address: str | None = None
@@ -78,6 +80,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_gib: int = 1
+    # vLLM's engine statistics, as `vllm serve` keeps them by default: its Prometheus metrics (vllm:*) on the
+    # policy service's /metrics, and a throughput line in its log every VLLM_LOG_STATS_INTERVAL (10 s).
+    engine_stats: bool = True
     # GOMP_SPINCOUNT of a serving engine on CPU: how long an idle OpenMP thread spins before it sleeps. GNU
     # OpenMP's default (300,000 spins, about 3 ms) has the engine worker hold every core between its kernels,
     # so the processes that carry its tokens on (the policy service's gRPC threads, the gateway, the clients)

@@ -112,7 +112,7 @@ class Supervisor:
                 if port_in_use(self.settings.host, port):
                     raise StackError(
                         f"{c.name}: port {self.settings.host}:{port} is already in use. Stop what holds it, "
-                        f"or choose another port (ALIGNLOOP_{c.name.upper()}_{var})."
+                        f"or choose another port (ALIGNLOOP_{c.name.upper().replace('-', '_')}_{var})."
                     )
 
     def start(self, component: Component) -> Running:

@@ -601,7 +601,8 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, m
             "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
             "--max-num-seqs", str(settings.max_num_seqs),
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
-            "--disable-log-stats",
+            # Engine statistics as build_engine has them (ALIGNLOOP_ENGINE_STATS; on by default, as in vllm serve).
+            *([] if settings.engine_stats else ["--disable-log-stats"]),
             # The gateway runs uvicorn with access_log=False; a log line per request here would be unfair to vLLM.
             "--disable-uvicorn-access-log",
         ] + (["--enforce-eager"] if settings.enforce_eager else [])

@@ -45,7 +45,7 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
         dtype=settings.dtype,
         max_num_seqs=settings.max_num_seqs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        disable_log_stats=True,
+        disable_log_stats=not settings.engine_stats,
     )
     return AsyncLLM.from_engine_args(args)
 

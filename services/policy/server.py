@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from prometheus_client import start_http_server
 
 from alignloop import alias_follower
 from alignloop.config import Settings
@@ -33,6 +34,7 @@ from alignloop.inplace_reload import architecture, reload_folder
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, canary_share, fetch_version, resolve_alias
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
+from services.policy import metrics
 from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare, vllm_checks
 
 log = logging.getLogger("alignloop.policy")
@@ -55,9 +57,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.open.set()
 
     def attach(self, engine, tokenizer, model: pb.ModelRef, max_model_len: int) -> None:
-        """The first version, loaded after the service started waiting for its alias."""
+        """The version loaded at the start (after waiting for the alias, for a service told to)."""
         self.tokenizer, self.model, self.max_model_len = tokenizer, model, max_model_len
         self.engine = engine
+        metrics.serving(model.name, self.alias, model.version)
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> tuple[pb.ModelRef, object]:
         """Waits while a swap is under way; the version (and its tokenizer) this request is served by."""
@@ -93,6 +96,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 await asyncio.shield(self.engine.abort(request_id))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        with metrics.counted("Generate", context):
+            return await self._generate(request, context)
+
+    async def _generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=False)
         s = request.sampling
@@ -109,6 +116,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        # aclosing: if this generator is closed at a yield (the caller went away), the inner one must be closed
+        # too, now, since its cleanup aborts the engine request.
+        async with contextlib.aclosing(self._generate_stream(request, context)) as messages:
+            with metrics.counted("GenerateStream", context):
+                async for message in messages:
+                    yield message
+
+    async def _generate_stream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=True)
         s = request.sampling
@@ -161,9 +176,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             self.tokenizer = tokenizer
             self.model = pb.ModelRef(name=self.model.name, version=version)
             self.swaps += 1
+            metrics.SWAPS.inc()
+            metrics.serving(self.model.name, self.alias, version)
         finally:
             self.open.set()
-        return time.perf_counter() - started
+        paused = time.perf_counter() - started
+        metrics.SWAP_PAUSE_SECONDS.observe(paused)
+        return paused
 
 
 async def follow_alias(settings: Settings, servicer: PolicyServicer, served_dir: Path, stop: asyncio.Event) -> None:
@@ -215,6 +234,17 @@ async def follow_canary_share(settings: Settings, servicer: PolicyServicer, stop
                 await stop.wait()
 
 
+async def log_engine_stats(engine, stop: asyncio.Event) -> None:
+    """vLLM's throughput and cache line in the log, at vLLM's interval, as its own server writes it."""
+    from vllm import envs
+
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(envs.VLLM_LOG_STATS_INTERVAL):
+                await stop.wait()
+        await engine.do_log_stats()
+
+
 def load_engine(settings: Settings, ref: ModelVersionRef):
     """Fetches `ref` and builds its engine; (engine, tokenizer, folder)."""
     from transformers import AutoTokenizer
@@ -235,7 +265,8 @@ async def serve(settings: Settings) -> None:
     server = await start_server(address,
                                 lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv),
                                 max_connection_age_s=settings.grpc_max_connection_age_s)
-    log.info("policy service listening on %s", address)
+    start_http_server(settings.policy_metrics_port, addr=settings.host)
+    log.info("policy service listening on %s; metrics on :%d", address, settings.policy_metrics_port)
     tasks: list[asyncio.Task] = []
     try:
         if ref is None:
@@ -249,6 +280,8 @@ async def serve(settings: Settings) -> None:
             tasks.append(asyncio.create_task(follow_alias(settings, servicer, model_dir, stop), name="follow-alias"))
             if alias == settings.policy_canary_alias:
                 tasks.append(asyncio.create_task(follow_canary_share(settings, servicer, stop), name="canary-share"))
+            if settings.engine_stats:
+                tasks.append(asyncio.create_task(log_engine_stats(engine, stop), name="engine-stats"))
             await stop.wait()
     finally:
         for task in tasks:

@@ -346,6 +346,48 @@ def test_client_leaving_an_sse_stream_aborts_the_engine_request(stack):
     assert (info.aborted_requests, info.active_requests) == (before + 1, 0), info
 
 
+def _policy_metrics(stack) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{stack.env['ALIGNLOOP_POLICY_METRICS_PORT']}/metrics", timeout=5).text
+    return {f"{s.name}{{{','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))}}}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_policy_metrics_count_calls_by_outcome_beside_vllms_engine_metrics(stack):
+    """The policy service's /metrics: its calls by how they ended, the version it serves, and vLLM's engine
+    metrics (what replicas are scaled on)."""
+    def count(method: str, outcome: str) -> float:
+        return _policy_metrics(stack).get(
+            f"alignloop_policy_requests_total{{method={method},outcome={outcome}}}", 0.0)
+
+    before = {k: count(*k) for k in [("Generate", "ok"), ("Generate", "invalid"), ("GenerateStream", "cancelled")]}
+    tokens_before = _policy_metrics(stack).get("vllm:generation_tokens_total{engine=0,model_name=alignloop-policy}", 0)
+    with grpc.insecure_channel(stack.policy) as channel:
+        policy = pb_grpc.PolicyServiceStub(channel)
+        policy.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True)),
+                        timeout=60)
+        with pytest.raises(grpc.RpcError):
+            policy.Generate(pb.GenerateRequest(prompt="Hello", sampling=pb.SamplingParams(max_tokens=-1)), timeout=60)
+        call = policy.GenerateStream(pb.GenerateRequest(
+            prompt="Once upon a time", sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)))
+        next(call)
+        call.cancel()
+    _wait_idle_with_aborts(stack, 0)
+    deadline = time.monotonic() + 10
+    while count("GenerateStream", "cancelled") < before[("GenerateStream", "cancelled")] + 1:
+        assert time.monotonic() < deadline, "the cancelled stream was not counted"
+        time.sleep(0.05)
+    assert count("Generate", "ok") == before[("Generate", "ok")] + 1
+    assert count("Generate", "invalid") == before[("Generate", "invalid")] + 1
+    metrics = _policy_metrics(stack)
+    assert metrics["alignloop_policy_served_version{alias=champion,model=alignloop-policy}"] >= 1
+    # vLLM's own, from the same engine: the 5 tokens generated above at least.
+    assert metrics["vllm:generation_tokens_total{engine=0,model_name=alignloop-policy}"] >= tokens_before + 5
+    assert "vllm:kv_cache_usage_perc{engine=0,model_name=alignloop-policy}" in metrics
+    assert "vllm:num_requests_waiting{engine=0,model_name=alignloop-policy}" in metrics
+
+
 def test_unary_generate_returns_token_ids_and_logprobs(stack):
     request = pb.GenerateRequest(
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]),
