@@ -84,6 +84,8 @@ class FeedbackRecordV1(BaseModel):
     schema_name: str = FEEDBACK_V1
     feedback_id: str
     client_feedback_id: str | None = None
+    # The X-Request-Id of the HTTP request that carried it; None in records written before it was added.
+    request_id: str | None = None
     request_hash: str = Field(description="Hash of what the client sent; tells a replay from a conflict.")
     api_key_hash: str
     kind: FeedbackKindV1

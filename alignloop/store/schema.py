@@ -54,6 +54,7 @@ class Feedback(Base):
 
     feedback_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the unique key redelivery hits
     client_feedback_id: Mapped[str | None] = mapped_column(String(255))
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)  # X-Request-Id; NULL before 0005
     request_hash: Mapped[str] = mapped_column(String(64))
     api_key_hash: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)

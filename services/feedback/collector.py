@@ -86,6 +86,7 @@ def to_record(item: pb.FeedbackItem, api_key_hash: str, refs: dict[str, Completi
     return FeedbackRecordV1(
         feedback_id=item.feedback_id,
         client_feedback_id=item.client_feedback_id or None,
+        request_id=item.request_id or None,
         request_hash=item.request_hash,
         api_key_hash=api_key_hash,
         kind=KINDS[item.kind],

@@ -71,6 +71,7 @@ def feedback_row(rec: FeedbackRecordV1, partition: int, offset: int, now: dateti
     return {
         "feedback_id": rec.feedback_id,
         "client_feedback_id": rec.client_feedback_id,
+        "request_id": rec.request_id,
         "request_hash": rec.request_hash,
         "api_key_hash": rec.api_key_hash,
         "kind": rec.kind,

@@ -202,7 +202,7 @@ def create_app(settings: Settings) -> FastAPI:
         api: FeedbackApi = request.app.state.feedback
         item = api.parse_single(await _read_capped(request, settings.feedback_max_body_bytes))
         results, replayed = await api.submit([item], who.key_hash, request.headers.get(IDEMPOTENCY_HEADER),
-                                             batch=False)
+                                             batch=False, request_id=request_id(request))
         return _idempotent_response(results[0].model_dump(), replayed)
 
     @app.post("/v1/feedback/batch", response_model=FeedbackBatchResult)
@@ -210,7 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
         api: FeedbackApi = request.app.state.feedback
         items = api.parse_batch(await _read_capped(request, settings.feedback_max_body_bytes))
         results, replayed = await api.submit(items, who.key_hash, request.headers.get(IDEMPOTENCY_HEADER),
-                                             batch=True)
+                                             batch=True, request_id=request_id(request))
         return _idempotent_response(FeedbackBatchResult(data=results).model_dump(), replayed)
 
     @app.get("/v1/admin/feedback/stats", response_model=FeedbackStats)

@@ -121,7 +121,7 @@ class FeedbackApi:
 
     # ---- submitting -------------------------------------------------------------------------------------
     def _to_pb(self, item: Item, key_hash: str, now: float, batch_key: str | None, index: int,
-               batch_hash: str | None) -> pb.FeedbackItem:
+               batch_hash: str | None, request_id: str | None) -> pb.FeedbackItem:
         if item.feedback_id is not None:
             feedback_id, idempotent = _derived_id(key_hash, "item", item.feedback_id), True
             request_hash = item.content_hash()
@@ -137,7 +137,7 @@ class FeedbackApi:
             client_feedback_id=item.feedback_id or "", kind=_KIND_TO_PB[item.kind],
             comment=item.comment or "", correction=item.correction or "",
             fails_instruction=item.flags.fails_instruction, hallucination=item.flags.hallucination,
-            inappropriate=item.flags.inappropriate, created_at=now,
+            inappropriate=item.flags.inappropriate, created_at=now, request_id=request_id or "",
         )
         if isinstance(item, ThumbsFeedback):
             msg.completion_ids.append(item.completion_id)
@@ -152,13 +152,16 @@ class FeedbackApi:
         return msg
 
     async def submit(self, items: list[Item], key_hash: str, idempotency_key: str | None,
-                     *, batch: bool) -> tuple[list[FeedbackResult], bool]:
-        """Returns the results and whether all of them are replays of an earlier, identical request."""
+                     *, batch: bool, request_id: str | None = None) -> tuple[list[FeedbackResult], bool]:
+        """Returns the results and whether all of them are replays of an earlier, identical request.
+        `request_id` (the HTTP request's X-Request-Id) is kept with each item; it is not part of what a replay
+        must repeat, so a retry under a new request id replays the first result, and keeps the first id."""
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise ApiError(400, f"{IDEMPOTENCY_HEADER}: 1 to 255 characters", param=IDEMPOTENCY_HEADER)
         now = time.time()
         batch_hash = stable_hash([i.model_dump(mode="json") for i in items]) if idempotency_key else None
-        messages = [self._to_pb(it, key_hash, now, idempotency_key, i, batch_hash) for i, it in enumerate(items)]
+        messages = [self._to_pb(it, key_hash, now, idempotency_key, i, batch_hash, request_id)
+                    for i, it in enumerate(items)]
         try:
             if batch:
                 response = await self.stub.Submit(

@@ -86,11 +86,14 @@ def test_a_batch_is_stored_whole_or_not_at_all(fstack, answers):
     a, b = answers
     marker = f"batch {uuid.uuid4()}"
     good = [{"kind": "thumbs", "completion_id": cid, "value": "up", "comment": marker} for cid in a + b]
-    r = fstack.post("/v1/feedback/batch", {"items": good})
+    trace = f"batch-{uuid.uuid4()}"
+    r = fstack.post("/v1/feedback/batch", {"items": good}, **{"X-Request-Id": trace})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert [d["completion_ids"][0] for d in data] == a + b
     stored(fstack, [d["feedback_id"] for d in data])
+    # Every item keeps the id of the request that carried them: the store finds them by it.
+    assert count_where(fstack, Feedback.request_id == trace) == len(good)
 
     rejected = f"rejected {uuid.uuid4()}"
     bad = [{"kind": "thumbs", "completion_id": a[0], "value": "up", "comment": rejected},
@@ -126,6 +129,11 @@ def test_a_retry_with_the_same_key_and_body_returns_the_first_result(fstack, ans
     assert again.headers["idempotent-replayed"] == "true"
     time.sleep(0.5)
     assert count_where(fstack, Feedback.feedback_id == first.json()["feedback_id"]) == 1
+    # Each request had its own X-Request-Id (the gateway's); the stored feedback keeps the first one's.
+    with fstack.engine.connect() as conn:
+        kept = conn.execute(select(Feedback.request_id).where(
+            Feedback.feedback_id == first.json()["feedback_id"])).scalar_one()
+    assert kept == first.headers["x-request-id"] != again.headers["x-request-id"]
     if how == "body":
         assert first.json()["client_feedback_id"] == key
 

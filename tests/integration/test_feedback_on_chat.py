@@ -26,9 +26,10 @@ def test_feedback_on_served_answers_lands_in_the_store_bound_to_them(stack, open
     app_key = stack.credentials["app_key"]
     headers = {"Authorization": f"Bearer {app_key}"}
     # Sent at once: the collector waits for the completion records to reach the store.
-    ranking = httpx.post(f"{stack.gateway}/v1/feedback", headers=headers, timeout=30,
-                         json={"kind": "ranking", "completion_ids": ids[::-1]})
+    ranking = httpx.post(f"{stack.gateway}/v1/feedback", headers={**headers, "X-Request-Id": "app-rank-7"},
+                         timeout=30, json={"kind": "ranking", "completion_ids": ids[::-1]})
     assert ranking.status_code == 200, ranking.text
+    assert ranking.headers["x-request-id"] == "app-rank-7"
     thumbs = httpx.post(f"{stack.gateway}/v1/feedback", headers=headers, timeout=30,
                         json={"kind": "thumbs", "completion_id": ids[0], "value": "down",
                               "correction": "A better answer."})
@@ -52,10 +53,12 @@ def test_feedback_on_served_answers_lands_in_the_store_bound_to_them(stack, open
     by_kind = {fb.kind: (fb, c) for fb, c in rows}
     fb, completion = by_kind["ranking"]
     assert fb.completion_ids == ids[::-1] and completion.completion_id == ids[2]
+    assert fb.request_id == "app-rank-7"
     assert completion.response_text == resp.choices[2].message.content
     assert completion.messages == [{"role": "user", "content": "Rank these answers."}]
     assert completion.request_id == "app-trace-7" and completion.response_id == resp.id
     assert fb.api_key_hash == completion.api_key_hash == key_hash(app_key)
     fb, completion = by_kind["thumbs"]
     assert (fb.thumbs_up, fb.correction, completion.completion_id) == (False, "A better answer.", ids[0])
+    assert fb.request_id == thumbs.headers["x-request-id"] and fb.request_id.startswith("req_")  # the gateway's
     assert fb.model_version == completion.model_version == "1"
