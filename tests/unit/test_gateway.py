@@ -329,27 +329,39 @@ def test_stream_keeps_logprobs_of_tokens_that_complete_no_character_yet():
 # ---- the completion log never makes a request wait --------------------------------------------------------
 
 
-class StuckProducer:
-    """Stands in for a producer whose broker is gone: send() blocks until released."""
+class FakeProducer:
+    """Stands in for kafka-python's producer. With `stuck`, send() blocks until `release` is set (a broker that
+    does not answer); while `down`, sends fail, as after the delivery timeout. Its futures are already done and
+    call a callback added late at once, with the arguments kafka-python gives (the exception last)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stuck: bool = False) -> None:
         import threading
 
         self.release = threading.Event()
+        if not stuck:
+            self.release.set()
         self.stuck = threading.Event()
-        self.sent = []
+        self.down = False
+        self.attempts: list[str] = []
+        self.sent: list[str] = []  # acknowledged
 
     def send(self, topic, key, value):
         self.stuck.set()
         self.release.wait()
-        self.sent.append(key.decode())
+        self.attempts.append(key.decode())
+        failed = self.down
+        if not failed:
+            self.sent.append(key.decode())
 
         class Future:
             def add_callback(self, fn, *a):
-                fn(None, *a)
+                if not failed:
+                    fn(*a, None)
                 return self
 
             def add_errback(self, fn, *a):
+                if failed:
+                    fn(*a, ConnectionError("broker down"))
                 return self
 
         return Future()
@@ -375,7 +387,7 @@ def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
     from services.gateway.completion_log import RECORDS, CompletionLog
 
     dropped_before = RECORDS.labels("dropped")._value.get()
-    producer = StuckProducer()
+    producer = FakeProducer(stuck=True)
     log = CompletionLog(producer, max_queue=2)
     log.submit(_record(0))
     assert producer.stuck.wait(10), "the sender thread never called send()"
@@ -389,40 +401,6 @@ def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
     assert producer.sent == ["cmpl-0", "cmpl-1", "cmpl-2"]
 
 
-class FlakyProducer:
-    """Stands in for a producer whose broker can be down: a send then fails, as after the delivery timeout."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self.attempts: list[str] = []
-        self.acked: list[str] = []
-
-    def send(self, topic, key, value):
-        self.attempts.append(key.decode())
-        failed = self.down
-        if not failed:
-            self.acked.append(key.decode())
-
-        class Future:  # already done, as kafka-python's future calls a late callback at once
-            def add_callback(self, fn, *a):
-                if not failed:
-                    fn(None, *a)
-                return self
-
-            def add_errback(self, fn, *a):
-                if failed:
-                    fn(*a, ConnectionError("broker down"))  # kafka-python passes the exception last
-                return self
-
-        return Future()
-
-    def flush(self, timeout=None):
-        pass
-
-    def close(self, timeout=None):
-        pass
-
-
 def wait_until(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -433,10 +411,10 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
 def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back():
     from services.gateway.completion_log import BACKLOG, CompletionLog
 
-    producer = FlakyProducer()
+    producer = FakeProducer()
     log = CompletionLog(producer, first_backoff_s=0.05, max_backoff_s=0.2)
     log.submit(_record(0))
-    wait_until(lambda: producer.acked == ["cmpl-0"])
+    wait_until(lambda: producer.sent == ["cmpl-0"])
     producer.down = True
     for i in range(1, 6):
         log.submit(_record(i))
@@ -449,7 +427,7 @@ def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back
     producer.down = False
     wait_until(lambda: log.backlog() == 0)
     assert log.healthy() and BACKLOG._value.get() == 0
-    assert sorted(producer.acked) == [f"cmpl-{i}" for i in range(6)]  # nothing lost, each acked once
+    assert sorted(producer.sent) == [f"cmpl-{i}" for i in range(6)]  # nothing lost, each acked once
     log.close()
 
 
@@ -457,7 +435,7 @@ def test_completion_log_backlog_is_bounded_and_what_is_left_at_shutdown_is_count
     from services.gateway.completion_log import RECORDS, CompletionLog
 
     dropped_before = RECORDS.labels("dropped")._value.get()
-    producer = FlakyProducer()
+    producer = FakeProducer()
     producer.down = True
     log = CompletionLog(producer, max_queue=3, first_backoff_s=60)
     for i in range(5):
@@ -469,7 +447,7 @@ def test_completion_log_backlog_is_bounded_and_what_is_left_at_shutdown_is_count
     assert [r.completion_id for r in log._backlog] == ["cmpl-2", "cmpl-3", "cmpl-4"]
     log.close()
     assert RECORDS.labels("dropped")._value.get() - dropped_before == 5
-    assert producer.acked == []
+    assert producer.sent == []
 
 
 @pytest.mark.parametrize("text", [" hello", "", "é✓ 漢字", "line\nbreak\t\"quoted\" \\ \x01\x1f", "\u2028 /</script>"])
