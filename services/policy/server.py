@@ -238,11 +238,17 @@ async def log_engine_stats(engine, stop: asyncio.Event) -> None:
     """vLLM's throughput and cache line in the log, at vLLM's interval, as its own server writes it."""
     from vllm import envs
 
-    while not stop.is_set():
+    while True:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(envs.VLLM_LOG_STATS_INTERVAL):
                 await stop.wait()
-        await engine.do_log_stats()
+        if stop.is_set():
+            return
+        try:
+            await engine.do_log_stats()
+        except Exception:  # a dead engine shows in GetInfo and its own log; this task just must not die silently
+            log.exception("could not log the engine's statistics; no more will be logged")
+            return
 
 
 def load_engine(settings: Settings, ref: ModelVersionRef):
