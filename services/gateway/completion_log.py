@@ -35,6 +35,9 @@ RECORDS = Counter(
 BACKLOG = Gauge("alignloop_completion_records_backlog",
                 "Completion records kept after a failed send, waiting for Kafka to come back.")
 
+# Kept records sent per pass of the sender thread (every 50 ms while there are any) once Kafka is back.
+RESEND_CHUNK = 500
+
 _STOP = object()
 _WAKE = object()  # a failed send kept a record: the sender thread must look at the backlog
 
@@ -101,14 +104,14 @@ class CompletionLog:
                 self._send(record)
 
     def _due(self) -> list[CompletionRecordV1]:
-        """The kept records to send now: all of them once Kafka acknowledges again, else one probe when the
-        backoff allows."""
+        """The kept records to send now: once Kafka acknowledges again, the next RESEND_CHUNK of them (a chunk
+        per pass of the sender thread, so that a long backlog does not fill the producer's buffer and block
+        the thread on it), else one probe when the backoff allows."""
         with self._lock:
             if not self._backlog:
                 return []
             if self._healthy:
-                records = list(self._backlog)
-                self._backlog.clear()
+                records = [self._backlog.popleft() for _ in range(min(RESEND_CHUNK, len(self._backlog)))]
             elif not self._probe_in_flight and time.monotonic() >= self._next_probe_at:
                 self._probe_in_flight = True
                 records = [self._backlog.popleft()]
@@ -170,8 +173,9 @@ class CompletionLog:
         """Sends what is queued (and what is kept, if Kafka acknowledges), waits for the acks, stops."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
-        for record in self._due() if self._healthy else []:
-            self._send(record)
+        while self._healthy and (records := self._due()):
+            for record in records:
+                self._send(record)
         self._producer.flush(timeout)
         self._producer.close(timeout)
         if self._backlog:

@@ -408,8 +408,11 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back():
+def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back(monkeypatch):
+    from services.gateway import completion_log
     from services.gateway.completion_log import BACKLOG, CompletionLog
+
+    monkeypatch.setattr(completion_log, "RESEND_CHUNK", 2)  # the 5 kept records go back in three passes
 
     producer = FakeProducer()
     log = CompletionLog(producer, first_backoff_s=0.05, max_backoff_s=0.2)
