@@ -30,6 +30,15 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def wait_for(predicate, timeout: float = 10.0, what: str = "the condition", interval: float = 0.05) -> None:
+    """Polls `predicate` until it is true; fails the test after `timeout` seconds, naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
 def stack_env(home: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
     port_names = [name for name in Settings.model_fields if name.endswith("_port")]

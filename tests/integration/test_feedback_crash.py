@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from alignloop.store.schema import Feedback
-from tests.conftest import feedback_stack
+from tests.conftest import feedback_stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +29,6 @@ def stored_ids(fs, marker: str) -> list[str]:
 def stored_count(fs, marker: str) -> int:
     with fs.engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(Feedback).where(Feedback.comment == marker)).scalar_one()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class Clients:

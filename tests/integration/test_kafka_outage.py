@@ -20,7 +20,7 @@ from alignloop.kafka_admin import ensure_topics, topic_has_leaders
 from alignloop.topics import COMPLETIONS_V1, FEEDBACK_V1, FeedbackRecordV1
 from services.feedback.producer import FeedbackProducer
 from services.gateway.completion_log import CompletionLog
-from tests.conftest import free_ports
+from tests.conftest import free_ports, wait_for
 from tests.unit.test_gateway import _record
 
 pytestmark = pytest.mark.integration
@@ -104,13 +104,6 @@ def kafka_behind_proxy(tmp_path) -> Iterator[tuple[str, CuttableProxy]]:
         proxy.cut()
         broker.terminate()
         broker.wait(10)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def keys_on_topic(bootstrap: str, topic: str, expected: int) -> list[str]:

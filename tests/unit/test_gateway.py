@@ -19,6 +19,7 @@ from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.protocol import ChatCompletionRequest, ChunkChoice, DeltaMessage
 from services.gateway.routing import PolicyRouter
 from services.gateway.streaming import ChunkRenderer
+from tests.conftest import wait_for
 
 MODEL = pb.ModelRef(name="alignloop-policy", version="3")
 
@@ -401,13 +402,6 @@ def test_completion_log_submit_never_blocks_and_counts_what_it_drops():
     assert producer.sent == ["cmpl-0", "cmpl-1", "cmpl-2"]
 
 
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back(monkeypatch):
     from services.gateway import completion_log
     from services.gateway.completion_log import BACKLOG, CompletionLog
@@ -417,18 +411,18 @@ def test_completion_log_keeps_what_kafka_refused_and_sends_it_when_kafka_is_back
     producer = FakeProducer()
     log = CompletionLog(producer, first_backoff_s=0.05, max_backoff_s=0.2)
     log.submit(_record(0))
-    wait_until(lambda: producer.sent == ["cmpl-0"])
+    wait_for(lambda: producer.sent == ["cmpl-0"])
     producer.down = True
     for i in range(1, 6):
         log.submit(_record(i))
-    wait_until(lambda: log.backlog() == 5)
+    wait_for(lambda: log.backlog() == 5)
     assert not log.healthy() and BACKLOG._value.get() == 5
     # While Kafka is down one kept record at a time goes out as a probe, with growing pauses.
     time.sleep(0.6)
     probes = len(producer.attempts) - 1
     assert 2 <= probes <= 6 + 5, producer.attempts  # the first failure of each record, then backoffs
     producer.down = False
-    wait_until(lambda: log.backlog() == 0)
+    wait_for(lambda: log.backlog() == 0)
     assert log.healthy() and BACKLOG._value.get() == 0
     assert sorted(producer.sent) == [f"cmpl-{i}" for i in range(6)]  # nothing lost, each acked once
     log.close()
@@ -444,7 +438,7 @@ def test_completion_log_backlog_is_bounded_and_what_is_left_at_shutdown_is_count
     for i in range(5):
         log.submit(_record(i))
         # Full at 3: each newer record makes room by dropping the oldest.
-        wait_until(lambda: (log.backlog(), RECORDS.labels("dropped")._value.get() - dropped_before)
+        wait_for(lambda: (log.backlog(), RECORDS.labels("dropped")._value.get() - dropped_before)
                    == (min(i + 1, 3), max(0, i - 2)))
     assert producer.attempts == ["cmpl-0"]  # the others were held back, not sent into a broker that is down
     assert [r.completion_id for r in log._backlog] == ["cmpl-2", "cmpl-3", "cmpl-4"]
