@@ -12,6 +12,11 @@ UNAVAILABLE, and a connection to a pod that is gone fails the same way; gRPC's o
 call again, on another replica or a new connection. Only calls that are safe to repeat are retried: those
 that change nothing, and feedback submissions, which carry their feedback id so the store keeps one copy.
 A stream is retried only before its first message, as gRPC does for every streaming call.
+
+**Health checking.** With `health_checked`, the channel also watches each replica's grpc.health.v1 status
+(alignloop/grpc_health.py) and sends calls only to those that report SERVING. A replica that starts to stop
+says so at once, so its share moves to the others before it drains, without waiting for DNS or for a refused
+call. A server without the health service counts as healthy (gRPC's rule).
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ RETRY_POLICY = {
 LOAD_BALANCING = [{"round_robin": {}}]
 
 
-def service_config(retries: bool = True) -> str:
-    """The channel's service config (JSON): round-robin over the resolved addresses and, with `retries`, the
+def service_config(retries: bool = True, health_checked: bool = False) -> str:
+    """The channel's service config (JSON): round-robin over the resolved addresses; with `retries`, the
     retry policy on every idempotent method plus retry throttling, so that a backend that is down does not
-    get every call several times over."""
+    get every call several times over; with `health_checked`, only replicas whose server reports SERVING."""
     config: dict = {"loadBalancingConfig": LOAD_BALANCING}
+    if health_checked:
+        # "": the server as a whole. Each alignloop server hosts one service, whose readiness this is.
+        config["healthCheckConfig"] = {"serviceName": ""}
     if retries:
         names = []
         for service, methods in IDEMPOTENT_METHODS.items():
@@ -60,16 +68,20 @@ def service_config(retries: bool = True) -> str:
     return json.dumps(config)
 
 
-def channel_options(*extra: tuple[str, object], retries: bool = True) -> list[tuple[str, object]]:
-    """Options for `grpc.insecure_channel` / `grpc.aio.insecure_channel`: balanced, and retrying unless told."""
-    return [("grpc.service_config", service_config(retries)), ("grpc.enable_retries", int(retries)), *extra]
+def channel_options(*extra: tuple[str, object], retries: bool = True,
+                    health_checked: bool = False) -> list[tuple[str, object]]:
+    """Options for `grpc.insecure_channel` / `grpc.aio.insecure_channel`: balanced, retrying unless told, and
+    health-checked if told (see `service_config`)."""
+    return [("grpc.service_config", service_config(retries, health_checked)), ("grpc.enable_retries", int(retries)),
+            *extra]
 
 
-def retrying_channel(target: str, *extra: tuple[str, object]) -> grpc.aio.Channel:
+def retrying_channel(target: str, *extra: tuple[str, object], health_checked: bool = False) -> grpc.aio.Channel:
     """An asyncio channel to every replica behind `target` that retries the idempotent methods on UNAVAILABLE."""
-    return grpc.aio.insecure_channel(target, options=channel_options(*extra))
+    return grpc.aio.insecure_channel(target, options=channel_options(*extra, health_checked=health_checked))
 
 
-def balanced_channel(target: str, *extra: tuple[str, object]) -> grpc.aio.Channel:
+def balanced_channel(target: str, *extra: tuple[str, object], health_checked: bool = False) -> grpc.aio.Channel:
     """An asyncio channel to every replica behind `target`, without retries (the caller has its own fallback)."""
-    return grpc.aio.insecure_channel(target, options=channel_options(*extra, retries=False))
+    return grpc.aio.insecure_channel(target, options=channel_options(*extra, retries=False,
+                                                                     health_checked=health_checked))

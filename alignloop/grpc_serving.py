@@ -7,6 +7,8 @@ import signal
 
 import grpc
 
+from alignloop.grpc_health import HealthService, add_health
+
 
 def server_options(max_connection_age_s: float = 0.0) -> list[tuple[str, int]]:
     """Options every alignloop gRPC server takes.
@@ -23,10 +25,14 @@ def server_options(max_connection_age_s: float = 0.0) -> list[tuple[str, int]]:
     return options
 
 
-async def start_server(address: str, add_servicer, *, max_connection_age_s: float = 0.0) -> grpc.aio.Server:
-    """A started grpc.aio server on `address`, with `add_servicer(server)` applied first (see `server_options`)."""
+async def start_server(address: str, add_servicer, *, health: HealthService | None = None,
+                       max_connection_age_s: float = 0.0) -> grpc.aio.Server:
+    """A started grpc.aio server on `address`, with `add_servicer(server)` applied first and `health` served as
+    grpc.health.v1 (see `server_options`)."""
     server = grpc.aio.server(options=server_options(max_connection_age_s))
     add_servicer(server)
+    if health is not None:
+        add_health(server, health)
     server.add_insecure_port(address)
     await server.start()
     return server

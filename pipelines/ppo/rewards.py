@@ -48,7 +48,8 @@ class GrpcReward:
         self._pb = pb
         # Every reward replica gets a share of the scoring, and a replica that is stopping hands its calls on.
         self._channel = grpc.insecure_channel(address, options=channel_options(
-            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)))
+            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+            health_checked=True))
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self.timeout_s = timeout_s
         info = self._call(self._stub.GetInfo, pb.GetRewardInfoRequest())

@@ -25,7 +25,9 @@ def _store_engine(settings: Settings):
 
 
 async def serve_collector(settings: Settings) -> None:
+    from alignloop.grpc_health import HealthService
     from alignloop.grpc_serving import start_server, stop_on_signals
+    from alignloop.v1 import feedback_pb2 as pb
     from alignloop.v1 import feedback_pb2_grpc as pb_grpc
     from services.feedback.collector import FeedbackServicer
     from services.feedback.producer import FeedbackProducer
@@ -36,13 +38,15 @@ async def serve_collector(settings: Settings) -> None:
     servicer = FeedbackServicer(engine, executor, producer,
                                 completion_wait_s=settings.feedback_completion_wait_s,
                                 max_ranking=settings.feedback_max_ranking)
+    health = HealthService(pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name, servicer.ready)
     server = await start_server(settings.feedback_target,
                                 lambda srv: pb_grpc.add_FeedbackServiceServicer_to_server(servicer, srv),
-                                max_connection_age_s=settings.grpc_max_connection_age_s)
+                                health=health, max_connection_age_s=settings.grpc_max_connection_age_s)
     log.info("feedback collector listening on %s; store %s", settings.feedback_target, engine.url)
 
     stop = stop_on_signals()
     await stop.wait()
+    health.stopping()
     log.info("stopping: finishing in-flight submissions (%g s grace)", settings.drain_s)
     await server.stop(grace=settings.drain_s)
     await asyncio.to_thread(producer.close)

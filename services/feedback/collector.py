@@ -254,14 +254,23 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         return pb.StatsResponse(rows=rows, served=served)
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        ready, detail = await self.readiness()
+        return pb.HealthResponse(ready=ready, detail=detail)
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready: the producer reaches Kafka and the store answers; (ready, why not)."""
         # Not on the store's executor: while Kafka is down a recheck takes seconds.
         if not self.producer.healthy() and not await asyncio.to_thread(self.producer.recheck):
-            return pb.HealthResponse(ready=False, detail="Kafka is not reachable, or the last send failed")
+            return False, "Kafka is not reachable, or the last send failed"
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._ping)
         except Exception as exc:  # any driver error means: not ready
-            return pb.HealthResponse(ready=False, detail=f"store: {exc!r}")
-        return pb.HealthResponse(ready=True)
+            return False, f"store: {exc!r}"
+        return True, ""
+
+    async def ready(self) -> bool:
+        """grpc.health.v1 readiness (see `readiness`)."""
+        return (await self.readiness())[0]
 
     def _ping(self) -> None:
         with self.engine.connect() as conn:

@@ -86,19 +86,21 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.completion_log = await asyncio.to_thread(
             CompletionLog.connect, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
         )
-        channel = retrying_channel(settings.policy_target)
+        # Health-checked: a replica that is stopping or whose engine died gets no more calls.
+        channel = retrying_channel(settings.policy_target, health_checked=True)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
         # No retries to the canary: the champion answers at once what the challenger cannot.
-        canary_channel = balanced_channel(settings.policy_canary_target)
+        canary_channel = balanced_channel(settings.policy_canary_target, health_checked=True)
         app.state.router = PolicyRouter(app.state.policy, pb_grpc.PolicyServiceStub(canary_channel),
                                         poll_s=settings.canary_poll_s)
         canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")
-        reward_channel = retrying_channel(settings.reward_target)
+        reward_channel = retrying_channel(settings.reward_target, health_checked=True)
         app.state.chat = ChatService(app.state.router, app.state.completion_log, settings.grpc_timeout_s,
                                      reward_grpc.RewardServiceStub(reward_channel))
-        feedback_channel = retrying_channel(settings.feedback_target)
+        feedback_channel = retrying_channel(settings.feedback_target, health_checked=True)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
         app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
+        # Not health-checked: the runner's thread-pool server would give each watching gateway a thread.
         pipeline_channel = retrying_channel(settings.pipeline_target)
         pipeline_stub = pipeline_grpc.PipelineServiceStub(pipeline_channel)
         app.state.pipeline = PipelineApi(pipeline_stub)

@@ -29,6 +29,7 @@ from prometheus_client import start_http_server
 from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
+from alignloop.grpc_health import HealthService
 from alignloop.grpc_serving import start_server, stop_on_signals
 from alignloop.inplace_reload import architecture, reload_folder
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, canary_share, fetch_version, resolve_alias
@@ -43,8 +44,10 @@ log = logging.getLogger("alignloop.policy")
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def __init__(self, alias: str, engine=None, tokenizer=None, model: pb.ModelRef | None = None,
-                 max_model_len: int = 0) -> None:
+                 max_model_len: int = 0, *, ready_without_engine: bool = False) -> None:
         self.alias = alias
+        # A canary has nothing to serve until a challenger is named: answering is ready for it.
+        self.ready_without_engine = ready_without_engine
         self.engine = engine  # None until a version is loaded (a service waiting for its alias)
         self.tokenizer = tokenizer
         self.model = model or pb.ModelRef()
@@ -61,6 +64,16 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.tokenizer, self.model, self.max_model_len = tokenizer, model, max_model_len
         self.engine = engine
         metrics.serving(model.name, self.alias, model.version)
+
+    async def ready(self) -> bool:
+        """grpc.health.v1 readiness: a version is loaded (or need not be) and its engine works."""
+        if self.engine is None:
+            return self.ready_without_engine
+        return not self.engine.errored
+
+    async def alive(self) -> bool:
+        """grpc.health.v1 liveness: false once the engine died, which only a restart mends."""
+        return self.engine is None or not self.engine.errored
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> tuple[pb.ModelRef, object]:
         """Waits while a swap is under way; the version (and its tokenizer) this request is served by."""
@@ -266,11 +279,12 @@ async def serve(settings: Settings) -> None:
     # Without wait-for-alias, a missing alias fails the start, before the port is taken.
     ref = None if settings.policy_wait_for_alias else resolve_alias(settings.tracking_uri,
                                                                    settings.policy_model_name, alias)
-    servicer = PolicyServicer(alias)
+    servicer = PolicyServicer(alias, ready_without_engine=settings.policy_wait_for_alias)
+    health = HealthService(pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, servicer.ready, servicer.alive)
     address = f"{settings.host}:{settings.policy_port}"
     server = await start_server(address,
                                 lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv),
-                                max_connection_age_s=settings.grpc_max_connection_age_s)
+                                health=health, max_connection_age_s=settings.grpc_max_connection_age_s)
     start_http_server(settings.policy_metrics_port, addr=settings.host)
     log.info("policy service listening on %s; metrics on :%d", address, settings.policy_metrics_port)
     tasks: list[asyncio.Task] = []
@@ -290,6 +304,7 @@ async def serve(settings: Settings) -> None:
                 tasks.append(asyncio.create_task(log_engine_stats(engine, stop), name="engine-stats"))
             await stop.wait()
     finally:
+        health.stopping()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -20,6 +20,7 @@ import grpc
 from alignloop import alias_follower
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
+from alignloop.grpc_health import HealthService
 from alignloop.grpc_serving import start_server, stop_on_signals
 from alignloop.registry import ModelNotRegistered, resolve_alias
 from alignloop.reward_model import render
@@ -89,6 +90,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         return pb.ScoreResponse(rewards=rewards,
                                 model=policy_pb2.ModelRef(name=served.name, version=served.version))
 
+    async def ready(self) -> bool:
+        """grpc.health.v1 readiness: the batcher is scoring."""
+        return self.batcher.running
+
     async def GetInfo(self, request: pb.GetRewardInfoRequest, context) -> pb.GetRewardInfoResponse:
         s = self.slot.current
         return pb.GetRewardInfoResponse(
@@ -144,15 +149,17 @@ async def serve(settings: Settings) -> None:
 
     servicer = RewardServicer(slot, batcher, settings.reward_max_items)
     address = f"{settings.host}:{settings.reward_port}"
+    health = HealthService(pb.DESCRIPTOR.services_by_name["RewardService"].full_name, servicer.ready)
     server = await start_server(address,
                                 lambda srv: pb_grpc.add_RewardServiceServicer_to_server(servicer, srv),
-                                max_connection_age_s=settings.grpc_max_connection_age_s)
+                                health=health, max_connection_age_s=settings.grpc_max_connection_age_s)
     log.info("reward service listening on %s (max_batch %d, max_wait %.1f ms); metrics on :%d", address,
              settings.reward_max_batch, settings.reward_max_wait_ms, settings.reward_metrics_port)
 
     stop = stop_on_signals()
     poller = asyncio.create_task(follow_alias(settings, slot, stop), name="follow-alias")
     await stop.wait()
+    health.stopping()
     log.info("stopping: finishing in-flight calls (%g s grace)", settings.drain_s)
     poller.cancel()
     await server.stop(grace=settings.drain_s)

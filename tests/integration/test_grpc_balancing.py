@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from alignloop.grpc_channels import balanced_channel, retrying_channel
+from alignloop.grpc_health import HealthService
 from alignloop.grpc_serving import start_server
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
@@ -28,6 +29,7 @@ class Replica(pb_grpc.PolicyServiceServicer):
 
     def __init__(self, name: str, stream_pause_s: float = 0.0) -> None:
         self.name = name
+        self.health = HealthService("alignloop.v1.PolicyService", _ready, watch_interval_s=0.1)
         self.stream_pause_s = stream_pause_s
         self.calls = 0
         self.peers: set[str] = set()
@@ -48,6 +50,10 @@ class Replica(pb_grpc.PolicyServiceServicer):
             yield pb.GenerateStreamResponse(deltas=[pb.Completion(text=str(i))])
 
 
+async def _ready() -> bool:
+    return True
+
+
 @contextlib.asynccontextmanager
 async def replicas(count: int, max_connection_age_s: float = 0.0,
                    stream_pause_s: float = 0.0) -> AsyncIterator[tuple[list[Replica], list[grpc.aio.Server], str]]:
@@ -59,7 +65,7 @@ async def replicas(count: int, max_connection_age_s: float = 0.0,
     for servicer, port in zip(servicers, ports):
         servers.append(await start_server(f"127.0.0.1:{port}",
                                           lambda srv, s=servicer: pb_grpc.add_PolicyServiceServicer_to_server(s, srv),
-                                          max_connection_age_s=max_connection_age_s))
+                                          health=servicer.health, max_connection_age_s=max_connection_age_s))
     try:
         yield servicers, servers, "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
     finally:
@@ -160,5 +166,53 @@ def test_a_replica_that_stops_hands_its_share_to_the_others():
             assert servicers[0].calls == stopped_with  # nothing reached it once it had stopped
             assert servicers[1].calls > 120
             assert servicers[0].calls + servicers[1].calls == 240
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("health_checked", [True, False], ids=["health-checked", "plain"])
+def test_a_replica_that_says_it_is_stopping_gets_no_more_calls(health_checked):
+    """With health checking, a replica that reports NOT_SERVING (it got SIGTERM, or its engine died) is left
+    out at once, before its drain refuses anything; a channel without it keeps sending it a third."""
+    async def scenario():
+        async with replicas(3) as (servicers, _, target):
+            async with retrying_channel(target, health_checked=health_checked) as channel:
+                policy = pb_grpc.PolicyServiceStub(channel)
+
+                async def names(calls: int) -> Counter:
+                    return Counter([(await policy.Generate(pb.GenerateRequest(), timeout=10)).model.name
+                                    for _ in range(calls)])
+
+                assert len(await names(30)) == 3
+                servicers[0].health.stopping()
+                if health_checked:
+                    # The watch tells the channel at once; give it time to act on a loaded machine.
+                    for _ in range(100):
+                        if "replica-0" not in await names(6):
+                            break
+                else:
+                    await asyncio.sleep(0.5)
+                after = await names(60)
+            if health_checked:
+                assert "replica-0" not in after and min(after.values()) >= 15, after
+            else:
+                assert after["replica-0"] >= 15, after
+
+    asyncio.run(scenario())
+
+
+def test_a_server_without_the_health_service_still_gets_calls():
+    """gRPC's rule, relied on for any server that predates grpc.health.v1: UNIMPLEMENTED counts as healthy."""
+    async def scenario():
+        port = free_ports(1)[0]
+        servicer = Replica("bare")
+        server = await start_server(f"127.0.0.1:{port}",
+                                    lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv))
+        try:
+            async with retrying_channel(f"127.0.0.1:{port}", health_checked=True) as channel:
+                answer = await pb_grpc.PolicyServiceStub(channel).Generate(pb.GenerateRequest(), timeout=10)
+            assert answer.model.name == "bare"
+        finally:
+            await server.stop(None)
 
     asyncio.run(scenario())

@@ -23,6 +23,7 @@ import yaml
 from referencing import Registry, Resource
 
 from alignloop.config import Settings
+from alignloop.grpc_health import LIVENESS
 from alignloop.kafka_admin import TOPICS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -679,12 +680,27 @@ def test_kubernetes_probes_ask_the_services_health(rendered, overlay):
             if "exec" in probe:
                 tool, name = probe["exec"]["command"]
                 assert tool == "alignloop-probe" and name in probe_names(), f"{key(dep)}: {probe}"
+            elif "grpc" in probe:
+                # grpc.health.v1 (alignloop/grpc_health.py): "" is ready, "liveness" is alive. Restarting a
+                # pod because a dependency is down would not bring the dependency back.
+                assert probe["grpc"]["port"] in [p["containerPort"] for p in c["ports"] if p["name"] == "grpc"]
+                wanted = "" if kind == "readinessProbe" else LIVENESS
+                assert probe["grpc"].get("service", "") == wanted, f"{key(dep)} {kind}: {probe}"
+                assert probe.get("timeoutSeconds", 1) >= 2, f"{key(dep)} {kind}: a 1 s default is too tight"
             else:
                 action = probe.get("httpGet") or probe["tcpSocket"]
                 container_port(c, action["port"])
     gateway, = containers(by_key(rendered[overlay])[("Deployment", "alignloop-gateway")])
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Every gRPC service is asked natively: no Python process is spawned in a pod every ten seconds.
+    for name in GRPC_SERVICES:
+        c, = containers(by_key(rendered[overlay])[("Deployment", name)])
+        assert "grpc" in c["readinessProbe"], f"{name}: {c['readinessProbe']}"
+
+
+GRPC_SERVICES = ("alignloop-policy", "alignloop-policy-canary", "alignloop-reward", "alignloop-feedback",
+                 "alignloop-pipeline")
 
 
 SERVING = ("alignloop-gateway", "alignloop-feedback", "alignloop-reward", "alignloop-policy",
