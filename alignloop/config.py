@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # vLLM's engine statistics, as `vllm serve` keeps them by default: its Prometheus metrics (vllm:*) on the
     # policy service's /metrics, and a throughput line in its log every VLLM_LOG_STATS_INTERVAL (10 s).
     engine_stats: bool = True
+    # An OTLP collector (host:port, or a URL) for distributed traces of each request, gateway -> policy ->
+    # vLLM (alignloop/tracing.py); unset: no tracing. vLLM's own spans need engine_stats.
+    otlp_traces_endpoint: str | None = None
     # GOMP_SPINCOUNT of a serving engine on CPU: how long an idle OpenMP thread spins before it sleeps. GNU
     # OpenMP's default (300,000 spins, about 3 ms) has the engine worker hold every core between its kernels,
     # so the processes that carry its tokens on (the policy service's gRPC threads, the gateway, the clients)

@@ -76,12 +76,16 @@ def channel_options(*extra: tuple[str, object], retries: bool = True,
             *extra]
 
 
-def retrying_channel(target: str, *extra: tuple[str, object], health_checked: bool = False) -> grpc.aio.Channel:
+def retrying_channel(target: str, *extra: tuple[str, object], health_checked: bool = False,
+                     interceptors=None) -> grpc.aio.Channel:
     """An asyncio channel to every replica behind `target` that retries the idempotent methods on UNAVAILABLE."""
-    return grpc.aio.insecure_channel(target, options=channel_options(*extra, health_checked=health_checked))
+    return grpc.aio.insecure_channel(target, options=channel_options(*extra, health_checked=health_checked),
+                                     interceptors=interceptors)
 
 
-def balanced_channel(target: str, *extra: tuple[str, object], health_checked: bool = False) -> grpc.aio.Channel:
+def balanced_channel(target: str, *extra: tuple[str, object], health_checked: bool = False,
+                     interceptors=None) -> grpc.aio.Channel:
     """An asyncio channel to every replica behind `target`, without retries (the caller has its own fallback)."""
     return grpc.aio.insecure_channel(target, options=channel_options(*extra, retries=False,
-                                                                     health_checked=health_checked))
+                                                                     health_checked=health_checked),
+                                     interceptors=interceptors)

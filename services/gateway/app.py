@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from alignloop import tracing
 from alignloop.config import Settings
 from alignloop.grpc_channels import balanced_channel, retrying_channel
 from alignloop.kafka_admin import ensure_topics
@@ -50,6 +51,7 @@ from services.gateway.pipelines import PipelineApi
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
 from services.gateway.request_id import RequestIds, request_id
 from services.gateway.routing import PolicyRouter
+from services.gateway.tracing import TracingMiddleware, propagate_trace
 
 log = logging.getLogger("alignloop.gateway")
 
@@ -79,6 +81,9 @@ Operator = Annotated[Caller, Depends(operator)]
 
 
 def create_app(settings: Settings) -> FastAPI:
+    tracer = tracing.tracer("alignloop-gateway", settings.otlp_traces_endpoint)
+    interceptors = propagate_trace() if tracer is not None else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.keys = KeyRing.from_file(settings.credentials_path)
@@ -87,21 +92,23 @@ def create_app(settings: Settings) -> FastAPI:
             CompletionLog.connect, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
         )
         # Health-checked: a replica that is stopping or whose engine died gets no more calls.
-        channel = retrying_channel(settings.policy_target, health_checked=True)
+        channel = retrying_channel(settings.policy_target, health_checked=True, interceptors=interceptors)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
         # No retries to the canary: the champion answers at once what the challenger cannot.
-        canary_channel = balanced_channel(settings.policy_canary_target, health_checked=True)
+        canary_channel = balanced_channel(settings.policy_canary_target, health_checked=True,
+                                          interceptors=interceptors)
         app.state.router = PolicyRouter(app.state.policy, pb_grpc.PolicyServiceStub(canary_channel),
                                         poll_s=settings.canary_poll_s)
         canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")
-        reward_channel = retrying_channel(settings.reward_target, health_checked=True)
+        reward_channel = retrying_channel(settings.reward_target, health_checked=True, interceptors=interceptors)
         app.state.chat = ChatService(app.state.router, app.state.completion_log, settings.grpc_timeout_s,
                                      reward_grpc.RewardServiceStub(reward_channel))
-        feedback_channel = retrying_channel(settings.feedback_target, health_checked=True)
+        feedback_channel = retrying_channel(settings.feedback_target, health_checked=True,
+                                            interceptors=interceptors)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)
         app.state.feedback = FeedbackApi(app.state.feedback_stub, settings)
         # Not health-checked: the runner's thread-pool server would give each watching gateway a thread.
-        pipeline_channel = retrying_channel(settings.pipeline_target)
+        pipeline_channel = retrying_channel(settings.pipeline_target, interceptors=interceptors)
         pipeline_stub = pipeline_grpc.PipelineServiceStub(pipeline_channel)
         app.state.pipeline = PipelineApi(pipeline_stub)
         app.state.models = ModelsApi(pipeline_stub, app.state.feedback_stub, app.state.router,
@@ -140,6 +147,8 @@ def create_app(settings: Settings) -> FastAPI:
     admission = Admission(settings.max_chats_in_flight, settings.max_chats_in_flight_per_key)
     app.state.admission = admission
     app.add_middleware(ReleaseAdmitted, admission=admission)
+    if tracer is not None:  # inside RequestIds: the span gets the request's id
+        app.add_middleware(TracingMiddleware, tracer=tracer)
     app.add_middleware(RequestIds)
     app.add_middleware(metrics.RequestMetrics)
 

@@ -32,6 +32,7 @@ from services.gateway.protocol import (
 )
 from services.gateway.routing import CHALLENGER, PolicyRouter
 from services.gateway.streaming import ChunkRenderer, sse
+from services.gateway.tracing import annotate
 
 log = logging.getLogger("alignloop.gateway.chat")
 
@@ -112,6 +113,12 @@ class _Turn:
 
     def __post_init__(self) -> None:
         self.completion_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(max(self.req.n, self.req.best_of or 0))]
+
+    def span_attributes(self, model: pb.ModelRef, prompt_tokens: int, completion_tokens: int) -> dict:
+        """What the request's trace span should say about its answer (OpenTelemetry's gen_ai names)."""
+        return {"gen_ai.response.id": self.response_id, "gen_ai.request.model": model.name,
+                "alignloop.model.version": model.version, "alignloop.completion_ids": self.completion_ids,
+                "gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.output_tokens": completion_tokens}
 
     def record(self, index: int, text: str, finish: str | None, prompt_tokens: int, tokens: int, model: pb.ModelRef,
                *, reward: float | None = None, reward_model_version: str | None = None, shown: bool = True):
@@ -226,6 +233,7 @@ class ChatService:
         # Every sampled answer cost tokens, shown or not.
         completion_tokens = sum(len(c.token_ids) for c in answers)
         metrics.GENERATED_TOKENS.inc(completion_tokens)
+        annotate(turn.span_attributes(resp.model, resp.prompt_tokens, completion_tokens))
         return ChatCompletionResponse(
             id=turn.response_id,
             created=int(turn.received_at),
@@ -320,6 +328,7 @@ class ChatService:
                         )
                 msg = await call.read()
             metrics.GENERATED_TOKENS.inc(sum(tokens))
+            annotate(turn.span_attributes(model, prompt_tokens, sum(tokens)))
             if req.stream_options and req.stream_options.include_usage:
                 total = sum(tokens)
                 yield render.chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=total,

@@ -46,6 +46,7 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
         max_num_seqs=settings.max_num_seqs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         disable_log_stats=not settings.engine_stats,
+        otlp_traces_endpoint=settings.otlp_traces_endpoint,
     )
     return AsyncLLM.from_engine_args(args)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import start_http_server
 
-from alignloop import alias_follower
+from alignloop import alias_follower, tracing
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_health import HealthService
@@ -42,10 +43,29 @@ log = logging.getLogger("alignloop.policy")
 
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+
+def annotate(span, model: pb.ModelRef, prepared) -> None:
+    """What a call's span should say once the request is accepted: the version serving it, the prompt's size."""
+    if span is not None:
+        span.set_attributes({"gen_ai.request.model": model.name, "alignloop.model.version": model.version,
+                             "gen_ai.usage.input_tokens": len(prepared.prompt_token_ids)})
+
+
+def annotate_finished(span, out) -> None:
+    """A finished unary request's output size and why each choice ended (a stream's outputs are deltas; vLLM's
+    own span has its totals)."""
+    if span is not None:
+        span.set_attributes({"gen_ai.usage.output_tokens": sum(len(o.token_ids) for o in out.outputs),
+                             "gen_ai.response.finish_reasons": [str(o.finish_reason) for o in out.outputs]})
+
+
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def __init__(self, alias: str, engine=None, tokenizer=None, model: pb.ModelRef | None = None,
-                 max_model_len: int = 0, *, ready_without_engine: bool = False) -> None:
+                 max_model_len: int = 0, *, ready_without_engine: bool = False, tracer=None) -> None:
         self.alias = alias
+        self.tracer = tracer  # None: tracing is off (alignloop/tracing.py)
         # A canary has nothing to serve until a challenger is named: answering is ready for it.
         self.ready_without_engine = ready_without_engine
         self.engine = engine  # None until a version is loaded (a service waiting for its alias)
@@ -91,13 +111,16 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=((PARAM_METADATA_KEY, exc.param),)
             )
 
-    async def _outputs(self, request: pb.GenerateRequest, prepared) -> AsyncIterator:
+    async def _outputs(self, request: pb.GenerateRequest, prepared, span) -> AsyncIterator:
         """Engine outputs for one request; the engine request is aborted if the caller goes away."""
         request_id = request.request_id or uuid.uuid4().hex
         finished = False
+        # vLLM's own span of the request (queueing, prefill, decode) becomes a child of this call's.
+        trace_headers = tracing.inject(span) if span is not None else None
         try:
             async for out in self.engine.generate(
-                {"prompt_token_ids": prepared.prompt_token_ids}, prepared.sampling_params, request_id
+                {"prompt_token_ids": prepared.prompt_token_ids}, prepared.sampling_params, request_id,
+                trace_headers=trace_headers,
             ):
                 finished = out.finished
                 yield out
@@ -108,17 +131,23 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 # Shielded: a second cancellation (the RPC's, arriving while we unwind) must not cut it short.
                 await asyncio.shield(self.engine.abort(request_id))
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        with metrics.counted("Generate", context):
-            return await self._generate(request, context)
+    def _traced(self, method: str, request: pb.GenerateRequest, context):
+        return tracing.grpc_server_span(self.tracer, SERVICE_NAME, method, context,
+                                        {"alignloop.request_id": request.request_id})
 
-    async def _generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        with self._traced("Generate", request, context) as span, metrics.counted("Generate", context):
+            return await self._generate(request, context, span)
+
+    async def _generate(self, request: pb.GenerateRequest, context, span=None) -> pb.GenerateResponse:
         model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=False)
+        annotate(span, model, prepared)
         s = request.sampling
         final = None
-        async for out in self._outputs(request, prepared):
+        async for out in self._outputs(request, prepared, span):
             final = out
+        annotate_finished(span, final)
         return pb.GenerateResponse(
             completions=[
                 completion_message(o, with_logprobs=s.logprobs, top_k=s.top_logprobs)
@@ -131,16 +160,19 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         # aclosing: if this generator is closed at a yield (the caller went away), the inner one must be closed
         # too, now, since its cleanup aborts the engine request.
-        async with contextlib.aclosing(self._generate_stream(request, context)) as messages:
-            with metrics.counted("GenerateStream", context):
-                async for message in messages:
-                    yield message
+        with self._traced("GenerateStream", request, context) as span:
+            async with contextlib.aclosing(self._generate_stream(request, context, span)) as messages:
+                with metrics.counted("GenerateStream", context):
+                    async for message in messages:
+                        yield message
 
-    async def _generate_stream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def _generate_stream(self, request: pb.GenerateRequest, context,
+                               span=None) -> AsyncIterator[pb.GenerateStreamResponse]:
         model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=True)
+        annotate(span, model, prepared)
         s = request.sampling
-        outputs = self._outputs(request, prepared)
+        outputs = self._outputs(request, prepared, span)
         # Hand the request to the engine before writing anything: under a burst, every millisecond a request
         # waits here can cost it a place in the engine's next batch.
         first = asyncio.ensure_future(anext(outputs))
@@ -279,8 +311,13 @@ async def serve(settings: Settings) -> None:
     # Without wait-for-alias, a missing alias fails the start, before the port is taken.
     ref = None if settings.policy_wait_for_alias else resolve_alias(settings.tracking_uri,
                                                                    settings.policy_model_name, alias)
-    servicer = PolicyServicer(alias, ready_without_engine=settings.policy_wait_for_alias)
-    health = HealthService(pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, servicer.ready, servicer.alive)
+    # The canary's spans say so; vLLM names its own spans' service from OTEL_SERVICE_NAME.
+    service = "alignloop-policy" if alias != settings.policy_canary_alias else "alignloop-policy-canary"
+    if settings.otlp_traces_endpoint:
+        os.environ.setdefault("OTEL_SERVICE_NAME", service)
+    servicer = PolicyServicer(alias, ready_without_engine=settings.policy_wait_for_alias,
+                              tracer=tracing.tracer(service, settings.otlp_traces_endpoint))
+    health = HealthService(SERVICE_NAME, servicer.ready, servicer.alive)
     address = f"{settings.host}:{settings.policy_port}"
     server = await start_server(address,
                                 lambda srv: pb_grpc.add_PolicyServiceServicer_to_server(servicer, srv),
