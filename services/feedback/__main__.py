@@ -27,9 +27,9 @@ def _store_engine(settings: Settings):
 async def serve_collector(settings: Settings) -> None:
     from alignloop.grpc_health import HealthService
     from alignloop.grpc_serving import start_server, stop_on_signals
-    from alignloop.v1 import feedback_pb2 as pb
     from alignloop.v1 import feedback_pb2_grpc as pb_grpc
-    from services.feedback.collector import FeedbackServicer
+    from alignloop import tracing
+    from services.feedback.collector import SERVICE_NAME, FeedbackServicer
     from services.feedback.producer import FeedbackProducer
 
     engine = _store_engine(settings)
@@ -37,8 +37,9 @@ async def serve_collector(settings: Settings) -> None:
     producer = await asyncio.to_thread(FeedbackProducer, settings.kafka_bootstrap)
     servicer = FeedbackServicer(engine, executor, producer,
                                 completion_wait_s=settings.feedback_completion_wait_s,
-                                max_ranking=settings.feedback_max_ranking)
-    health = HealthService(pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name, servicer.ready)
+                                max_ranking=settings.feedback_max_ranking,
+                                tracer=tracing.tracer("alignloop-feedback", settings.otlp_traces_endpoint))
+    health = HealthService(SERVICE_NAME, servicer.ready)
     server = await start_server(settings.feedback_target,
                                 lambda srv: pb_grpc.add_FeedbackServiceServicer_to_server(servicer, srv),
                                 health=health, max_connection_age_s=settings.grpc_max_connection_age_s)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from sqlalchemy import Engine, select, text
 
+from alignloop import tracing
 from alignloop.store import key_in
 from alignloop.store.schema import Feedback
 from alignloop.topics import FeedbackRecordV1
@@ -163,9 +164,13 @@ class IdempotencyLedger:
             del self._recent[oldest]
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+
+
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
     def __init__(self, engine: Engine, executor: Executor, producer: FeedbackProducer, *,
-                 completion_wait_s: float, max_ranking: int) -> None:
+                 completion_wait_s: float, max_ranking: int, tracer=None) -> None:
+        self.tracer = tracer  # None: tracing is off (alignloop/tracing.py)
         self.engine = engine
         self.executor = executor
         self.producer = producer
@@ -174,6 +179,11 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         self.max_ranking = max_ranking
 
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
+        with tracing.grpc_server_span(self.tracer, SERVICE_NAME, "Submit", context,
+                                      {"alignloop.items": len(request.items)}):
+            return await self._submit(request, context)
+
+    async def _submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
         items = list(request.items)
         verdicts: list[Verdict | None] = [check_shape(it, self.max_ranking) for it in items]
         seen: set[str] = set()

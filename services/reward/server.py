@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from alignloop import alias_follower
+from alignloop import alias_follower, tracing
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.grpc_health import HealthService
@@ -59,13 +59,22 @@ class ModelSlot:
             metrics.SERVED_VERSION.labels(s.name, self.alias).set(int(s.version))
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+
+
 class RewardServicer(pb_grpc.RewardServiceServicer):
-    def __init__(self, slot: ModelSlot, batcher: Batcher, max_items: int) -> None:
+    def __init__(self, slot: ModelSlot, batcher: Batcher, max_items: int, tracer=None) -> None:
         self.slot = slot
         self.batcher = batcher
         self.max_items = max_items
+        self.tracer = tracer  # None: tracing is off (alignloop/tracing.py)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        with tracing.grpc_server_span(self.tracer, SERVICE_NAME, "Score", context,
+                                      {"alignloop.items": len(request.items)}):
+            return await self._score(request, context)
+
+    async def _score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         started = time.perf_counter()
         problem = check_request(request, self.max_items)
         if problem is not None:
@@ -147,9 +156,10 @@ async def serve(settings: Settings) -> None:
     metrics.QUEUED_ITEMS.set_function(lambda: batcher.queued_items)
     start_http_server(settings.reward_metrics_port, addr=settings.host)
 
-    servicer = RewardServicer(slot, batcher, settings.reward_max_items)
+    servicer = RewardServicer(slot, batcher, settings.reward_max_items,
+                              tracer=tracing.tracer("alignloop-reward", settings.otlp_traces_endpoint))
     address = f"{settings.host}:{settings.reward_port}"
-    health = HealthService(pb.DESCRIPTOR.services_by_name["RewardService"].full_name, servicer.ready)
+    health = HealthService(SERVICE_NAME, servicer.ready)
     server = await start_server(address,
                                 lambda srv: pb_grpc.add_RewardServiceServicer_to_server(servicer, srv),
                                 health=health, max_connection_age_s=settings.grpc_max_connection_age_s)

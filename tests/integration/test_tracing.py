@@ -156,3 +156,31 @@ def test_a_refused_request_is_traced_with_its_status(collector, traced_stack):
     assert attributes(found[GATEWAY_SPAN][1])["http.response.status_code"] == 400
     policy = attributes(found["alignloop.v1.PolicyService/Generate"][1])
     assert policy["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_feedback_and_scoring_calls_join_the_callers_trace(collector, traced_stack):
+    """The collector's and the reward service's spans are children of the gateway's."""
+    spans, _ = collector
+    headers = {"Authorization": f"Bearer {traced_stack.credentials['app_key']}"}
+    best_of_trace, feedback_trace = "6bf92f3577b34da6a3ce929d0e0e4736", "7bf92f3577b34da6a3ce929d0e0e4736"
+    r = httpx.post(f"{traced_stack.gateway}/v1/chat/completions", timeout=120,
+                   headers={**headers, "traceparent": f"00-{best_of_trace}-00f067aa0ba902b7-01"},
+                   json={"model": "alignloop-policy", "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 5, "min_tokens": 3, "temperature": 1.0, "best_of": 2})
+    assert r.status_code == 200, r.text
+    completion_id = r.json()["choices"][0]["completion_id"]
+    r = httpx.post(f"{traced_stack.gateway}/v1/feedback", timeout=60,
+                   headers={**headers, "traceparent": f"00-{feedback_trace}-00f067aa0ba902b7-01"},
+                   json={"kind": "thumbs", "completion_id": completion_id, "value": "up"})
+    assert r.status_code == 200, r.text
+
+    scored = spans.wait_for(bytes.fromhex(best_of_trace), {GATEWAY_SPAN, "alignloop.v1.RewardService/Score"})
+    service, score = scored["alignloop.v1.RewardService/Score"]
+    assert service == "alignloop-reward" and score.parent_span_id == scored[GATEWAY_SPAN][1].span_id
+    assert 1 <= attributes(score)["alignloop.items"] <= 2  # an answer that decodes to nothing is not scored
+
+    submitted = spans.wait_for(bytes.fromhex(feedback_trace), {"POST /v1/feedback",
+                                                                "alignloop.v1.FeedbackService/Submit"})
+    service, submit = submitted["alignloop.v1.FeedbackService/Submit"]
+    assert service == "alignloop-feedback" and submit.parent_span_id == submitted["POST /v1/feedback"][1].span_id
+    assert attributes(submit)["rpc.grpc.status_code"] == 0
