@@ -136,7 +136,10 @@ class ThreadedHealthService(pb_grpc.HealthServicer):
             if status != last:
                 yield pb.HealthCheckResponse(status=status)
                 last = status
-            self._stopping.wait(self.watch_interval_s)
+            if self._stopping.is_set():  # nothing will change any more (and wait() would return at once)
+                time.sleep(self.watch_interval_s)
+            else:
+                self._stopping.wait(self.watch_interval_s)
 
 
 def add_health(server, health: HealthService | ThreadedHealthService) -> None:

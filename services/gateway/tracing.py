@@ -31,7 +31,9 @@ class TracingMiddleware(HttpMiddleware):
         attributes = {"http.request.method": method, "url.path": scope["path"]}
         if request_id := scope.get("state", {}).get("request_id"):
             attributes["alignloop.request_id"] = request_id
-        with self.tracer.start_as_current_span(f"{method} {scope['path']}", context=tracing.extract(scope["headers"]),
+        # Named `{method} {route}` once routed; a path that matches no route leaves `{method}` alone (a name
+        # holding a path, ids and all, would make every span name unique).
+        with self.tracer.start_as_current_span(method, context=tracing.extract(scope["headers"]),
                                                kind=trace.SpanKind.SERVER, attributes=attributes) as span:
             async def send_traced(message) -> None:
                 if message["type"] == "http.response.start":
@@ -43,7 +45,6 @@ class TracingMiddleware(HttpMiddleware):
             try:
                 await self.app(scope, receive, send_traced)
             finally:
-                # Named by its route, not its path: a path holding an id would make every span name unique.
                 if (route := scope.get("route")) is not None and hasattr(route, "path"):
                     span.update_name(f"{method} {route.path}")
                     span.set_attribute("http.route", route.path)

@@ -46,7 +46,7 @@ log = logging.getLogger("alignloop.policy")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
-def annotate(span, model: pb.ModelRef, prepared) -> None:
+def annotate_accepted(span, model: pb.ModelRef, prepared) -> None:
     """What a call's span should say once the request is accepted: the version serving it, the prompt's size."""
     if span is not None:
         span.set_attributes({"gen_ai.request.model": model.name, "alignloop.model.version": model.version,
@@ -142,7 +142,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def _generate(self, request: pb.GenerateRequest, context, span=None) -> pb.GenerateResponse:
         model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=False)
-        annotate(span, model, prepared)
+        annotate_accepted(span, model, prepared)
         s = request.sampling
         final = None
         async for out in self._outputs(request, prepared, span):
@@ -170,7 +170,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                                span=None) -> AsyncIterator[pb.GenerateStreamResponse]:
         model, tokenizer = await self._admit(context)
         prepared = await self._prepare(request, context, tokenizer, stream=True)
-        annotate(span, model, prepared)
+        annotate_accepted(span, model, prepared)
         s = request.sampling
         outputs = self._outputs(request, prepared, span)
         # Hand the request to the engine before writing anything: under a burst, every millisecond a request

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from concurrent import futures
 
 import grpc
@@ -164,5 +165,29 @@ def test_a_thread_pool_server_answers_too():
         health.stopping()
         ready[0] = True
         assert check(target) == NOT_SERVING and check(target, LIVENESS) == SERVING
+    finally:
+        server.stop(None)
+
+
+def test_a_watch_on_a_stopping_thread_pool_server_waits_between_polls():
+    """Once stopping, nothing changes any more: the watch holds its thread idle, polling once an interval."""
+    health = ThreadedHealthService("alignloop.v1.PipelineService", lambda: True, watch_interval_s=0.05)
+    polls = []
+    status = health.status
+    health.status = lambda service: (polls.append(service), status(service))[1]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_health(server, health)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        health.stopping()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = pb_grpc.HealthStub(channel).Watch(pb.HealthCheckRequest(service=""), timeout=10)
+            assert next(watch).status == NOT_SERVING
+            time.sleep(0.5)
+            watch.cancel()
+        # About 10 polls in 0.5 s; a loop that did not wait would make many thousands.
+        assert len(polls) <= 40, len(polls)
     finally:
         server.stop(None)
