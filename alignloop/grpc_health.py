@@ -39,38 +39,54 @@ async def _always() -> bool:
     return True
 
 
-class HealthService(pb_grpc.HealthServicer):
-    """The health service of an asyncio gRPC server."""
+class _Published(pb_grpc.HealthServicer):
+    """The names a service publishes, their checks, and the statuses that need no check."""
 
-    def __init__(self, service_name: str, ready: Callable[[], Awaitable[bool]],
-                 alive: Callable[[], Awaitable[bool]] = _always, *, watch_interval_s: float = 1.0) -> None:
-        self._checks: Mapping[str, Callable[[], Awaitable[bool]]] = {
-            "": ready, service_name: ready, LIVENESS: alive}
-        self._stopping = asyncio.Event()
-        self._recent: dict[str, tuple[float, int]] = {}  # service -> (when, status) of its last check
+    def __init__(self, service_name: str, ready, alive, stopping: asyncio.Event | threading.Event,
+                 watch_interval_s: float) -> None:
+        self._checks: Mapping[str, Callable] = {"": ready, service_name: ready, LIVENESS: alive}
+        self._stopping = stopping
         self.watch_interval_s = watch_interval_s
-        self.watchers = 0  # open Watch streams
 
     def stopping(self) -> None:
         """The service is about to drain: it is no longer ready (liveness is unchanged), and watchers hear so
         at once."""
         self._stopping.set()
 
-    async def status(self, service: str, max_age_s: float = 0.0) -> int:
-        """`service`'s status; one computed less than `max_age_s` ago is reused."""
-        check = self._checks.get(service)
-        if check is None:
+    def _settled(self, service: str) -> int | None:
+        """A status no check can change (an unknown name; not ready while stopping), or None."""
+        if service not in self._checks:
             return SERVICE_UNKNOWN
         if self._stopping.is_set() and service != LIVENESS:
             return NOT_SERVING
+        return None
+
+    @staticmethod
+    def _failed(service: str) -> int:
+        log.warning("health check of %r failed", service, exc_info=True)
+        return NOT_SERVING  # a check that fails says: not serving
+
+
+class HealthService(_Published):
+    """The health service of an asyncio gRPC server."""
+
+    def __init__(self, service_name: str, ready: Callable[[], Awaitable[bool]],
+                 alive: Callable[[], Awaitable[bool]] = _always, *, watch_interval_s: float = 1.0) -> None:
+        super().__init__(service_name, ready, alive, asyncio.Event(), watch_interval_s)
+        self._recent: dict[str, tuple[float, int]] = {}  # service -> (when, status) of its last check
+        self.watchers = 0  # open Watch streams
+
+    async def status(self, service: str, max_age_s: float = 0.0) -> int:
+        """`service`'s status; one computed less than `max_age_s` ago is reused."""
+        if (settled := self._settled(service)) is not None:
+            return settled
         now = time.monotonic()
         if (recent := self._recent.get(service)) and now - recent[0] < max_age_s:
             return recent[1]
         try:
-            status = SERVING if await check() else NOT_SERVING
-        except Exception:  # a check that fails says: not serving
-            log.warning("health check of %r failed", service, exc_info=True)
-            status = NOT_SERVING
+            status = SERVING if await self._checks[service]() else NOT_SERVING
+        except Exception:
+            status = self._failed(service)
         self._recent[service] = (now, status)
         return status
 
@@ -99,29 +115,20 @@ class HealthService(pb_grpc.HealthServicer):
             self.watchers -= 1
 
 
-class ThreadedHealthService(pb_grpc.HealthServicer):
+class ThreadedHealthService(_Published):
     """The health service of a thread-pool gRPC server (the pipeline runner's); a Watch holds one of its
     threads, so nothing in alignloop watches it: Kubernetes' probes call Check."""
 
     def __init__(self, service_name: str, ready: Callable[[], bool], *, watch_interval_s: float = 1.0) -> None:
-        self._checks: Mapping[str, Callable[[], bool]] = {"": ready, service_name: ready, LIVENESS: lambda: True}
-        self._stopping = threading.Event()
-        self.watch_interval_s = watch_interval_s
-
-    def stopping(self) -> None:
-        self._stopping.set()
+        super().__init__(service_name, ready, lambda: True, threading.Event(), watch_interval_s)
 
     def status(self, service: str) -> int:
-        check = self._checks.get(service)
-        if check is None:
-            return SERVICE_UNKNOWN
-        if self._stopping.is_set() and service != LIVENESS:
-            return NOT_SERVING
+        if (settled := self._settled(service)) is not None:
+            return settled
         try:
-            return SERVING if check() else NOT_SERVING
+            return SERVING if self._checks[service]() else NOT_SERVING
         except Exception:
-            log.warning("health check of %r failed", service, exc_info=True)
-            return NOT_SERVING
+            return self._failed(service)
 
     def Check(self, request: pb.HealthCheckRequest, context: grpc.ServicerContext) -> pb.HealthCheckResponse:
         status = self.status(request.service)

@@ -143,17 +143,25 @@ def test_many_watchers_share_one_check_per_interval():
     asyncio.run(scenario())
 
 
+@contextlib.contextmanager
+def thread_pool_server(health: ThreadedHealthService):
+    """A started thread-pool gRPC server serving `health`; its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_health(server, health)
+    target = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(target)
+    server.start()
+    try:
+        yield target
+    finally:
+        server.stop(None)
+
+
 def test_a_thread_pool_server_answers_too():
     """The pipeline runner's server runs its handlers on threads."""
     ready = [True]
     health = ThreadedHealthService("alignloop.v1.PipelineService", lambda: ready[0], watch_interval_s=0.05)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    add_health(server, health)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    try:
-        target = f"127.0.0.1:{port}"
+    with thread_pool_server(health) as target:
         assert check(target) == SERVING and check(target, "alignloop.v1.PipelineService") == SERVING
         assert check(target, "nope") is None  # NOT_FOUND
         with grpc.insecure_channel(target) as channel:
@@ -165,8 +173,6 @@ def test_a_thread_pool_server_answers_too():
         health.stopping()
         ready[0] = True
         assert check(target) == NOT_SERVING and check(target, LIVENESS) == SERVING
-    finally:
-        server.stop(None)
 
 
 def test_a_watch_on_a_stopping_thread_pool_server_waits_between_polls():
@@ -175,19 +181,12 @@ def test_a_watch_on_a_stopping_thread_pool_server_waits_between_polls():
     polls = []
     status = health.status
     health.status = lambda service: (polls.append(service), status(service))[1]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    add_health(server, health)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    try:
+    with thread_pool_server(health) as target:
         health.stopping()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(target) as channel:
             watch = pb_grpc.HealthStub(channel).Watch(pb.HealthCheckRequest(service=""), timeout=10)
             assert next(watch).status == NOT_SERVING
             time.sleep(0.5)
             watch.cancel()
-        # About 10 polls in 0.5 s; a loop that did not wait would make many thousands.
-        assert len(polls) <= 40, len(polls)
-    finally:
-        server.stop(None)
+    # About 10 polls in 0.5 s; a loop that did not wait would make many thousands.
+    assert len(polls) <= 40, len(polls)
