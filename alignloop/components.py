@@ -72,8 +72,12 @@ def grpc_ask(target: str, ask: Callable):
             return None
 
 
-def grpc_ready(target: str, ask: Callable) -> bool:
-    return bool(grpc_ask(target, ask))
+def grpc_serving(target: str) -> bool:
+    """Whether the gRPC service at `target` reports SERVING over grpc.health.v1: its readiness, as the
+    service itself defines it (alignloop/grpc_health.py)."""
+    from alignloop import grpc_health
+
+    return grpc_health.check(target) == grpc_health.SERVING
 
 
 def policy_info(target: str, timeout: float = 2):
@@ -82,11 +86,6 @@ def policy_info(target: str, timeout: float = 2):
     from alignloop.v1 import policy_pb2_grpc as pb_grpc
 
     return grpc_ask(target, lambda ch: pb_grpc.PolicyServiceStub(ch).GetInfo(pb.GetInfoRequest(), timeout=timeout))
-
-
-def policy_ready(target: str) -> bool:
-    info = policy_info(target)
-    return info is not None and info.ready
 
 
 def broker(settings: Settings) -> Component:
@@ -125,7 +124,7 @@ def policy(settings: Settings) -> Component:
         argv=[sys.executable, "-m", "services.policy"],
         port=settings.policy_port,
         url=f"grpc://{settings.policy_target}",
-        probe=lambda: policy_ready(settings.policy_target),
+        probe=lambda: grpc_serving(settings.policy_target),
         metrics_port=settings.policy_metrics_port,
         env=vllm_serving_environment(settings),
         start_timeout_s=settings.start_timeout_s,
@@ -139,21 +138,13 @@ def policy_canary(settings: Settings) -> Component:
     return replace(
         base, name="policy-canary", port=settings.policy_canary_port, url=f"grpc://{settings.policy_canary_target}",
         metrics_port=settings.policy_canary_metrics_port,
-        # Ready = answering: it has nothing to serve until there is a challenger.
-        probe=lambda: policy_info(settings.policy_canary_target) is not None,
+        # Ready while it waits for a challenger (it reports SERVING without an engine).
+        probe=lambda: grpc_serving(settings.policy_canary_target),
         env={**base.env, "ALIGNLOOP_POLICY_PORT": str(settings.policy_canary_port),
              "ALIGNLOOP_POLICY_METRICS_PORT": str(settings.policy_canary_metrics_port),
              "ALIGNLOOP_POLICY_MODEL_ALIAS": settings.policy_canary_alias, "ALIGNLOOP_POLICY_WAIT_FOR_ALIAS": "true"},
         start_timeout_s=60,
     )
-
-
-def feedback_ready(target: str) -> bool:
-    from alignloop.v1 import feedback_pb2 as pb
-    from alignloop.v1 import feedback_pb2_grpc as pb_grpc
-
-    return grpc_ready(target,
-                      lambda ch: pb_grpc.FeedbackServiceStub(ch).Health(pb.HealthRequest(), timeout=2).ready)
 
 
 def feedback_materializer(settings: Settings) -> Component:
@@ -174,7 +165,7 @@ def feedback_collector(settings: Settings) -> Component:
         argv=[sys.executable, "-m", "services.feedback", "collector"],
         port=settings.feedback_port,
         url=f"grpc://{settings.feedback_target}",
-        probe=lambda: feedback_ready(settings.feedback_target),
+        probe=lambda: grpc_serving(settings.feedback_target),
         start_timeout_s=60,
     )
 
@@ -188,29 +179,16 @@ def reward_info(target: str, timeout: float = 2):
                                                                               timeout=timeout))
 
 
-def reward_ready(target: str) -> bool:
-    info = reward_info(target)
-    return info is not None and info.ready
-
-
 def reward(settings: Settings) -> Component:
     return Component(
         name="reward",
         argv=[sys.executable, "-m", "services.reward"],
         port=settings.reward_port,
         url=f"grpc://{settings.reward_target}",
-        probe=lambda: reward_ready(settings.reward_target),
+        probe=lambda: grpc_serving(settings.reward_target),
         metrics_port=settings.reward_metrics_port,
         start_timeout_s=settings.start_timeout_s,
     )
-
-
-def pipeline_ready(target: str) -> bool:
-    from alignloop.v1 import pipeline_pb2 as pb
-    from alignloop.v1 import pipeline_pb2_grpc as pb_grpc
-
-    return grpc_ready(target, lambda ch: pb_grpc.PipelineServiceStub(ch).Health(pb.PipelineHealthRequest(),
-                                                                                  timeout=2).ready)
 
 
 def pipeline(settings: Settings) -> Component:
@@ -219,7 +197,7 @@ def pipeline(settings: Settings) -> Component:
         argv=[sys.executable, "-m", "services.pipeline"],
         port=settings.pipeline_port,
         url=f"grpc://{settings.pipeline_target}",
-        probe=lambda: pipeline_ready(settings.pipeline_target),
+        probe=lambda: grpc_serving(settings.pipeline_target),
         metrics_port=settings.pipeline_metrics_port,
         start_timeout_s=60,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Mapping
 
@@ -57,6 +58,7 @@ def span_exporter(endpoint: str):
     raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r}: alignloop exports 'grpc' or 'http/protobuf'")
 
 
+@functools.cache
 def _propagator():
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -83,13 +85,6 @@ def inject(span=None) -> dict[str, str]:
     return carrier
 
 
-def server_span(tracer_, name: str, parent_pairs: Iterable[tuple[str, str | bytes]], attributes: Mapping | None = None):
-    """A started (not current) server span, the child of the context the caller sent."""
-    from opentelemetry.trace import SpanKind
-
-    return tracer_.start_span(name, context=extract(parent_pairs), kind=SpanKind.SERVER, attributes=attributes)
-
-
 @contextlib.contextmanager
 def grpc_server_span(tracer_, service: str, method: str, context, attributes: Mapping | None = None):
     """The server span of one gRPC call, a child of the trace in its metadata; None while tracing is off.
@@ -98,10 +93,12 @@ def grpc_server_span(tracer_, service: str, method: str, context, attributes: Ma
     if tracer_ is None:
         yield None
         return
-    from opentelemetry.trace import Status, StatusCode
+    from opentelemetry.trace import SpanKind, Status, StatusCode
 
-    span = server_span(tracer_, f"{service}/{method}", context.invocation_metadata() or (),
-                       {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method, **(attributes or {})})
+    # Started, not made current: a stream's handler is a generator, and a context set there would leak.
+    span = tracer_.start_span(f"{service}/{method}", context=extract(context.invocation_metadata() or ()),
+                              kind=SpanKind.SERVER, attributes={"rpc.system": "grpc", "rpc.service": service,
+                                                                "rpc.method": method, **(attributes or {})})
     code = grpc.StatusCode.OK
     try:
         yield span

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 
-from alignloop import components, grpc_health
+from alignloop import components
 from alignloop.config import Settings
 
 
 def serving(port: int) -> bool:
-    return grpc_health.check(f"127.0.0.1:{port}") == grpc_health.SERVING
+    return components.grpc_serving(f"127.0.0.1:{port}")
 
 
 def checks(s: Settings) -> dict:

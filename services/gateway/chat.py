@@ -233,7 +233,7 @@ class ChatService:
         # Every sampled answer cost tokens, shown or not.
         completion_tokens = sum(len(c.token_ids) for c in answers)
         metrics.GENERATED_TOKENS.inc(completion_tokens)
-        annotate(turn.span_attributes(resp.model, resp.prompt_tokens, completion_tokens))
+        annotate(lambda: turn.span_attributes(resp.model, resp.prompt_tokens, completion_tokens))
         return ChatCompletionResponse(
             id=turn.response_id,
             created=int(turn.received_at),
@@ -328,7 +328,7 @@ class ChatService:
                         )
                 msg = await call.read()
             metrics.GENERATED_TOKENS.inc(sum(tokens))
-            annotate(turn.span_attributes(model, prompt_tokens, sum(tokens)))
+            annotate(lambda: turn.span_attributes(model, prompt_tokens, sum(tokens)))
             if req.stream_options and req.stream_options.include_usage:
                 total = sum(tokens)
                 yield render.chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=total,

@@ -4,6 +4,8 @@ backends in each gRPC call's metadata. Installed only while tracing is on, so th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from opentelemetry import trace
 
@@ -50,11 +52,11 @@ class TracingMiddleware(HttpMiddleware):
                     span.set_attribute("http.route", route.path)
 
 
-def annotate(attributes: dict) -> None:
-    """Adds `attributes` to the current request's span, if it is traced."""
+def annotate(attributes: Callable[[], dict]) -> None:
+    """Adds `attributes()` to the current request's span, if it is traced (only then are they built)."""
     span = trace.get_current_span()
     if span.is_recording():
-        span.set_attributes(attributes)
+        span.set_attributes(attributes())
 
 
 def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
