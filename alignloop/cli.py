@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignloop import components, credentials, models_cli, pipeline_cli
+from alignloop import components, credentials, keys_cli, models_cli, pipeline_cli
 from alignloop import demo as demo_cli
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.simulate import cli as simulate_cli
@@ -483,16 +483,6 @@ def cmd_store_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_add_app(args: argparse.Namespace) -> int:
-    settings = Settings()
-    settings.ensure_dirs()
-    credentials.load_or_create(settings.credentials_path)
-    key = credentials.add_app(settings.credentials_path, args.name)
-    console.print(f"application key '{args.name}' (in {settings.credentials_path}):")
-    print(key)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -516,10 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("name")
     rollback.set_defaults(func=cmd_models_move)
     models_cli.add_commands(models)
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
-    add_app.add_argument("name")
-    add_app.set_defaults(func=cmd_keys_add_app)
+    keys_cli.add_commands(sub)
     store = sub.add_parser("store", help="feedback store commands").add_subparsers(dest="store_command",
                                                                                   required=True)
     store.add_parser("upgrade", help="apply the store's migrations (ALIGNLOOP_STORE_URL, default SQLite)"

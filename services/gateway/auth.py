@@ -1,4 +1,5 @@
-"""Bearer API keys: application keys may call /v1; only operator keys reach operator routes."""
+"""Bearer API keys: application keys may call /v1; only operator keys reach operator routes. A rotated-out key
+works until its grace period ends, as its holder's tenant."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from alignloop.credentials import Credentials, key_hash, load
+from alignloop.credentials import DEFAULT_APP, OPERATOR, Credentials, load
+from services.gateway import metrics
 from services.gateway.errors import ApiError
 
 
@@ -20,7 +22,16 @@ class Role(str, Enum):
 @dataclass(frozen=True)
 class Caller:
     role: Role
-    key_hash: str
+    key_hash: str  # the tenant's id: the hash of its first key, the same after a rotation
+
+
+@dataclass(frozen=True)
+class _Key:
+    secret: bytes
+    role: Role
+    tenant: str
+    name: str
+    until: float | None = None  # a rotated-out key stops working at this Unix time
 
 
 class KeyRing:
@@ -36,10 +47,14 @@ class KeyRing:
         return cls(load(path), path)
 
     def _use(self, creds: Credentials) -> None:
-        keys = [(creds.app_key, Role.APP), (creds.operator_key, Role.OPERATOR)]
-        keys += [(k, Role.APP) for k in creds.apps.values()]
+        def key(secret: str, name: str, until: float | None = None) -> _Key:
+            role = Role.OPERATOR if name == OPERATOR else Role.APP
+            return _Key(secret.strip().encode(), role, creds.tenant(name), name, until)
+
+        keys = [key(creds.app_key, DEFAULT_APP), key(creds.operator_key, OPERATOR)]
+        keys += [key(k, name) for name, k in creds.apps.items()]
+        keys += [key(r.key, r.name, r.until) for r in creds.retiring if r.name in creds.names()]
         self._keys = keys
-        self._hashes = {k: key_hash(k) for k, _ in keys}
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -59,15 +74,20 @@ class KeyRing:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
-        token = token.strip()
+        token = token.strip().encode()
         # compare_digest against every key: the time taken says nothing about which key nearly matched.
-        role = None
-        for key, key_role in self._keys:
-            if hmac.compare_digest(token.encode(), key.encode()):
-                role = key_role
-        if role is None:
+        match = None
+        for candidate in self._keys:
+            if hmac.compare_digest(token, candidate.secret):
+                match = candidate
+        if match is not None and match.until is not None:
+            if match.until <= time.time():
+                match = None
+            else:
+                metrics.RETIRING_KEY_REQUESTS.labels(match.name).inc()
+        if match is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return Caller(role=role, key_hash=self._hashes[token])
+        return Caller(role=match.role, key_hash=match.tenant)
 
     def require_operator(self, caller: Caller) -> Caller:
         if caller.role is not Role.OPERATOR:

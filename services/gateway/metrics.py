@@ -15,6 +15,11 @@ TTFT = Histogram(
     "alignloop_gateway_time_to_first_token_seconds", "Streaming: request received to first token.",
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
 )
+RETIRING_KEY_REQUESTS = Counter(
+    "alignloop_gateway_retiring_key_requests_total",
+    "Requests authenticated by a rotated-out key in its grace period, by key name: who has yet to switch.",
+    ["name"],
+)
 GENERATED_TOKENS = Counter("alignloop_gateway_generated_tokens_total", "Completion tokens served.")
 
 

@@ -12,6 +12,7 @@ import pytest
 from kafka import KafkaProducer
 from sqlalchemy import func, select
 
+from alignloop import credentials
 from alignloop.credentials import key_hash
 from alignloop.store.schema import Completion, DeadLetter, Feedback
 from alignloop.topics import COMPLETIONS_V1, FEEDBACK_V1
@@ -182,6 +183,54 @@ def test_another_applications_completions_do_not_exist_for_you(fstack, answers):
     mixed = fstack.post("/v1/feedback", {"kind": "comparison", "completion_ids": [own, a[1]], "preferred": own},
                         app="tenant-b")
     assert mixed.status_code == 404 and mixed.json()["error"]["param"] == "completion_ids[1]"
+
+
+def key_works(fs, key: str) -> bool:
+    """Whether the gateway takes `key`: an empty body is a 400 after the key check, a 401 before it."""
+    status = fs.post("/v1/feedback", b"[]", Authorization=f"Bearer {key}").status_code
+    assert status in (400, 401), status
+    return status == 400
+
+
+def wait_until(predicate, timeout: float = 10) -> None:
+    """The gateway re-reads the credentials file at most once a second."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the gateway did not follow the credentials file"
+        time.sleep(0.1)
+
+
+def test_a_rotated_key_keeps_its_tenant_its_old_key_works_for_the_grace_and_revoking_stops_it(fstack):
+    app, path = f"rotating-{uuid.uuid4().hex[:8]}", fstack.settings.credentials_path
+    old = credentials.add_app(path, app)
+    (served,), = fstack.produce_completions(old, [f"before the rotation {uuid.uuid4()}"])
+    fstack.wait_stored_completions([served])
+    wait_until(lambda: key_works(fstack, old))
+    new = credentials.rotate(path, app, grace_s=600)
+    wait_until(lambda: key_works(fstack, new))
+
+    # The new key is the same tenant: it sees the answer served under the old one, and an idempotency key
+    # used with both keys names one piece of feedback.
+    body, idem = {"kind": "thumbs", "completion_id": served, "value": "up"}, f"rot-{uuid.uuid4()}"
+    with_new = fstack.post("/v1/feedback", body, Authorization=f"Bearer {new}", **{"Idempotency-Key": idem})
+    with_old = fstack.post("/v1/feedback", body, Authorization=f"Bearer {old}", **{"Idempotency-Key": idem})
+    assert with_new.status_code == with_old.status_code == 200, (with_new.text, with_old.text)
+    assert with_new.json()["feedback_id"] == with_old.json()["feedback_id"]
+    row = stored(fstack, [with_new.json()["feedback_id"]])[with_new.json()["feedback_id"]]
+    assert row.api_key_hash == key_hash(old)
+    metrics = httpx.get(f"{fstack.gateway}/metrics", headers=fstack.operator_headers()).text
+    assert f'alignloop_gateway_retiring_key_requests_total{{name="{app}"}}' in metrics
+
+    # No grace (a leaked key): every earlier key stops at once, the newest works.
+    newest = credentials.rotate(path, app, grace_s=0)
+    wait_until(lambda: not key_works(fstack, old) and not key_works(fstack, new))
+    assert key_works(fstack, newest)
+    assert fstack.post("/v1/feedback", {**body, "value": "down"},
+                       Authorization=f"Bearer {newest}").status_code == 200
+
+    credentials.revoke(path, app)
+    wait_until(lambda: not key_works(fstack, newest))
+    assert key_works(fstack, fstack.key())  # the other applications are untouched
 
 
 def test_a_completion_recorded_after_the_feedback_arrives_is_waited_for(fstack):

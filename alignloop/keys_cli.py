@@ -1,0 +1,128 @@
+"""`alignloop keys`: add, list, rotate and revoke the gateway's API keys in `ALIGNLOOP_HOME/credentials.json`.
+The gateway re-reads the file within a second, so none of these needs a restart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from datetime import datetime, timezone
+
+from rich.console import Console
+from rich.table import Table
+
+from alignloop import credentials
+from alignloop.config import Settings
+
+console = Console(soft_wrap=True, stderr=True)  # stdout carries only the key (or the JSON), for scripts
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """'90s', '30m', '24h', '7d' or a number of seconds, as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration: use e.g. 0, 90s, 30m, 24h or 7d")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def _settings_with_keys() -> Settings:
+    settings = Settings()
+    settings.ensure_dirs()
+    credentials.load_or_create(settings.credentials_path)
+    return settings
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def listing(creds: credentials.Credentials, now: float) -> list[dict]:
+    """One row per working key (never the key itself): name, role, tenant, fingerprint, and for a rotated-out
+    key the time it stops working."""
+    rows = []
+    for name in creds.names():
+        rows.append({"name": name, "role": "operator" if name == credentials.OPERATOR else "application",
+                     "tenant": creds.tenant(name), "fingerprint": credentials.key_hash(creds.current(name)),
+                     "retiring_until": None})
+        rows += [{**rows[-1], "fingerprint": credentials.key_hash(r.key), "retiring_until": r.until}
+                 for r in creds.retiring_at(now) if r.name == name]
+    return rows
+
+
+def cmd_keys_add_app(args: argparse.Namespace) -> int:
+    settings = _settings_with_keys()
+    try:
+        key = credentials.add_app(settings.credentials_path, args.name)
+    except credentials.CredentialsError as exc:
+        console.print(f"[red]✗[/] {exc}")
+        return 2
+    console.print(f"application key '{args.name}' (in {settings.credentials_path}):")
+    print(key)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    settings = _settings_with_keys()
+    rows = listing(credentials.load(settings.credentials_path), time.time())
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title=f"API keys in {settings.credentials_path}")
+    for column in ("name", "role", "tenant", "fingerprint", "works until"):
+        table.add_column(column)
+    for row in rows:
+        until = "-" if row["retiring_until"] is None else _when(row["retiring_until"])
+        table.add_row(row["name"], row["role"], row["tenant"], row["fingerprint"], until)
+    Console(soft_wrap=True).print(table)
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    settings = _settings_with_keys()
+    try:
+        key = credentials.rotate(settings.credentials_path, args.name, args.grace)
+    except credentials.CredentialsError as exc:
+        console.print(f"[red]✗[/] {exc}")
+        return 2
+    old = ("stopped working now" if args.grace <= 0
+           else f"works until {_when(time.time() + args.grace)}")
+    console.print(f"new key for '{args.name}' (in {settings.credentials_path}); the old one {old}:")
+    print(key)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    settings = _settings_with_keys()
+    try:
+        credentials.revoke(settings.credentials_path, args.name)
+    except credentials.CredentialsError as exc:
+        console.print(f"[red]✗[/] {exc}")
+        return 2
+    console.print(f"[green]✓[/] '{args.name}' revoked: the gateway refuses its keys within a second; "
+                  "what it stored stays")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Adds `alignloop keys add-app|list|rotate|revoke`."""
+    keys = sub.add_parser("keys", help="API keys: add, list, rotate, revoke (no restart needed)"
+                          ).add_subparsers(dest="keys_command", required=True)
+    add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
+    add_app.add_argument("name")
+    add_app.set_defaults(func=cmd_keys_add_app)
+    list_ = keys.add_parser("list", help="the keys by name, role, tenant and fingerprint (never the keys)")
+    list_.add_argument("--json", action="store_true", help="the listing as one JSON line")
+    list_.set_defaults(func=cmd_keys_list)
+    rotate = keys.add_parser("rotate", help="give NAME a new key and print it; the old one works for --grace")
+    rotate.add_argument("name", help=f"'{credentials.DEFAULT_APP}' (app_key), '{credentials.OPERATOR}' "
+                                     "(operator_key) or an application's name")
+    rotate.add_argument("--grace", type=duration_s, default=duration_s("24h"), metavar="DURATION",
+                        help="how long the old key keeps working: 0 (stops now, e.g. after a leak), 90s, 30m, "
+                             "24h (default), 7d")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    revoke = keys.add_parser("revoke", help="remove an application and all its keys at once")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_keys_revoke)
