@@ -483,6 +483,44 @@ def cmd_store_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_prune(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from alignloop import store
+    from alignloop.store.retention import Policy, prune
+
+    if min(args.retention_days or 0, args.unlabeled_retention_days or 0) < 0:
+        console.print("[red]✗[/] a retention period is a number of days, 0 or more")
+        return 2
+    settings = Settings()
+    policy = Policy(settings.store_retention_days if args.retention_days is None else args.retention_days,
+                    settings.store_unlabeled_retention_days if args.unlabeled_retention_days is None
+                    else args.unlabeled_retention_days)
+    if not policy.enabled:
+        console.print("[red]✗[/] no retention period: set ALIGNLOOP_STORE_RETENTION_DAYS or "
+                      "ALIGNLOOP_STORE_UNLABELED_RETENTION_DAYS, or pass --retention-days / "
+                      "--unlabeled-retention-days")
+        return 2
+    engine = store.connect(settings.store)
+    try:
+        with console.status("counting" if args.dry_run else "deleting") as status:
+            done: dict[str, int] = {}
+
+            def on_batch(kind: str, rows: int) -> None:
+                done[kind] = done.get(kind, 0) + rows
+                status.update(f"deleting: {', '.join(f'{n:,} {k}' for k, n in done.items())}")
+
+            pruned = prune(engine, policy, datetime.now(UTC), dry_run=args.dry_run, on_batch=on_batch)
+    finally:
+        engine.dispose()
+    verb = "would delete" if args.dry_run else "deleted"
+    counts = ", ".join(f"{n:,} {kind.replace('_', ' ')}" for kind, n in pruned.as_dict().items())
+    console.print(f"{verb}: {counts}")
+    print(json.dumps({"dry_run": args.dry_run, **pruned.as_dict()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -511,6 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                   required=True)
     store.add_parser("upgrade", help="apply the store's migrations (ALIGNLOOP_STORE_URL, default SQLite)"
                      ).set_defaults(func=cmd_store_upgrade)
+    prune_p = store.add_parser("prune", help="delete what is past the retention period now (the materializer "
+                               "also does it every ALIGNLOOP_STORE_PRUNE_INTERVAL_S); the last line is JSON")
+    prune_p.add_argument("--retention-days", type=int, metavar="N",
+                         help="everything older (default ALIGNLOOP_STORE_RETENTION_DAYS)")
+    prune_p.add_argument("--unlabeled-retention-days", type=int, metavar="N",
+                         help="completions no feedback is about, older (default "
+                              "ALIGNLOOP_STORE_UNLABELED_RETENTION_DAYS)")
+    prune_p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune_p.set_defaults(func=cmd_store_prune)
     feedback = sub.add_parser("feedback", help="feedback commands").add_subparsers(dest="feedback_command",
                                                                                   required=True)
     export = feedback.add_parser("export", help="snapshot the store as training data (pairs, pointwise "

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     # SQLAlchemy URL of the feedback store; unset: SQLite at ALIGNLOOP_HOME/feedback.db.
     # PostgreSQL: postgresql+psycopg://USER@HOST:5432/DB
     store_url: str | None = None
+    # Retention (alignloop/store/retention.py), applied by the materializer every `store_prune_interval_s`:
+    # everything older than store_retention_days is deleted; completions nobody gave feedback on, older than
+    # store_unlabeled_retention_days. 0: kept forever.
+    store_retention_days: int = Field(0, ge=0)
+    store_unlabeled_retention_days: int = Field(0, ge=0)
+    store_prune_interval_s: float = Field(3600.0, gt=0)
 
     policy_model_name: str = POLICY_MODEL_NAME
     policy_model_alias: str = "champion"

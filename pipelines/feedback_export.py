@@ -376,8 +376,8 @@ def export_feedback(
                                 "run `alignloop store upgrade`")
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
-            # Feedback first, completions second: completions are only ever added, so whatever the
-            # materializer writes in between can only make more of the feedback read usable, never less.
+            # Feedback first, completions second: what the materializer adds in between can only make more of
+            # the feedback read usable; what a retention pass deletes in between is skipped and counted.
             task = progress.add_task("reading feedback", total=None)
             feedback = load_feedback(engine, since)
             progress.update(task, total=len(feedback), completed=len(feedback))

@@ -74,7 +74,7 @@ class Feedback(Base):
     model_version: Mapped[str] = mapped_column(String(32), index=True)  # of `completion_id`
     model_versions: Mapped[list] = mapped_column(Json)
     day: Mapped[str] = mapped_column(String(10), index=True)  # UTC date of created_at, for analytics
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)  # retention; since 0006
     accepted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # Where it came from: with the unique key, enough to audit exactly-once.

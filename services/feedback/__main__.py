@@ -58,6 +58,7 @@ async def serve_collector(settings: Settings) -> None:
 def run_materializer(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
+    from alignloop.store.retention import Policy
     from services.feedback.materializer import Materializer, build_consumer
 
     engine = _store_engine(settings)
@@ -67,10 +68,12 @@ def run_materializer(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("materializing into %s as consumer group %s; metrics on :%d", engine.url,
-             settings.feedback_consumer_group, settings.materializer_port)
+    log.info("materializing into %s as consumer group %s; metrics on :%d; retention %s", engine.url,
+             settings.feedback_consumer_group, settings.materializer_port,
+             Policy.from_settings(settings))
     try:
-        Materializer(consumer, engine).run(stop)
+        Materializer(consumer, engine, retention=Policy.from_settings(settings),
+                     prune_interval_s=settings.store_prune_interval_s).run(stop)
     finally:
         consumer.close(autocommit=False)
         engine.dispose()

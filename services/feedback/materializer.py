@@ -4,6 +4,10 @@ Exactly once in the store, at-least-once from Kafka: a polled batch is written i
 and only after that commit are its offsets committed to Kafka. A crash in between redelivers records whose
 primary keys already exist, and `ON CONFLICT DO NOTHING` drops them. Feedback needs no completion row to be
 stored (no foreign key), so feedback consumed before its completion record is kept.
+
+With a retention policy (alignloop/store/retention.py), a thread of its own deletes what is past it every
+`prune_interval_s`, and records already past it when they arrive (a replay of old offsets) are not stored
+again: they count as `expired`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from alignloop.store import insert_ignoring_duplicates
+from alignloop.store.retention import Policy, prune
 from alignloop.store.schema import Completion, DeadLetter, Feedback
 from alignloop.topics import COMPLETIONS_V1, FEEDBACK_V1, CompletionRecordV1, FeedbackRecordV1, prompt_hash
 
 log = logging.getLogger("alignloop.feedback.materializer")
 
 RECORDS = Counter("alignloop_store_records_total", "Records consumed, by topic and outcome "
-                  "(inserted; duplicate: already stored, a redelivery or retry; dead_letter: unparsable).",
-                  ["topic", "outcome"])
+                  "(inserted; duplicate: already stored, a redelivery or retry; dead_letter: unparsable; "
+                  "expired: already past the retention period).", ["topic", "outcome"])
+PRUNED = Counter("alignloop_store_pruned_rows_total",
+                 "Rows deleted for being past the retention period, by kind.", ["kind"])
+LAST_PRUNE = Gauge("alignloop_store_last_prune_timestamp_seconds", "When the last retention pass finished.")
 # A poll returns as soon as records arrive, so its timeout only bounds how long a stop waits; every timeout
 # costs the idle loop CPU (9.0 ms a second at 250 ms, 5.6 at 1 s, against the embedded broker). The fetch's
 # max wait stays at Kafka's 500 ms: the embedded broker does not answer a waiting fetch the moment a record
@@ -110,14 +118,22 @@ def _first_by_key(rows: Iterable[dict], key: str) -> list[dict]:
 class Materializer:
     """Poll → one transaction → commit offsets, until `stop` is set."""
 
-    def __init__(self, consumer: KafkaConsumer, engine: Engine, *, max_records: int = 2000) -> None:
+    def __init__(self, consumer: KafkaConsumer, engine: Engine, *, max_records: int = 2000,
+                 retention: Policy = Policy(), prune_interval_s: float = 3600.0) -> None:
         self.consumer = consumer
         self.engine = engine
         self.max_records = max_records
+        self.retention = retention
+        self.prune_interval_s = prune_interval_s
 
     def run(self, stop: threading.Event, drain_s: float = 10.0) -> None:
         """Until `stop`; then keeps going until a poll comes back empty (at most `drain_s`), because the
         embedded broker keeps records in memory only: what is not stored before it stops would be gone."""
+        if self.retention.enabled:
+            # Not in this loop: a first prune of a large store can take minutes, and a consumer that does not
+            # poll for max.poll.interval.ms is put out of its group.
+            threading.Thread(target=self.prune_every, args=(stop,), name="store-retention",
+                             daemon=True).start()
         while not stop.is_set():
             self._step(stop)
         deadline = time.monotonic() + drain_s
@@ -150,18 +166,41 @@ class Materializer:
                     raise SystemExit(1) from exc  # stop asked while the store is down: leave offsets as they are
                 delay = min(delay * 2, 10.0)
 
+    def prune_every(self, stop: threading.Event) -> None:
+        """Applies the retention policy now and then every `prune_interval_s`, until `stop`."""
+        while not stop.is_set():
+            try:
+                pruned = prune(self.engine, self.retention, datetime.now(UTC),
+                               on_batch=lambda kind, rows: PRUNED.labels(kind).inc(rows))
+                LAST_PRUNE.set_to_current_time()
+                if any(pruned.as_dict().values()):
+                    log.info("retention: deleted %s", pruned.as_dict())
+            except SQLAlchemyError as exc:
+                log.error("retention pass failed (%r); next try in %.0f s", exc, self.prune_interval_s)
+            stop.wait(self.prune_interval_s)
+
     def write(self, batch: dict) -> None:
         """Writes one polled batch ({TopicPartition: [ConsumerRecord]}) in a single transaction."""
         now = datetime.now(UTC)
+        cutoff = self.retention.cutoff(now)
         completions, feedback, dead = [], [], []
+        expired = {COMPLETIONS_V1: 0, FEEDBACK_V1: 0}
         for tp, records in batch.items():
             for r in records:
                 try:
                     if tp.topic == COMPLETIONS_V1:
-                        completions.append(completion_row(CompletionRecordV1.model_validate_json(r.value), now))
+                        row = completion_row(CompletionRecordV1.model_validate_json(r.value), now)
+                        if cutoff is not None and row["created_at"] < cutoff:
+                            expired[tp.topic] += 1
+                            continue
+                        completions.append(row)
                     elif tp.topic == FEEDBACK_V1:
                         rec = FeedbackRecordV1.model_validate_json(r.value)
-                        feedback.append(feedback_row(rec, r.partition, r.offset, now))
+                        row = feedback_row(rec, r.partition, r.offset, now)
+                        if cutoff is not None and row["created_at"] < cutoff:
+                            expired[tp.topic] += 1
+                            continue
+                        feedback.append(row)
                     else:
                         raise ValueError(f"unexpected topic {tp.topic}")
                 except (ValidationError, ValueError) as exc:
@@ -184,6 +223,7 @@ class Materializer:
             RECORDS.labels(topic, "inserted").inc(new[topic])
             RECORDS.labels(topic, "duplicate").inc(parsed[topic] - new[topic])
             RECORDS.labels(topic, "dead_letter").inc(sum(1 for d in dead if d["topic"] == topic))
+            RECORDS.labels(topic, "expired").inc(expired[topic])
 
 
 def build_consumer(bootstrap_servers: str, group_id: str, session_timeout_ms: int) -> KafkaConsumer:

@@ -98,13 +98,14 @@ class FeedbackStack(ComponentProcesses):
             self._engine = store.connect(self.settings.store)
         return self._engine
 
-    def produce_completions(self, api_key: str, prompts: list[str], n: int = 1,
-                            model_version: str = "1") -> list[list[str]]:
-        """Completion records as the gateway writes them; returns the completion ids, per prompt."""
+    def produce_completions(self, api_key: str, prompts: list[str], n: int = 1, model_version: str = "1",
+                            created_at: float | None = None) -> list[list[str]]:
+        """Completion records as the gateway writes them (served now, or at `created_at`); returns the
+        completion ids, per prompt."""
         if self._producer is None:
             self._producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
                                            enable_idempotence=True)
-        ids, now = [], time.time()
+        ids, now = [], time.time() if created_at is None else created_at
         for prompt in prompts:
             response_id = f"chatcmpl-{uuid.uuid4().hex}"
             group = []
