@@ -162,6 +162,16 @@ def postgres_database() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def store_database(backend: str, tmp_path: Path) -> Iterator[str]:
+    """An empty store's URL: a fresh PostgreSQL database, or a SQLite file in `tmp_path`."""
+    if backend == "postgresql":
+        with postgres_database() as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@contextlib.contextmanager
 def feedback_stack(tmp_path: Path, backend: str, **overrides) -> Iterator:
     from tests.integration.feedback_stack import FeedbackStack, feedback_settings
 

@@ -3,8 +3,6 @@ older store upgrades in place, keeping its rows."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -15,18 +13,9 @@ from sqlalchemy import select, text
 
 from alignloop import store
 from alignloop.store.schema import Base, Completion
-from tests.conftest import postgres_database
+from tests.conftest import store_database as database
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.contextmanager
-def database(backend: str, tmp_path) -> Iterator[str]:
-    if backend == "postgresql":
-        with postgres_database() as url:
-            yield url
-    else:
-        yield f"sqlite:///{tmp_path / 'store.db'}"
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

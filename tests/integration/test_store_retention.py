@@ -3,7 +3,6 @@ batches, the dry run's count; and the materializer applying it on its own, again
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -20,20 +19,11 @@ from sqlalchemy import func, insert, select
 from alignloop import store
 from alignloop.store.retention import Policy, prune
 from alignloop.store.schema import Completion, DeadLetter, Feedback
-from tests.conftest import feedback_stack, postgres_database
+from tests.conftest import feedback_stack, store_database as database
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
-
-
-@contextlib.contextmanager
-def database(backend: str, tmp_path) -> Iterator[str]:
-    if backend == "postgresql":
-        with postgres_database() as url:
-            yield url
-    else:
-        yield f"sqlite:///{tmp_path / 'store.db'}"
 
 
 class Rows:
