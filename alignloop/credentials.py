@@ -86,7 +86,7 @@ def load_or_create(path: Path) -> Credentials:
     # O_EXCL + 0600 at creation: the keys are never readable by others, not even for an instant.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"app_key": creds.app_key, "operator_key": creds.operator_key}, f, indent=2)
+        json.dump(_document(creds), f, indent=2)
     return creds
 
 
@@ -100,7 +100,8 @@ def load(path: Path) -> Credentials:
     )
 
 
-def _write(path: Path, creds: Credentials) -> None:
+def _document(creds: Credentials) -> dict:
+    """The file's JSON: the optional parts only when they hold something."""
     data: dict = {"app_key": creds.app_key, "operator_key": creds.operator_key}
     if creds.apps:
         data["apps"] = creds.apps
@@ -108,11 +109,15 @@ def _write(path: Path, creds: Credentials) -> None:
         data["tenants"] = creds.tenants
     if creds.retiring:
         data["retiring"] = [{"name": r.name, "key": r.key, "until": r.until} for r in creds.retiring]
+    return data
+
+
+def _write(path: Path, creds: Credentials) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(_document(creds), f, indent=2)
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 

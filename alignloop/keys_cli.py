@@ -4,9 +4,11 @@ The gateway re-reads the file within a second, so none of these needs a restart.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from rich.console import Console
@@ -52,13 +54,22 @@ def listing(creds: credentials.Credentials, now: float) -> list[dict]:
     return rows
 
 
+def _refusals_exit_2(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A change the credentials refuse (unknown or reserved name) is printed and exits with status 2."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except credentials.CredentialsError as exc:
+            console.print(f"[red]✗[/] {exc}")
+            return 2
+    return run
+
+
+@_refusals_exit_2
 def cmd_keys_add_app(args: argparse.Namespace) -> int:
     settings = _settings_with_keys()
-    try:
-        key = credentials.add_app(settings.credentials_path, args.name)
-    except credentials.CredentialsError as exc:
-        console.print(f"[red]✗[/] {exc}")
-        return 2
+    key = credentials.add_app(settings.credentials_path, args.name)
     console.print(f"application key '{args.name}' (in {settings.credentials_path}):")
     print(key)
     return 0
@@ -80,13 +91,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refusals_exit_2
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     settings = _settings_with_keys()
-    try:
-        key = credentials.rotate(settings.credentials_path, args.name, args.grace)
-    except credentials.CredentialsError as exc:
-        console.print(f"[red]✗[/] {exc}")
-        return 2
+    key = credentials.rotate(settings.credentials_path, args.name, args.grace)
     old = ("stopped working now" if args.grace <= 0
            else f"works until {_when(time.time() + args.grace)}")
     console.print(f"new key for '{args.name}' (in {settings.credentials_path}); the old one {old}:")
@@ -94,13 +102,10 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refusals_exit_2
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     settings = _settings_with_keys()
-    try:
-        credentials.revoke(settings.credentials_path, args.name)
-    except credentials.CredentialsError as exc:
-        console.print(f"[red]✗[/] {exc}")
-        return 2
+    credentials.revoke(settings.credentials_path, args.name)
     console.print(f"[green]✓[/] '{args.name}' revoked: the gateway refuses its keys within a second; "
                   "what it stored stays")
     return 0

@@ -68,24 +68,27 @@ class Pruned:
 def _unlabeled(cutoff: datetime, kept_from: datetime | None):
     """Completions created before `cutoff` that no feedback kept by the overall period is about (so a dry run,
     which deletes nothing first, counts what the real run deletes)."""
+    old = [Completion.created_at < cutoff]
     about = [Feedback.prompt_hash == Completion.prompt_hash, Feedback.api_key_hash == Completion.api_key_hash]
     if kept_from is not None:
+        old.append(Completion.created_at >= kept_from)
         about.append(Feedback.created_at >= kept_from)
-        return and_(Completion.created_at < cutoff, Completion.created_at >= kept_from,
-                    ~exists().where(*about))
-    return and_(Completion.created_at < cutoff, ~exists().where(*about))
+    return and_(*old, ~exists().where(*about))
 
 
-def _targets(policy: Policy, now: datetime) -> list[tuple[str, object, object]]:
-    """(kind, primary-key column or table, condition) for each delete the policy asks for, in order."""
+def _targets(policy: Policy, now: datetime) -> list[tuple[str, type, object, object]]:
+    """(kind, table, the primary key to delete by in batches or None for one statement, condition) for each
+    delete the policy asks for, in order."""
     targets = []
     cutoff = policy.cutoff(now)
     if cutoff is not None:
-        targets += [("feedback", Feedback.feedback_id, Feedback.created_at < cutoff),
-                    ("completions", Completion.completion_id, Completion.created_at < cutoff),
-                    ("dead_letters", DeadLetter, DeadLetter.ingested_at < cutoff)]
+        targets += [("feedback", Feedback, Feedback.feedback_id, Feedback.created_at < cutoff),
+                    ("completions", Completion, Completion.completion_id, Completion.created_at < cutoff),
+                    # Unparsable records: few, and keyed by three columns.
+                    ("dead_letters", DeadLetter, None, DeadLetter.ingested_at < cutoff)]
     if (unlabeled := policy.unlabeled_cutoff(now)) is not None:
-        targets.append(("unlabeled_completions", Completion.completion_id, _unlabeled(unlabeled, cutoff)))
+        targets.append(("unlabeled_completions", Completion, Completion.completion_id,
+                        _unlabeled(unlabeled, cutoff)))
     return targets
 
 
@@ -95,8 +98,7 @@ def prune(engine: Engine, policy: Policy, now: datetime, *, batch_size: int = DE
     before completions, so that an interrupted prune never leaves feedback whose answers it already removed
     while they were still rated. `on_batch(kind, rows)` reports progress."""
     pruned = Pruned()
-    for kind, key, condition in _targets(policy, now):
-        table = key if key is DeadLetter else key.class_
+    for kind, table, key, condition in _targets(policy, now):
         if dry_run:
             with engine.connect() as conn:
                 setattr(pruned, kind, conn.execute(select(func.count()).select_from(table).where(condition))
@@ -104,15 +106,14 @@ def prune(engine: Engine, policy: Policy, now: datetime, *, batch_size: int = DE
             continue
         while True:
             with engine.begin() as conn:
-                if key is DeadLetter:
-                    # Unparsable records: few, and keyed by three columns, so one statement.
-                    rows = conn.execute(delete(DeadLetter).where(condition)).rowcount
+                if key is not None:
+                    condition_now = key.in_(select(key).where(condition).limit(batch_size).scalar_subquery())
                 else:
-                    batch = select(key).where(condition).limit(batch_size).scalar_subquery()
-                    rows = conn.execute(delete(table).where(key.in_(batch))).rowcount
+                    condition_now = condition
+                rows = conn.execute(delete(table).where(condition_now)).rowcount
             setattr(pruned, kind, getattr(pruned, kind) + rows)
             if on_batch is not None and rows:
                 on_batch(kind, rows)
-            if rows < batch_size or key is DeadLetter:
+            if key is None or rows < batch_size:
                 break
     return pruned

@@ -189,20 +189,17 @@ class Materializer:
             for r in records:
                 try:
                     if tp.topic == COMPLETIONS_V1:
-                        row = completion_row(CompletionRecordV1.model_validate_json(r.value), now)
-                        if cutoff is not None and row["created_at"] < cutoff:
-                            expired[tp.topic] += 1
-                            continue
-                        completions.append(row)
+                        rec = CompletionRecordV1.model_validate_json(r.value)
+                        rows, row = completions, completion_row(rec, now)
                     elif tp.topic == FEEDBACK_V1:
                         rec = FeedbackRecordV1.model_validate_json(r.value)
-                        row = feedback_row(rec, r.partition, r.offset, now)
-                        if cutoff is not None and row["created_at"] < cutoff:
-                            expired[tp.topic] += 1
-                            continue
-                        feedback.append(row)
+                        rows, row = feedback, feedback_row(rec, r.partition, r.offset, now)
                     else:
                         raise ValueError(f"unexpected topic {tp.topic}")
+                    if cutoff is not None and row["created_at"] < cutoff:
+                        expired[tp.topic] += 1
+                    else:
+                        rows.append(row)
                 except (ValidationError, ValueError) as exc:
                     log.error("dead letter %s[%d]@%d: %s", tp.topic, r.partition, r.offset, exc)
                     dead.append({"topic": tp.topic, "kafka_partition": r.partition, "kafka_offset": r.offset,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from alignloop.credentials import DEFAULT_APP, OPERATOR, Credentials, load
+from alignloop.credentials import DEFAULT_APP, OPERATOR, RESERVED_NAMES, Credentials, key_hash, load
 from services.gateway import metrics
 from services.gateway.errors import ApiError
 
@@ -47,13 +47,18 @@ class KeyRing:
         return cls(load(path), path)
 
     def _use(self, creds: Credentials) -> None:
-        def key(secret: str, name: str, until: float | None = None) -> _Key:
-            role = Role.OPERATOR if name == OPERATOR else Role.APP
-            return _Key(secret.strip().encode(), role, creds.tenant(name), name, until)
+        def key(secret: str, role: Role, name: str, tenant: str, until: float | None = None) -> _Key:
+            return _Key(secret.strip().encode(), role, tenant, name, until)
 
-        keys = [key(creds.app_key, DEFAULT_APP), key(creds.operator_key, OPERATOR)]
-        keys += [key(k, name) for name, k in creds.apps.items()]
-        keys += [key(r.key, r.name, r.until) for r in creds.retiring if r.name in creds.names()]
+        # The role comes from where a key sits in the file, never from its name: an application added as
+        # "operator" before such names were refused stays an application, with its own key's tenant.
+        keys = [key(creds.app_key, Role.APP, DEFAULT_APP, creds.tenant(DEFAULT_APP)),
+                key(creds.operator_key, Role.OPERATOR, OPERATOR, creds.tenant(OPERATOR))]
+        keys += [key(k, Role.APP, name, key_hash(k) if name in RESERVED_NAMES else creds.tenant(name))
+                 for name, k in creds.apps.items()]
+        # `rotate` files a built-in key's old key under the built-in name.
+        keys += [key(r.key, Role.OPERATOR if r.name == OPERATOR else Role.APP, r.name, creds.tenant(r.name),
+                     r.until) for r in creds.retiring if r.name in creds.names()]
         self._keys = keys
 
     def _maybe_reload(self) -> None:

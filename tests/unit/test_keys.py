@@ -135,6 +135,17 @@ def test_the_key_ring_keeps_roles_apart_after_a_rotation(path: Path):
     assert ring.authenticate(f"Bearer {credentials.load(path).app_key}").role is Role.APP
 
 
+def test_an_application_named_like_a_built_in_key_never_gets_its_role_or_tenant(tmp_path: Path):
+    """add-app once took any name; such an entry stays an ordinary application with its own key's tenant."""
+    p = tmp_path / "credentials.json"
+    p.write_text(json.dumps({"app_key": "a", "operator_key": "o", "apps": {OPERATOR: "x", DEFAULT_APP: "y"}}))
+    ring = KeyRing.from_file(p)
+    for key in ("x", "y"):
+        caller = ring.authenticate(f"Bearer {key}")
+        assert caller.role is Role.APP and caller.key_hash == key_hash(key)
+    assert ring.authenticate("Bearer o").role is Role.OPERATOR
+
+
 def test_the_key_ring_follows_the_file_without_a_restart(path: Path, monkeypatch):
     key = credentials.add_app(path, "short-lived")
     clock = [0.0]
