@@ -9,7 +9,10 @@ happen every `ALIGNLOOP_GRPC_MAX_CONNECTION_AGE_S` (`alignloop/grpc_serving.py`)
 
 **Retries.** A server that is stopping (SIGTERM, a rolling update, a restart) refuses new calls with
 UNAVAILABLE, and a connection to a pod that is gone fails the same way; gRPC's own retry policy sends such a
-call again, on another replica or a new connection. Only calls that are safe to repeat are retried: those
+call again, on another replica or a new connection. A call that reached the stopping server's transport just
+before the drain, but no handler yet, is answered CANCELLED instead (gRPC core zombifies it: grpc/grpc#41785),
+so that status is retried too. The client's own cancellations never are: gRPC retries only on a status the
+server sent. Only calls that are safe to repeat are retried: those
 that change nothing, and feedback submissions, which carry their feedback id so the store keeps one copy.
 A stream is retried only before its first message, as gRPC does for every streaming call.
 
@@ -40,7 +43,8 @@ RETRY_POLICY = {
     "initialBackoff": "0.1s",
     "maxBackoff": "1s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    # CANCELLED: what a stopping server answers a call no handler took yet (see the module's docstring).
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 
 # Every resolved address gets a connection and the calls take them in turn (gRPC's default, pick_first,
@@ -78,7 +82,8 @@ def channel_options(*extra: tuple[str, object], retries: bool = True,
 
 def retrying_channel(target: str, *extra: tuple[str, object], health_checked: bool = False,
                      interceptors=None) -> grpc.aio.Channel:
-    """An asyncio channel to every replica behind `target` that retries the idempotent methods on UNAVAILABLE."""
+    """An asyncio channel to every replica behind `target` that retries the idempotent methods when a stopping
+    or unreachable replica refuses them."""
     return grpc.aio.insecure_channel(target, options=channel_options(*extra, health_checked=health_checked),
                                      interceptors=interceptors)
 

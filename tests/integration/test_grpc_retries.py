@@ -1,5 +1,5 @@
-"""The gateway's gRPC channels on real gRPC servers: a call a server refuses with UNAVAILABLE (as a stopping one
-does) is sent again, but only if repeating it is safe."""
+"""The gateway's gRPC channels on real gRPC servers: a call a server refuses with UNAVAILABLE or CANCELLED (as a
+stopping one does) is sent again, but only if repeating it is safe; a call the client cancels is not."""
 
 from __future__ import annotations
 
@@ -25,19 +25,23 @@ ANSWER = pb.Completion(index=0, text="hi", token_ids=[1], finish_reason="stop")
 
 
 class Flaky(pb_grpc.PolicyServiceServicer, ppb_grpc.PipelineServiceServicer):
-    """Refuses the first `refusals` calls of each method with UNAVAILABLE, then answers."""
+    """Refuses the first `refusals` calls of each method with `code`, then answers (Generate after `pause_s`)."""
 
-    def __init__(self, refusals: int) -> None:
+    def __init__(self, refusals: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 pause_s: float = 0.0) -> None:
         self.refusals = refusals
+        self.code = code
+        self.pause_s = pause_s
         self.calls: dict[str, int] = {}
 
     async def _maybe_refuse(self, method: str, context) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
         if self.calls[method] <= self.refusals:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "stopping")
+            await context.abort(self.code, "stopping")
 
     async def Generate(self, request, context):
         await self._maybe_refuse("Generate", context)
+        await asyncio.sleep(self.pause_s)
         return pb.GenerateResponse(completions=[ANSWER])
 
     async def GenerateStream(self, request, context):
@@ -55,9 +59,10 @@ class Flaky(pb_grpc.PolicyServiceServicer, ppb_grpc.PipelineServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def flaky_server(refusals: int) -> AsyncIterator[tuple[Flaky, str]]:
+async def flaky_server(refusals: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                       pause_s: float = 0.0) -> AsyncIterator[tuple[Flaky, str]]:
     """A real gRPC server on a free port with a Flaky servicer behind both services; (servicer, address)."""
-    servicer = Flaky(refusals)
+    servicer = Flaky(refusals, code, pause_s)
     address = f"127.0.0.1:{free_port()}"
 
     def add(server):
@@ -71,9 +76,13 @@ async def flaky_server(refusals: int) -> AsyncIterator[tuple[Flaky, str]]:
         await server.stop(None)
 
 
-def test_idempotent_calls_are_retried_through_a_few_refusals():
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED],
+                         ids=["unavailable", "cancelled"])
+def test_idempotent_calls_are_retried_through_a_few_refusals(code):
+    """UNAVAILABLE: a stopping server refusing a new call. CANCELLED: what gRPC core answers a call that
+    reached a stopping server before any handler took it (grpc/grpc#41785)."""
     async def scenario():
-        async with flaky_server(refusals=2) as (servicer, address):
+        async with flaky_server(refusals=2, code=code) as (servicer, address):
             # A channel each: the retry throttle of one channel counts every failure it saw.
             async with retrying_channel(address) as channel:
                 policy = pb_grpc.PolicyServiceStub(channel)
@@ -97,6 +106,26 @@ def test_a_call_that_is_not_safe_to_repeat_is_not_retried():
                     await ppb_grpc.PipelineServiceStub(channel).StartRun(ppb.StartRunRequest(), timeout=10)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             assert servicer.calls == {"StartRun": 1}
+
+    asyncio.run(scenario())
+
+
+def test_a_call_the_client_cancels_is_not_sent_again():
+    """Retrying CANCELLED covers only a status the server sent: the gateway cancelling a call (its client went
+    away) ends it."""
+    async def scenario():
+        async with flaky_server(refusals=0, pause_s=5.0) as (servicer, address):
+            async with retrying_channel(address) as channel:
+                call = pb_grpc.PolicyServiceStub(channel).Generate(pb.GenerateRequest(), timeout=10)
+                for _ in range(200):  # until the handler has it
+                    if servicer.calls:
+                        break
+                    await asyncio.sleep(0.01)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                await asyncio.sleep(0.5)  # a retry would have reached the server by now
+            assert servicer.calls == {"Generate": 1}
 
     asyncio.run(scenario())
 
