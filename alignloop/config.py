@@ -108,6 +108,14 @@ class Settings(BaseSettings):
     # queue. 0: no cap. The default is eight times the engine's batch (max_num_seqs) per key and sixteen in all.
     max_chats_in_flight: int = 1024
     max_chats_in_flight_per_key: int = 512
+    # Rate limits on chat per tenant, a minute, for tenants without their own (`alignloop keys limit`);
+    # 0: none.
+    # Tokens are prompt plus completion tokens, as OpenAI counts them (services/gateway/rate_limits.py).
+    rate_limit_requests_per_minute: int = 0
+    rate_limit_tokens_per_minute: int = 0
+    # Where the buckets live. Unset: in each gateway process, so N replicas admit N times the limit; a
+    # redis:// URL shares them among all replicas (if it cannot be reached, requests are admitted unchecked).
+    rate_limit_redis_url: str | None = None
     grpc_timeout_s: float = 600.0
     completion_queue_size: int = 10_000
     # How often the gateway asks the canary policy service what it serves and its share of traffic.

@@ -9,8 +9,12 @@ Keys can be rotated and revoked without a restart (the gateway re-reads the file
   sent with a new key still reaches answers served under the old one, and idempotency keys still match;
 - revoking removes an application's keys at once; what it stored stays.
 
+A tenant may have its own rate limits (`alignloop keys limit NAME`), in place of the gateway's defaults.
+
 The file: `{"app_key", "operator_key", "apps": {NAME: key}, "tenants": {NAME: id}, "retiring": [{"name",
-"key", "until"}]}`, the last two only once a key has been rotated. `app_key` and `operator_key` are always the
+"key", "until"}], "limits": {TENANT_ID: {"requests_per_minute", "tokens_per_minute"}}}`; `tenants` and
+`retiring` only once a key has been rotated, `limits` only once one is set. Limits are filed under the tenant's
+id, not its name, so that they follow it through rotations and can never be taken by another key's name. `app_key` and `operator_key` are always the
 current keys, so anything that reads them keeps working.
 """
 
@@ -42,12 +46,31 @@ class RetiringKey:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """A tenant's rate limits. None: the gateway's default; 0: no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def over(self, default: Limits) -> Limits:
+        """These limits, with `default`'s where these have none."""
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        return Limits(default.requests_per_minute if rpm is None else rpm,
+                      default.tokens_per_minute if tpm is None else tpm)
+
+    def document(self) -> dict[str, int]:
+        return {k: v for k, v in (("requests_per_minute", self.requests_per_minute),
+                                  ("tokens_per_minute", self.tokens_per_minute)) if v is not None}
+
+
+@dataclass(frozen=True)
 class Credentials:
     app_key: str
     operator_key: str
     apps: dict[str, str] = field(default_factory=dict)  # name -> key, for more applications (tenants)
     tenants: dict[str, str] = field(default_factory=dict)  # name -> tenant id, once its key has been rotated
     retiring: tuple[RetiringKey, ...] = ()
+    limits: dict[str, Limits] = field(default_factory=dict)  # tenant id -> its own limits
 
     def names(self) -> list[str]:
         return [DEFAULT_APP, OPERATOR, *self.apps]
@@ -97,6 +120,8 @@ def load(path: Path) -> Credentials:
         app_key=data["app_key"], operator_key=data["operator_key"], apps=data.get("apps", {}),
         tenants=data.get("tenants", {}),
         retiring=tuple(RetiringKey(r["name"], r["key"], float(r["until"])) for r in data.get("retiring", [])),
+        limits={tenant: Limits(v.get("requests_per_minute"), v.get("tokens_per_minute"))
+                for tenant, v in data.get("limits", {}).items()},
     )
 
 
@@ -109,6 +134,8 @@ def _document(creds: Credentials) -> dict:
         data["tenants"] = creds.tenants
     if creds.retiring:
         data["retiring"] = [{"name": r.name, "key": r.key, "until": r.until} for r in creds.retiring]
+    if creds.limits:
+        data["limits"] = {tenant: limits.document() for tenant, limits in creds.limits.items()}
     return data
 
 
@@ -179,12 +206,38 @@ def revoke(path: Path, name: str) -> None:
         if name not in creds.apps:
             known = ", ".join(creds.apps) or "none"
             raise CredentialsError(f"no application named '{name}' (known: {known})")
+        tenant = creds.tenant(name)
         _write(path, replace(
             creds,
             apps={n: k for n, k in creds.apps.items() if n != name},
             tenants={n: t for n, t in creds.tenants.items() if n != name},
             retiring=tuple(r for r in creds.retiring if r.name != name),
+            limits={t: v for t, v in creds.limits.items() if t != tenant},
         ))
+
+
+KEEP = "keep"  # set_limits: leave this limit as it is
+
+
+def set_limits(path: Path, name: str, requests_per_minute: int | None | str = KEEP,
+               tokens_per_minute: int | None | str = KEEP) -> Limits:
+    """Sets `name`'s own rate limits and returns them: an int (0: no limit), None (back to the gateway's
+    default) or KEEP (unchanged), for each. The gateway applies them within a second."""
+    for value in (requests_per_minute, tokens_per_minute):
+        if isinstance(value, int) and value < 0:
+            raise CredentialsError("a limit is a number of requests or tokens per minute, 0 for none")
+    with _locked(path) as creds:
+        if name not in creds.names():
+            raise CredentialsError(f"no key named '{name}' (known: {', '.join(creds.names())})")
+        tenant = creds.tenant(name)
+        old = creds.limits.get(tenant, Limits())
+        new = Limits(old.requests_per_minute if requests_per_minute == KEEP else requests_per_minute,
+                     old.tokens_per_minute if tokens_per_minute == KEEP else tokens_per_minute)
+        limits = {t: v for t, v in creds.limits.items() if t != tenant}
+        if new != Limits():
+            limits[tenant] = new
+        _write(path, replace(creds, limits=limits))
+        return new
 
 
 def key_hash(key: str) -> str:

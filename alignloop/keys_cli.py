@@ -1,4 +1,5 @@
-"""`alignloop keys`: add, list, rotate and revoke the gateway's API keys in `ALIGNLOOP_HOME/credentials.json`.
+"""`alignloop keys`: add, list, rotate and revoke the gateway's API keys in `ALIGNLOOP_HOME/credentials.json`,
+and set a tenant's own rate limits.
 The gateway re-reads the file within a second, so none of these needs a restart."""
 
 from __future__ import annotations
@@ -41,13 +42,26 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def limit(text: str) -> int | None:
+    """A per-minute limit: a count (0: none), or 'default' for the gateway's own."""
+    if text.strip().lower() == "default":
+        return None
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a limit: use a count per minute, 0 for none, "
+                                         "or 'default'")
+    return int(text)
+
+
 def listing(creds: credentials.Credentials, now: float) -> list[dict]:
-    """One row per working key (never the key itself): name, role, tenant, fingerprint, and for a rotated-out
-    key the time it stops working."""
+    """One row per working key (never the key itself): name, role, tenant, fingerprint, the tenant's own rate
+    limits (None: the gateway's default), and for a rotated-out key the time it stops working."""
     rows = []
     for name in creds.names():
+        own = creds.limits.get(creds.tenant(name), credentials.Limits())
         rows.append({"name": name, "role": "operator" if name == credentials.OPERATOR else "application",
                      "tenant": creds.tenant(name), "fingerprint": credentials.key_hash(creds.current(name)),
+                     "requests_per_minute": own.requests_per_minute,
+                     "tokens_per_minute": own.tokens_per_minute,
                      "retiring_until": None})
         rows += [{**rows[-1], "fingerprint": credentials.key_hash(r.key), "retiring_until": r.until}
                  for r in creds.retiring_at(now) if r.name == name]
@@ -82,12 +96,32 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     table = Table(title=f"API keys in {settings.credentials_path}")
-    for column in ("name", "role", "tenant", "fingerprint", "works until"):
+    for column in ("name", "role", "tenant", "fingerprint", "requests/min", "tokens/min", "works until"):
         table.add_column(column)
     for row in rows:
         until = "-" if row["retiring_until"] is None else _when(row["retiring_until"])
-        table.add_row(row["name"], row["role"], row["tenant"], row["fingerprint"], until)
+        table.add_row(row["name"], row["role"], row["tenant"], row["fingerprint"],
+                      _limit_text(row["requests_per_minute"]), _limit_text(row["tokens_per_minute"]), until)
     Console(soft_wrap=True).print(table)
+    return 0
+
+
+def _limit_text(value: int | None) -> str:
+    return "default" if value is None else "none" if value == 0 else f"{value:,}"
+
+
+@_refusals_exit_2
+def cmd_keys_limit(args: argparse.Namespace) -> int:
+    # A flag not given is absent (argparse.SUPPRESS): that limit stays as it is.
+    rpm = getattr(args, "requests_per_minute", credentials.KEEP)
+    tpm = getattr(args, "tokens_per_minute", credentials.KEEP)
+    if rpm == credentials.KEEP and tpm == credentials.KEEP:
+        console.print("[red]✗[/] give --requests-per-minute, --tokens-per-minute or both")
+        return 2
+    settings = _settings_with_keys()
+    own = credentials.set_limits(settings.credentials_path, args.name, rpm, tpm)
+    console.print(f"[green]✓[/] '{args.name}': {_limit_text(own.requests_per_minute)} requests/min, "
+                  f"{_limit_text(own.tokens_per_minute)} tokens/min; the gateway applies them within a second")
     return 0
 
 
@@ -112,8 +146,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Adds `alignloop keys add-app|list|rotate|revoke`."""
-    keys = sub.add_parser("keys", help="API keys: add, list, rotate, revoke (no restart needed)"
+    """Adds `alignloop keys add-app|list|rotate|revoke|limit`."""
+    keys = sub.add_parser("keys", help="API keys: add, list, rotate, revoke, rate limits (no restart needed)"
                           ).add_subparsers(dest="keys_command", required=True)
     add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
     add_app.add_argument("name")
@@ -131,3 +165,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     revoke = keys.add_parser("revoke", help="remove an application and all its keys at once")
     revoke.add_argument("name")
     revoke.set_defaults(func=cmd_keys_revoke)
+    limit_ = keys.add_parser("limit", help="set a tenant's own chat rate limits, in place of the gateway's")
+    limit_.add_argument("name", help="a key's name, as `keys list` shows it")
+    for flag, short, what in (("--requests-per-minute", "--rpm", "chat requests"),
+                              ("--tokens-per-minute", "--tpm", "prompt and completion tokens")):
+        limit_.add_argument(flag, short, type=limit, default=argparse.SUPPRESS, metavar="N",
+                            help=f"{what} a minute: a count, 0 for no limit, or 'default'")
+    limit_.set_defaults(func=cmd_keys_limit)

@@ -142,6 +142,8 @@ def openai_client(stack: Stack):
 
 # ---- feedback stacks (no vLLM) ----------------------------------------------------------------------------
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The machine's Redis (CI's too), for the shared rate-limit buckets: database 15, a key prefix per test.
+REDIS_URL = os.environ.get("ALIGNLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from alignloop import tracing
 from alignloop.config import Settings
+from alignloop.credentials import Limits
 from alignloop.grpc_channels import balanced_channel, retrying_channel
 from alignloop.kafka_admin import ensure_topics
 from alignloop.v1 import feedback_pb2 as feedback_pb
@@ -49,6 +50,7 @@ from services.gateway.pipeline_protocol import (
 )
 from services.gateway.pipelines import PipelineApi
 from services.gateway.protocol import ChatCompletionRequest, ModelCard, ModelList
+from services.gateway.rate_limits import LocalBuckets, RateLimiter, RedisBuckets
 from services.gateway.request_id import RequestIds, request_id
 from services.gateway.routing import PolicyRouter
 from services.gateway.tracing import TracingMiddleware, propagate_trace
@@ -122,6 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         await pipeline_channel.close()
         await reward_channel.close()
         await asyncio.to_thread(app.state.completion_log.close)
+        await app.state.rate_limits.close()
 
     app = FastAPI(title="alignloop gateway", version="0.1.0", lifespan=lifespan)
 
@@ -146,6 +149,9 @@ def create_app(settings: Settings) -> FastAPI:
     # The last added runs first: the metrics count what RequestIds refuses too.
     admission = Admission(settings.max_chats_in_flight, settings.max_chats_in_flight_per_key)
     app.state.admission = admission
+    app.state.rate_limits = RateLimiter(
+        RedisBuckets(settings.rate_limit_redis_url) if settings.rate_limit_redis_url else LocalBuckets(),
+        Limits(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute))
     app.add_middleware(ReleaseAdmitted, admission=admission)
     if tracer is not None:  # inside RequestIds: the span gets the request's id
         app.add_middleware(TracingMiddleware, tracer=tracer)
@@ -159,7 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise from_rpc_error(exc) from None
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request, who: AnyKey):
+    async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, who: AnyKey):
         if body.model != settings.policy_model_name:
             raise ApiError(404, f"The model '{body.model}' does not exist; this gateway serves "
                                 f"'{settings.policy_model_name}'.", param="model", code="model_not_found")
@@ -182,15 +188,20 @@ def create_app(settings: Settings) -> FastAPI:
             if body.best_of > settings.max_n:
                 raise ApiError(400, f"best_of must be at most {settings.max_n}", param="best_of")
         request.app.state.admission.enter(request.scope, who.key_hash)  # released by ReleaseAdmitted
+        admitted = await request.app.state.rate_limits.admit(who.key_hash, who.limits, who.name)
+        spend = admitted.spend if admitted else None
+        limit_headers = admitted.headers if admitted else {}
         chat: ChatService = request.app.state.chat
         if body.stream:
-            events = await chat.stream(body, who.key_hash, request_id(request))
+            events = await chat.stream(body, who.key_hash, request_id(request), spend)
             # Starlette's own streaming response, as vLLM's server uses: one plain send per token. sse-starlette
             # wraps every send in a timeout scope (benchmarks/sse_events.py: about 10× the cost of a send here),
             # and its keep-alive pings are for idle streams, which a token stream is not.
             return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash, request_id(request)))
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              **limit_headers})
+        response.headers.update(limit_headers)
+        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash, request_id(request), spend))
 
     async def model_card(request: Request) -> ModelCard:
         info = await policy_info(request)

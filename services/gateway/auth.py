@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from alignloop.credentials import DEFAULT_APP, OPERATOR, RESERVED_NAMES, Credentials, key_hash, load
+from alignloop.credentials import DEFAULT_APP, OPERATOR, RESERVED_NAMES, Credentials, Limits, key_hash, load
 from services.gateway import metrics
 from services.gateway.errors import ApiError
 
@@ -23,6 +23,8 @@ class Role(str, Enum):
 class Caller:
     role: Role
     key_hash: str  # the tenant's id: the hash of its first key, the same after a rotation
+    name: str = ""  # the key's name in the credentials file
+    limits: Limits = Limits()  # the tenant's own rate limits, where it has them
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class KeyRing:
         keys += [key(r.key, Role.OPERATOR if r.name == OPERATOR else Role.APP, r.name, creds.tenant(r.name),
                      r.until) for r in creds.retiring if r.name in creds.names()]
         self._keys = keys
+        self._limits = creds.limits
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -92,7 +95,7 @@ class KeyRing:
                 metrics.RETIRING_KEY_REQUESTS.labels(match.name).inc()
         if match is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return Caller(role=match.role, key_hash=match.tenant)
+        return Caller(match.role, match.tenant, match.name, self._limits.get(match.tenant, Limits()))
 
     def require_operator(self, caller: Caller) -> Caller:
         if caller.role is not Role.OPERATOR:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -107,6 +107,7 @@ class _Turn:
     req: ChatCompletionRequest
     key_hash: str
     request_id: str | None = None  # the HTTP request's X-Request-Id
+    spend: Callable[[int], None] | None = None  # takes the tokens the answer used from the tenant's rate limit
     response_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     received_at: float = field(default_factory=time.time)
     completion_ids: list[str] = field(init=False)
@@ -209,14 +210,15 @@ class ChatService:
         except grpc.aio.AioRpcError as exc:
             raise policy_error(exc, turn.req) from None
 
-    async def complete(self, req: ChatCompletionRequest, key_hash: str,
-                       request_id: str | None = None) -> ChatCompletionResponse:
+    async def complete(self, req: ChatCompletionRequest, key_hash: str, request_id: str | None = None,
+                       spend: Callable[[int], None] | None = None) -> ChatCompletionResponse:
         """All choices at once. With best_of, best_of answers are sampled in the same policy call, the reward
-        service ranks them and the n best are returned; every sampled answer is recorded either way."""
+        service ranks them and the n best are returned; every sampled answer is recorded either way. `spend`
+        gets the tokens used (prompt and completion)."""
         if req.best_of and self.reward is None:
             raise ApiError(503, "best_of needs the reward service, which this gateway is not connected to",
                            "service_unavailable", param="best_of")
-        turn = _Turn(req, key_hash, request_id)
+        turn = _Turn(req, key_hash, request_id, spend)
         generate = to_policy_request(req, turn.response_id)
         if req.best_of:
             generate.sampling.n = req.best_of
@@ -233,6 +235,8 @@ class ChatService:
         # Every sampled answer cost tokens, shown or not.
         completion_tokens = sum(len(c.token_ids) for c in answers)
         metrics.GENERATED_TOKENS.inc(completion_tokens)
+        if spend is not None:
+            spend(resp.prompt_tokens + completion_tokens)
         annotate(lambda: turn.span_attributes(resp.model, resp.prompt_tokens, completion_tokens))
         return ChatCompletionResponse(
             id=turn.response_id,
@@ -276,11 +280,12 @@ class ChatService:
         return _Ranking(order=order, rewards=rewards, version=scored.model.version,
                         model=f"{scored.model.name}/v{scored.model.version}")
 
-    async def stream(self, req: ChatCompletionRequest, key_hash: str,
-                     request_id: str | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, req: ChatCompletionRequest, key_hash: str, request_id: str | None = None,
+                     spend: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
         """Opens the stream and waits for the policy to accept the request (its first message comes before any
-        token), so that a bad request still gets a 4xx status; returns the server-sent events that follow."""
-        turn = _Turn(req, key_hash, request_id)
+        token), so that a bad request still gets a 4xx status; returns the server-sent events that follow.
+        `spend` gets the tokens used once the stream ends, however it ends."""
+        turn = _Turn(req, key_hash, request_id, spend)
         call, first = await self._open_stream(to_policy_request(req, turn.response_id), turn)
         if first is grpc.aio.EOF:
             raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
@@ -345,3 +350,5 @@ class ChatService:
         finally:
             # Covers the client going away: cancelling the call makes the policy service abort the engine request.
             call.cancel()
+            if turn.spend is not None:
+                turn.spend(prompt_tokens + sum(tokens))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from alignloop import credentials, keys_cli
+from alignloop.cli import build_parser
 from alignloop.credentials import DEFAULT_APP, OPERATOR, CredentialsError, key_hash
 from services.gateway import metrics
 from services.gateway.auth import KeyRing, Role
@@ -194,3 +195,52 @@ def test_durations(text: str, seconds: float):
 def test_bad_durations_are_refused(text: str):
     with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
         keys_cli.duration_s(text)
+
+
+def test_a_tenants_own_limits_follow_it_through_rotations_and_go_with_it(path: Path):
+    key = credentials.add_app(path, "billing")
+    assert credentials.set_limits(path, "billing", requests_per_minute=60) == credentials.Limits(60, None)
+    # KEEP leaves the other limit as it was; None goes back to the gateway's default.
+    assert credentials.set_limits(path, "billing", tokens_per_minute=0) == credentials.Limits(60, 0)
+    new = credentials.rotate(path, "billing", grace_s=0)
+    ring = KeyRing.from_file(path)
+    caller = ring.authenticate(f"Bearer {new}")
+    assert caller.name == "billing" and caller.key_hash == key_hash(key)
+    assert caller.limits == credentials.Limits(60, 0)
+    assert ring.authenticate(f"Bearer {credentials.load(path).app_key}").limits == credentials.Limits()
+    assert credentials.set_limits(path, "billing", requests_per_minute=None) == credentials.Limits(None, 0)
+    credentials.revoke(path, "billing")
+    assert credentials.load(path).limits == {}
+    with pytest.raises(CredentialsError, match="no key named 'billing'"):
+        credentials.set_limits(path, "billing", requests_per_minute=1)
+    with pytest.raises(CredentialsError, match="per minute"):
+        credentials.set_limits(path, DEFAULT_APP, requests_per_minute=-1)
+
+
+def test_setting_every_limit_back_to_the_default_leaves_no_entry(path: Path):
+    credentials.set_limits(path, OPERATOR, 10, 1000)
+    credentials.set_limits(path, OPERATOR, None, None)
+    assert "limits" not in json.loads(path.read_text())
+
+
+def test_the_limit_command(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(tmp_path))
+    run_cli(keys_cli.cmd_keys_add_app, capsys, name="billing")
+    code, _, err = run_cli(keys_cli.cmd_keys_limit, capsys, name="billing", requests_per_minute=600,
+                           tokens_per_minute=keys_cli.limit("default"))
+    assert code == 0 and "600 requests/min, default tokens/min" in err
+    code, out, _ = run_cli(keys_cli.cmd_keys_list, capsys, json=True)
+    [row] = [r for r in json.loads(out) if r["name"] == "billing"]
+    assert (row["requests_per_minute"], row["tokens_per_minute"]) == (600, None)
+    code, _, err = run_cli(keys_cli.cmd_keys_limit, capsys, name="billing")  # neither flag given
+    assert code == 2 and "--requests-per-minute" in err
+    code, _, err = run_cli(keys_cli.cmd_keys_limit, capsys, name="nobody", requests_per_minute=1)
+    assert code == 2 and "no key named 'nobody'" in err
+    assert keys_cli.limit("0") == 0 and keys_cli.limit("Default") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="not a limit"):
+        keys_cli.limit("-3")
+    # Through the real parser: an absent flag leaves its limit alone.
+    args = build_parser().parse_args(["keys", "limit", "billing", "--tpm", "5000"])
+    assert args.func(args) == 0
+    creds = credentials.load(tmp_path / "credentials.json")
+    assert creds.limits[creds.tenant("billing")] == credentials.Limits(600, 5000)
