@@ -85,7 +85,7 @@ class LocalBuckets:
             self._buckets[f"{tenant}:requests"] = (requests, now)
         return Levels(requests, tokens, taken=True)
 
-    async def spend(self, tenant: str, tokens_per_minute: int, tokens: int) -> None:
+    def charge(self, tenant: str, tokens_per_minute: int, tokens: int) -> None:
         now = self._clock()
         name = f"{tenant}:tokens"
         self._buckets[name] = (self._level(name, tokens_per_minute, now) - tokens, now)
@@ -232,7 +232,11 @@ class RateLimiter:
                                     "retry-after-ms": str(math.ceil(wait_s * 1000))})
 
         def spend(tokens: int) -> None:
-            if tpm and tokens > 0:
+            if not tpm or tokens <= 0:
+                return
+            if isinstance(self.buckets, LocalBuckets):
+                self.buckets.charge(tenant, tpm, tokens)  # at once: no task for what needs no wait
+            else:
                 task = asyncio.get_running_loop().create_task(self._spend(tenant, tpm, tokens))
                 self._charges.add(task)
                 task.add_done_callback(self._charges.discard)

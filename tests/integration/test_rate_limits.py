@@ -104,8 +104,9 @@ def test_a_tenants_request_limit_holds_across_replicas_and_spares_other_tenants(
 
 def test_streamed_tokens_are_spent_and_then_the_tenant_waits(stack, replicas):
     key = new_app(stack, tokens_per_minute=40)
+    for url in replicas:
+        wait_until_taken(url, key)
     url = replicas[0]
-    wait_until_taken(url, key)
     stream = client(url, key).chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=48, stream=True, stream_options={"include_usage": True},
         extra_body={"ignore_eos": True})
