@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignloop import components, credentials, keys_cli, models_cli, pipeline_cli
+from alignloop import components, credentials, keys_cli, models_cli, pipeline_cli, usage_cli
 from alignloop import demo as demo_cli
 from alignloop.config import Settings, vllm_cpu_environment
 from alignloop.simulate import cli as simulate_cli
@@ -545,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(func=cmd_models_move)
     models_cli.add_commands(models)
     keys_cli.add_commands(sub)
+    usage_cli.add_commands(sub)
     store = sub.add_parser("store", help="feedback store commands").add_subparsers(dest="store_command",
                                                                                   required=True)
     store.add_parser("upgrade", help="apply the store's migrations (ALIGNLOOP_STORE_URL, default SQLite)"

@@ -89,6 +89,10 @@ class GatewayClient:
     def clear_canary(self) -> dict:
         return self.request("DELETE", f"{MODELS}/canary")
 
+    # ---- usage -------------------------------------------------------------------------------------------
+    def usage(self, days: int = 30) -> dict:
+        return self.request("GET", "/v1/admin/usage", params={"days": days})
+
 
 def _error(response: httpx.Response) -> GatewayError:
     try:

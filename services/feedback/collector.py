@@ -17,7 +17,7 @@ from alignloop.store.schema import Feedback
 from alignloop.topics import FeedbackRecordV1
 from alignloop.v1 import feedback_pb2 as pb
 from alignloop.v1 import feedback_pb2_grpc as pb_grpc
-from services.feedback import stats
+from services.feedback import stats, usage
 from services.feedback.completions import CompletionIndex, CompletionRef
 from services.feedback.producer import FeedbackProducer
 
@@ -262,6 +262,11 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             loop.run_in_executor(self.executor, stats.query, self.engine, request.days),
             loop.run_in_executor(self.executor, stats.served, self.engine, request.days))
         return pb.StatsResponse(rows=rows, served=served)
+
+    async def Usage(self, request: pb.UsageRequest, context) -> pb.UsageResponse:
+        rows = await asyncio.get_running_loop().run_in_executor(self.executor, usage.query, self.engine,
+                                                                request.days)
+        return pb.UsageResponse(rows=rows)
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         ready, detail = await self.readiness()

@@ -15,7 +15,7 @@ def _count(condition) -> object:
     return func.sum(case((condition, 1), else_=0))
 
 
-def _since(days: int) -> datetime | None:
+def period_start(days: int) -> datetime | None:
     """Midnight UTC `days - 1` days ago (today counts as one); None for all time."""
     if days <= 0:
         return None
@@ -42,7 +42,7 @@ def query(engine: Engine, days: int) -> list[pb.StatsRow]:
         .group_by(f.model_name, f.model_version, f.day)
         .order_by(f.day, f.model_name, f.model_version)
     )
-    if (since := _since(days)) is not None:
+    if (since := period_start(days)) is not None:
         stmt = stmt.where(f.day >= since.strftime("%Y-%m-%d"))
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
@@ -59,7 +59,7 @@ def served(engine: Engine, days: int) -> list[pb.ServedRow]:
     c = Completion
     stmt = (select(c.model_name, c.model_version, func.count(func.distinct(c.response_id)), func.count())
             .group_by(c.model_name, c.model_version).order_by(c.model_name, c.model_version))
-    if (since := _since(days)) is not None:
+    if (since := period_start(days)) is not None:
         stmt = stmt.where(c.created_at >= since)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()

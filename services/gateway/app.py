@@ -54,6 +54,7 @@ from services.gateway.rate_limits import LocalBuckets, RateLimiter, RedisBuckets
 from services.gateway.request_id import RequestIds, request_id
 from services.gateway.routing import PolicyRouter
 from services.gateway.tracing import TracingMiddleware, propagate_trace
+from services.gateway.usage import UsageReport, usage_report
 
 log = logging.getLogger("alignloop.gateway")
 
@@ -240,6 +241,12 @@ def create_app(settings: Settings) -> FastAPI:
         if not 0 <= days <= 3660:
             raise ApiError(400, "days: from 0 (all) to 3660", param="days")
         return await request.app.state.feedback.stats(days)
+
+    @app.get("/v1/admin/usage", response_model=UsageReport)
+    async def usage(request: Request, _: Operator, days: int = 30) -> UsageReport:
+        if not 0 <= days <= 3660:
+            raise ApiError(400, "days: from 0 (all) to 3660", param="days")
+        return await usage_report(request.app.state.feedback_stub, days, request.app.state.keys.names())
 
     @app.post("/v1/admin/pipelines/runs", response_model=PipelineRun, status_code=202)
     async def start_pipeline_run(request: Request, response: Response, who: Operator,

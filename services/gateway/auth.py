@@ -64,6 +64,11 @@ class KeyRing:
         self._keys = keys
         self._limits = creds.limits
 
+    def names(self) -> dict[str, str]:
+        """Tenant id -> the name of its key, for every tenant with a working key."""
+        self._maybe_reload()
+        return {k.tenant: k.name for k in self._keys}
+
     def _maybe_reload(self) -> None:
         now = time.monotonic()
         if self._path is None or now - self._checked_at < 1.0:

@@ -305,6 +305,57 @@ def test_operators_see_counts_and_thumbs_up_rate_per_model_version_and_day(fstac
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "days"
 
 
+def test_operators_see_each_tenants_requests_and_tokens_counting_a_prompt_once(fstack, monkeypatch, capsys):
+    tag = uuid.uuid4().hex[:8]
+    heavy, light, gone = f"usage-heavy-{tag}", f"usage-light-{tag}", f"usage-gone-{tag}"
+    keys = {name: fstack.key(name) for name in (heavy, light, gone)}
+    # Each record here: 5 prompt tokens, 3 completion tokens (FeedbackStack.produce_completions).
+    served = fstack.produce_completions(keys[heavy], [f"a {tag}", f"b {tag}"], n=3)
+    served += fstack.produce_completions(keys[light], [f"c {tag}"])
+    served += fstack.produce_completions(keys[light], [f"d {tag}"], created_at=time.time() - 3 * 86400)
+    served += fstack.produce_completions(keys[gone], [f"e {tag}"], n=2)
+    fstack.wait_stored_completions([c for group in served for c in group])
+    credentials.revoke(fstack.settings.credentials_path, gone)
+
+    def report(days: int) -> dict:
+        r = httpx.get(f"{fstack.gateway}/v1/admin/usage", params={"days": days}, headers=fstack.operator_headers())
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def tenant(rep: dict, name: str) -> dict:
+        (row,) = [t for t in rep["by_tenant"] if t["tenant"] == key_hash(keys[name])]
+        return row
+
+    today = report(1)
+    h = tenant(today, heavy)
+    # Two requests of three choices: each prompt counted once, every choice's tokens.
+    assert (h["name"], h["requests"], h["completions"], h["prompt_tokens"], h["completion_tokens"],
+            h["total_tokens"]) == (heavy, 2, 6, 10, 18, 28)
+    assert (tenant(today, light)["requests"], tenant(today, light)["total_tokens"]) == (1, 8)
+    wait_until(lambda: tenant(report(1), gone)["name"] is None)  # revoked: its usage stays, unnamed
+    assert tenant(report(0), light)["requests"] == 2  # all time takes in the request of three days ago
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    mine = [d for d in today["by_tenant_and_day"] if d["tenant"] == key_hash(keys[heavy])]
+    assert [(d["day"], d["requests"]) for d in mine] == [(day, 2)]
+    days = [d["day"] for d in report(0)["by_tenant_and_day"]]
+    assert days == sorted(days)
+
+    assert httpx.get(f"{fstack.gateway}/v1/admin/usage", headers=fstack.headers()).status_code == 403
+    bad = httpx.get(f"{fstack.gateway}/v1/admin/usage?days=-1", headers=fstack.operator_headers())
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "days"
+
+    # The command line, through the same route.
+    from alignloop import cli
+
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(fstack.settings.home))
+    monkeypatch.setenv("ALIGNLOOP_GATEWAY_PORT", str(fstack.settings.gateway_port))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["usage", "--days", "1", "--json"])
+    assert exit_.value.code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tenant(printed, heavy)["total_tokens"] == 28
+
+
 def test_every_feedback_route_needs_a_key(fstack):
     for path in ("/v1/feedback", "/v1/feedback/batch"):
         assert httpx.post(f"{fstack.gateway}{path}", json={}).status_code == 401
