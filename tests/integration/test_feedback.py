@@ -326,6 +326,8 @@ def test_operators_see_each_tenants_requests_and_tokens_counting_a_prompt_once(f
         (row,) = [t for t in rep["by_tenant"] if t["tenant"] == key_hash(keys[name])]
         return row
 
+    # Until the gateway re-reads the credentials file (within a second), the new tenants have no name there.
+    wait_until(lambda: tenant(report(1), heavy)["name"] == heavy)
     today = report(1)
     h = tenant(today, heavy)
     # Two requests of three choices: each prompt counted once, every choice's tokens.

@@ -304,6 +304,14 @@ def test_console_shows_the_new_counts_and_refuses_a_second_run(stack, tab):
     feedback = next(v for v in listing["data"] if v["version"] == version)["feedback"]
     for col in ("thumbs_up", "thumbs_down", "rankings", "comparisons", "ratings", "total"):
         assert champion.locator(f'[data-col="{col}"]').inner_text().split()[0] == str(feedback[col]), col
+    # Usage by tenant, as the API reports it: the default application has chatted on this stack.
+    with operator(stack) as ops:
+        usage = ops.get("/v1/admin/usage", params={"days": 30}).raise_for_status().json()
+    app = next(u for u in usage["by_tenant"] if u["name"] == "default")
+    row = page.locator(f'#usage tr[data-tenant="{app["tenant"]}"]')
+    expect(row.locator("th")).to_have_text("default")
+    for col in ("requests", "total_tokens"):
+        assert int(row.locator(f'[data-col="{col}"]').inner_text().replace(",", "")) == app[col], col
     page.locator("#chart-feedback svg circle").first.wait_for()
     page.locator("#chart-thumbs svg circle").first.wait_for()
     t.shot("console")

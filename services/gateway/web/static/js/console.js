@@ -1,5 +1,6 @@
 // The operator console: model versions with their aliases and feedback (a table and charts per day), promote,
-// roll back and the canary; pipeline runs with their steps' progress and MLflow links, start and cancel.
+// roll back and the canary; usage by tenant; pipeline runs with their steps' progress and MLflow links, start
+// and cancel.
 import { ApiError, call, describe, el, setupSignIn } from "./api.js";
 import { dayRange, lineChart, seriesStyle } from "./chart.js";
 
@@ -115,14 +116,25 @@ function renderCharts(stats, days) {
     el("td", { class: "num" }, r.rankings), el("td", { class: "num" }, r.comparisons))));
 }
 
+function renderUsage(report) {
+  const cols = ["requests", "completions", "prompt_tokens", "completion_tokens", "total_tokens"];
+  const rows = report.by_tenant.map((t) => el("tr", { dataset: { tenant: t.tenant } },
+    el("th", { scope: "row" }, t.name || "(revoked)"), el("td", {}, el("code", {}, t.tenant)),
+    ...cols.map((c) => el("td", { class: "num", dataset: { col: c } }, t[c].toLocaleString("en-US")))));
+  $("usage").tBodies[0].replaceChildren(...(rows.length ? rows
+    : [el("tr", {}, el("td", { colspan: 7 }, "No requests in this period."))]));
+}
+
 async function loadModels() {
   const days = parseInt($("days").value, 10);
-  const [list, stats] = await Promise.all([
+  const [list, stats, usage] = await Promise.all([
     call(state.key, "GET", `/v1/admin/models/versions?days=${days}`),
     call(state.key, "GET", `/v1/admin/feedback/stats?days=${days}`),
+    call(state.key, "GET", `/v1/admin/usage?days=${days}`),
   ]);
   renderVersions(list);
   renderCharts(stats, days);
+  renderUsage(usage);
   state.modelsAt = Date.now();
 }
 
