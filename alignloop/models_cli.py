@@ -4,13 +4,12 @@ traffic split, through the gateway's operator routes (so they take the pipeline 
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.markup import escape
 from rich.table import Table
 
 from alignloop.gateway_client import GatewayError
-from alignloop.pipeline_cli import err, operator_client, out, report_failure
+from alignloop.pipeline_cli import err, operator_client, out, print_report, report_failure
 
 
 def _rate(value: float | None) -> str:
@@ -35,16 +34,8 @@ def versions_view(listing: dict) -> Table:
 
 
 def cmd_models_versions(args: argparse.Namespace) -> int:
-    try:
-        with operator_client() as client:
-            listing = client.model_versions(days=args.days, limit=args.limit)
-    except GatewayError as exc:
-        return report_failure(exc)
-    if args.json:
-        print(json.dumps(listing))
-    else:
-        out.print(versions_view(listing))
-    return 0
+    return print_report(args, lambda client: client.model_versions(days=args.days, limit=args.limit),
+                        versions_view)
 
 
 def cmd_models_canary(args: argparse.Namespace) -> int:

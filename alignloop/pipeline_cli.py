@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def report_failure(exc: GatewayError) -> int:
 
 def operator_client() -> GatewayClient:
     return GatewayClient.from_settings(Settings())
+
+
+def print_report(args: argparse.Namespace, fetch: Callable[[GatewayClient], dict], view: Callable[[dict], Table]
+                 ) -> int:
+    """Fetches a report through the operator routes and prints it: as one JSON line with --json, else as
+    `view` draws it. A refusal is reported as `report_failure` says."""
+    try:
+        with operator_client() as client:
+            report = fetch(client)
+    except GatewayError as exc:
+        return report_failure(exc)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        out.print(view(report))
+    return 0
 
 
 # ---- rendering ------------------------------------------------------------------------------------------

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.markup import escape
 from rich.table import Table
 
-from alignloop.gateway_client import GatewayError
-from alignloop.pipeline_cli import operator_client, out, report_failure
+from alignloop.pipeline_cli import print_report
 
 
 def usage_view(report: dict) -> Table:
@@ -24,16 +22,7 @@ def usage_view(report: dict) -> Table:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    try:
-        with operator_client() as client:
-            report = client.usage(days=args.days)
-    except GatewayError as exc:
-        return report_failure(exc)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        out.print(usage_view(report))
-    return 0
+    return print_report(args, lambda client: client.usage(days=args.days), usage_view)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

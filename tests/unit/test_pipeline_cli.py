@@ -158,8 +158,13 @@ def models_gateway(monkeypatch):
     from alignloop import models_cli
 
     fake = FakeGateway({})
-    monkeypatch.setattr(models_cli, "operator_client", lambda: GatewayClient(
-        "http://gw", "o-key", transport=httpx.MockTransport(fake)))
+
+    def client() -> GatewayClient:
+        return GatewayClient("http://gw", "o-key", transport=httpx.MockTransport(fake))
+
+    # The commands' own calls, and those of the report helper they share.
+    monkeypatch.setattr(models_cli, "operator_client", client)
+    monkeypatch.setattr(pipeline_cli, "operator_client", client)
     return fake
 
 
