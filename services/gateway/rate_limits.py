@@ -95,8 +95,7 @@ class LocalBuckets:
 
 
 # The same arithmetic as LocalBuckets, atomically in Redis. A bucket is a hash {level, at}; an absent one is
-# full.
-# Each write sets the key to expire once the bucket would be full again, so idle tenants cost no memory.
+# full, so each write sets the key to expire once the bucket would be full again: idle tenants cost nothing.
 _LEVEL = """
 local now
 do local t = redis.call('TIME'); now = tonumber(t[1]) + tonumber(t[2]) / 1000000 end
