@@ -3,8 +3,6 @@ computes it from the store)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import grpc
 from pydantic import BaseModel
 
@@ -48,13 +46,12 @@ async def usage_report(stub: pb_grpc.FeedbackServiceStub, days: int, names: dict
     except grpc.aio.AioRpcError as exc:
         raise ApiError(503, f"feedback collector: {exc.details() or exc.code().name}",
                        "service_unavailable") from None
-    totals: dict[str, TenantUsage] = defaultdict(lambda: TenantUsage(tenant="", name=None))
+    totals: dict[str, TenantUsage] = {}
     per_day = []
     for row in response.rows:
-        total = totals[row.tenant]
-        total.tenant, total.name = row.tenant, names.get(row.tenant)
-        _add(total, row)
-        _add(day := TenantDayUsage(tenant=row.tenant, name=names.get(row.tenant), day=row.day), row)
+        name = names.get(row.tenant)
+        _add(totals.setdefault(row.tenant, TenantUsage(tenant=row.tenant, name=name)), row)
+        _add(day := TenantDayUsage(tenant=row.tenant, name=name, day=row.day), row)
         per_day.append(day)
     return UsageReport(days=days, by_tenant=sorted(totals.values(), key=lambda t: (-t.total_tokens, t.tenant)),
                        by_tenant_and_day=per_day)
