@@ -14,8 +14,8 @@ A tenant may have its own rate limits (`alignloop keys limit NAME`), in place of
 The file: `{"app_key", "operator_key", "apps": {NAME: key}, "tenants": {NAME: id}, "retiring": [{"name",
 "key", "until"}], "limits": {TENANT_ID: {"requests_per_minute", "tokens_per_minute"}}}`; `tenants` and
 `retiring` only once a key has been rotated, `limits` only once one is set. Limits are filed under the tenant's
-id, not its name, so that they follow it through rotations and can never be taken by another key's name. `app_key` and `operator_key` are always the
-current keys, so anything that reads them keeps working.
+id, not its name, so that they follow it through rotations and can never be taken by another key's name.
+`app_key` and `operator_key` are always the current keys, so anything that reads them keeps working.
 """
 
 from __future__ import annotations
