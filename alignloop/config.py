@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
     enforce_eager: bool = False
     dtype: str = "bfloat16"
     max_num_seqs: int = 64
+    # vLLM's scheduling policy. "priority" orders the engine's queue by each request's priority (lower first,
+    # then arrival), taken from its tenant (`alignloop keys priority`) or the request's own `priority` field,
+    # so that interactive tenants go ahead of batch traffic when the batch is full. "fcfs", vLLM's default,
+    # serves in arrival order and ignores priorities.
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_gib: int = 1
     # vLLM's engine statistics, as `vllm serve` keeps them by default: its Prometheus metrics (vllm:*) on the

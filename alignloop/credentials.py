@@ -9,12 +9,14 @@ Keys can be rotated and revoked without a restart (the gateway re-reads the file
   sent with a new key still reaches answers served under the old one, and idempotency keys still match;
 - revoking removes an application's keys at once; what it stored stays.
 
-A tenant may have its own rate limits (`alignloop keys limit NAME`), in place of the gateway's defaults.
+A tenant may have its own rate limits (`alignloop keys limit NAME`), in place of the gateway's defaults, and
+its own scheduling priority (`alignloop keys priority NAME`), where its requests queue in the engine.
 
 The file: `{"app_key", "operator_key", "apps": {NAME: key}, "tenants": {NAME: id}, "retiring": [{"name",
-"key", "until"}], "limits": {TENANT_ID: {"requests_per_minute", "tokens_per_minute"}}}`; `tenants` and
-`retiring` only once a key has been rotated, `limits` only once one is set. Limits are filed under the tenant's
-id, not its name, so that they follow it through rotations and can never be taken by another key's name.
+"key", "until"}], "limits": {TENANT_ID: {"requests_per_minute", "tokens_per_minute"}}, "priorities":
+{TENANT_ID: int}}`; `tenants` and `retiring` only once a key has been rotated, `limits` and `priorities` only
+once one is set. Both are filed under the tenant's id, not its name, so that they follow it through rotations
+and can never be taken by another key's name.
 `app_key` and `operator_key` are always the current keys, so anything that reads them keeps working.
 """
 
@@ -71,6 +73,7 @@ class Credentials:
     tenants: dict[str, str] = field(default_factory=dict)  # name -> tenant id, once its key has been rotated
     retiring: tuple[RetiringKey, ...] = ()
     limits: dict[str, Limits] = field(default_factory=dict)  # tenant id -> its own limits
+    priorities: dict[str, int] = field(default_factory=dict)  # tenant id -> its own scheduling priority
 
     def names(self) -> list[str]:
         return [DEFAULT_APP, OPERATOR, *self.apps]
@@ -122,6 +125,7 @@ def load(path: Path) -> Credentials:
         retiring=tuple(RetiringKey(r["name"], r["key"], float(r["until"])) for r in data.get("retiring", [])),
         limits={tenant: Limits(v.get("requests_per_minute"), v.get("tokens_per_minute"))
                 for tenant, v in data.get("limits", {}).items()},
+        priorities={tenant: int(v) for tenant, v in data.get("priorities", {}).items()},
     )
 
 
@@ -136,6 +140,8 @@ def _document(creds: Credentials) -> dict:
         data["retiring"] = [{"name": r.name, "key": r.key, "until": r.until} for r in creds.retiring]
     if creds.limits:
         data["limits"] = {tenant: limits.document() for tenant, limits in creds.limits.items()}
+    if creds.priorities:
+        data["priorities"] = creds.priorities
     return data
 
 
@@ -213,6 +219,7 @@ def revoke(path: Path, name: str) -> None:
             tenants={n: t for n, t in creds.tenants.items() if n != name},
             retiring=tuple(r for r in creds.retiring if r.name != name),
             limits={t: v for t, v in creds.limits.items() if t != tenant},
+            priorities={t: v for t, v in creds.priorities.items() if t != tenant},
         ))
 
 
@@ -238,6 +245,26 @@ def set_limits(path: Path, name: str, requests_per_minute: int | None | str = KE
             limits[tenant] = new
         _write(path, replace(creds, limits=limits))
         return new
+
+
+# vLLM orders its queue by a Python int; the policy service's gRPC field is an int32.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+
+
+def set_priority(path: Path, name: str, priority: int | None) -> None:
+    """Sets `name`'s scheduling priority: where its chat requests queue when the engine's batch is full, lower
+    first (vLLM's convention; tenants without one have 0). None: back to 0. The gateway applies it within a
+    second; it orders anything only on an engine with the "priority" scheduling policy."""
+    if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise CredentialsError(f"a priority is an integer from {PRIORITY_MIN} to {PRIORITY_MAX}")
+    with _locked(path) as creds:
+        if name not in creds.names():
+            raise CredentialsError(f"no key named '{name}' (known: {', '.join(creds.names())})")
+        tenant = creds.tenant(name)
+        priorities = {t: v for t, v in creds.priorities.items() if t != tenant}
+        if priority:
+            priorities[tenant] = priority
+        _write(path, replace(creds, priorities=priorities))
 
 
 def key_hash(key: str) -> str:

@@ -1,5 +1,5 @@
 """`alignloop keys`: add, list, rotate and revoke the gateway's API keys in `ALIGNLOOP_HOME/credentials.json`,
-and set a tenant's own rate limits.
+and set a tenant's own rate limits and scheduling priority.
 The gateway re-reads the file within a second, so none of these needs a restart."""
 
 from __future__ import annotations
@@ -52,9 +52,21 @@ def limit(text: str) -> int | None:
     return int(text)
 
 
+def priority(text: str) -> int | None:
+    """A scheduling priority: an integer, lower served first (negative: ahead of the default), or 'default'."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a priority: use an integer (lower is served "
+                                         "first; 0 is the default) or 'default'") from None
+
+
 def listing(creds: credentials.Credentials, now: float) -> list[dict]:
     """One row per working key (never the key itself): name, role, tenant, fingerprint, the tenant's own rate
-    limits (None: the gateway's default), and for a rotated-out key the time it stops working."""
+    limits (None: the gateway's default), its scheduling priority, and for a rotated-out key the time it stops
+    working."""
     rows = []
     for name in creds.names():
         own = creds.limits.get(creds.tenant(name), credentials.Limits())
@@ -62,6 +74,7 @@ def listing(creds: credentials.Credentials, now: float) -> list[dict]:
                      "tenant": creds.tenant(name), "fingerprint": credentials.key_hash(creds.current(name)),
                      "requests_per_minute": own.requests_per_minute,
                      "tokens_per_minute": own.tokens_per_minute,
+                     "priority": creds.priorities.get(creds.tenant(name), 0),
                      "retiring_until": None})
         rows += [{**rows[-1], "fingerprint": credentials.key_hash(r.key), "retiring_until": r.until}
                  for r in creds.retiring_at(now) if r.name == name]
@@ -96,12 +109,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     table = Table(title=f"API keys in {settings.credentials_path}")
-    for column in ("name", "role", "tenant", "fingerprint", "requests/min", "tokens/min", "works until"):
+    for column in ("name", "role", "tenant", "fingerprint", "requests/min", "tokens/min", "priority",
+                   "works until"):
         table.add_column(column)
     for row in rows:
         until = "-" if row["retiring_until"] is None else _when(row["retiring_until"])
         table.add_row(row["name"], row["role"], row["tenant"], row["fingerprint"],
-                      _limit_text(row["requests_per_minute"]), _limit_text(row["tokens_per_minute"]), until)
+                      _limit_text(row["requests_per_minute"]), _limit_text(row["tokens_per_minute"]),
+                      str(row["priority"]), until)
     Console(soft_wrap=True).print(table)
     return 0
 
@@ -126,6 +141,16 @@ def cmd_keys_limit(args: argparse.Namespace) -> int:
 
 
 @_refusals_exit_2
+def cmd_keys_priority(args: argparse.Namespace) -> int:
+    settings = _settings_with_keys()
+    credentials.set_priority(settings.credentials_path, args.name, args.priority)
+    value = args.priority or 0
+    console.print(f"[green]✓[/] '{args.name}': priority {value} (lower is served first); the gateway applies it "
+                  "within a second, and the engine orders by it with ALIGNLOOP_SCHEDULING_POLICY=priority")
+    return 0
+
+
+@_refusals_exit_2
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     settings = _settings_with_keys()
     key = credentials.rotate(settings.credentials_path, args.name, args.grace)
@@ -146,8 +171,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Adds `alignloop keys add-app|list|rotate|revoke|limit`."""
-    keys = sub.add_parser("keys", help="API keys: add, list, rotate, revoke, rate limits (no restart needed)"
+    """Adds `alignloop keys add-app|list|rotate|revoke|limit|priority`."""
+    keys = sub.add_parser("keys", help="API keys: add, list, rotate, revoke, rate limits, priorities "
+                          "(no restart needed)"
                           ).add_subparsers(dest="keys_command", required=True)
     add_app = keys.add_parser("add-app", help="create an application key (a tenant of its own) and print it")
     add_app.add_argument("name")
@@ -172,3 +198,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         limit_.add_argument(flag, short, type=limit, default=argparse.SUPPRESS, metavar="N",
                             help=f"{what} a minute: a count, 0 for no limit, or 'default'")
     limit_.set_defaults(func=cmd_keys_limit)
+    priority_ = keys.add_parser("priority", help="set where a tenant's chat requests queue in the engine")
+    priority_.add_argument("name", help="a key's name, as `keys list` shows it")
+    priority_.add_argument("priority", type=priority, metavar="PRIORITY",
+                           help="an integer, lower served first (0: the default, negative: ahead of it), or "
+                                "'default'")
+    priority_.set_defaults(func=cmd_keys_priority)

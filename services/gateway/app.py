@@ -188,13 +188,18 @@ def create_app(settings: Settings) -> FastAPI:
                 raise ApiError(400, f"best_of must be at least n ({body.n})", param="best_of")
             if body.best_of > settings.max_n:
                 raise ApiError(400, f"best_of must be at most {settings.max_n}", param="best_of")
+        priority = who.priority if body.priority is None else body.priority
+        if priority < who.priority:
+            raise ApiError(400, f"priority must be at least {who.priority}, this key's own: a request may wait "
+                                "behind its tenant's others (a higher number), not go ahead of them",
+                           param="priority")
         request.app.state.admission.enter(request.scope, who.key_hash)  # released by ReleaseAdmitted
         admitted = await request.app.state.rate_limits.admit(who.key_hash, who.limits, who.name)
         spend = admitted.spend if admitted else None
         limit_headers = admitted.headers if admitted else {}
         chat: ChatService = request.app.state.chat
         if body.stream:
-            events = await chat.stream(body, who.key_hash, request_id(request), spend)
+            events = await chat.stream(body, who.key_hash, request_id(request), spend, priority)
             # Starlette's own streaming response, as vLLM's server uses: one plain send per token. sse-starlette
             # wraps every send in a timeout scope (benchmarks/sse_events.py: about 10× the cost of a send here),
             # and its keep-alive pings are for idle streams, which a token stream is not.
@@ -202,7 +207,8 @@ def create_app(settings: Settings) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                               **limit_headers})
         response.headers.update(limit_headers)
-        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash, request_id(request), spend))
+        return await _cancel_on_disconnect(request, chat.complete(body, who.key_hash, request_id(request), spend,
+                                                              priority))
 
     async def model_card(request: Request) -> ModelCard:
         info = await policy_info(request)

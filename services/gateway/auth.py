@@ -25,6 +25,7 @@ class Caller:
     key_hash: str  # the tenant's id: the hash of its first key, the same after a rotation
     name: str = ""  # the key's name in the credentials file
     limits: Limits = Limits()  # the tenant's own rate limits, where it has them
+    priority: int = 0  # where the tenant's requests queue in the engine: lower first
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class KeyRing:
                      r.until) for r in creds.retiring if r.name in creds.names()]
         self._keys = keys
         self._limits = creds.limits
+        self._priorities = creds.priorities
 
     def names(self) -> dict[str, str]:
         """Tenant id -> the name of its key, for every tenant with a working key."""
@@ -100,7 +102,8 @@ class KeyRing:
                 metrics.RETIRING_KEY_REQUESTS.labels(match.name).inc()
         if match is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return Caller(match.role, match.tenant, match.name, self._limits.get(match.tenant, Limits()))
+        return Caller(match.role, match.tenant, match.name, self._limits.get(match.tenant, Limits()),
+                      self._priorities.get(match.tenant, 0))
 
     def require_operator(self, caller: Caller) -> Caller:
         if caller.role is not Role.OPERATOR:

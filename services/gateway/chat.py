@@ -41,7 +41,7 @@ log = logging.getLogger("alignloop.gateway.chat")
 OPTIONAL_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p")
 
 
-def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.GenerateRequest:
+def to_policy_request(req: ChatCompletionRequest, request_id: str, priority: int = 0) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
         n=req.n,
         stop=req.stop,
@@ -75,6 +75,7 @@ def to_policy_request(req: ChatCompletionRequest, request_id: str) -> pb.Generat
         request_id=request_id,
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]),
         sampling=sampling,
+        priority=priority,
     )
 
 
@@ -211,15 +212,15 @@ class ChatService:
             raise policy_error(exc, turn.req) from None
 
     async def complete(self, req: ChatCompletionRequest, key_hash: str, request_id: str | None = None,
-                       spend: Callable[[int], None] | None = None) -> ChatCompletionResponse:
+                       spend: Callable[[int], None] | None = None, priority: int = 0) -> ChatCompletionResponse:
         """All choices at once. With best_of, best_of answers are sampled in the same policy call, the reward
         service ranks them and the n best are returned; every sampled answer is recorded either way. `spend`
-        gets the tokens used (prompt and completion)."""
+        gets the tokens used (prompt and completion); `priority` is the engine's scheduling priority."""
         if req.best_of and self.reward is None:
             raise ApiError(503, "best_of needs the reward service, which this gateway is not connected to",
                            "service_unavailable", param="best_of")
         turn = _Turn(req, key_hash, request_id, spend)
-        generate = to_policy_request(req, turn.response_id)
+        generate = to_policy_request(req, turn.response_id, priority)
         if req.best_of:
             generate.sampling.n = req.best_of
         resp = await self._generate(generate, turn)
@@ -281,12 +282,12 @@ class ChatService:
                         model=f"{scored.model.name}/v{scored.model.version}")
 
     async def stream(self, req: ChatCompletionRequest, key_hash: str, request_id: str | None = None,
-                     spend: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
+                     spend: Callable[[int], None] | None = None, priority: int = 0) -> AsyncIterator[bytes]:
         """Opens the stream and waits for the policy to accept the request (its first message comes before any
         token), so that a bad request still gets a 4xx status; returns the server-sent events that follow.
         `spend` gets the tokens used once the stream ends, however it ends."""
         turn = _Turn(req, key_hash, request_id, spend)
-        call, first = await self._open_stream(to_policy_request(req, turn.response_id), turn)
+        call, first = await self._open_stream(to_policy_request(req, turn.response_id, priority), turn)
         if first is grpc.aio.EOF:
             raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
         return self._events(turn, call, first)

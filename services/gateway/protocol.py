@@ -117,6 +117,9 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # vLLM's extension: where the request queues when the engine's batch is full, lower first. Unset: the
+    # tenant's priority (`alignloop keys priority`); a request may defer itself, never go ahead of it.
+    priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None
     # Accepted only to be refused when they ask for something this server does not do (see unsupported()):
     # ignored, they would leave a client believing its model may call tools or speak.
     tools: list[dict] | None = None

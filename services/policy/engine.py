@@ -44,6 +44,7 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
         enforce_eager=settings.enforce_eager,
         dtype=settings.dtype,
         max_num_seqs=settings.max_num_seqs,
+        scheduling_policy=settings.scheduling_policy,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         disable_log_stats=not settings.engine_stats,
         otlp_traces_endpoint=settings.otlp_traces_endpoint,

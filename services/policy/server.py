@@ -120,7 +120,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             async for out in self.engine.generate(
                 {"prompt_token_ids": prepared.prompt_token_ids}, prepared.sampling_params, request_id,
-                trace_headers=trace_headers,
+                trace_headers=trace_headers, priority=request.priority,
             ):
                 finished = out.finished
                 yield out

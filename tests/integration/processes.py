@@ -4,16 +4,20 @@ component's argv and environment from alignloop/components.py, the settings as A
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from alignloop import components
+from alignloop.components import http_ok
 from alignloop.config import Settings
-from tests.conftest import REPO
+from tests.conftest import REPO, Stack, free_port, wait_for
 
 
 @dataclass
@@ -68,3 +72,21 @@ class ComponentProcesses:
     def down(self) -> None:
         for name in reversed(list(self.procs)):
             self.kill(name, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def gateway_replica(stack: Stack, log_dir: Path, **env: str) -> Iterator[str]:
+    """One more gateway process on a port of its own, in front of the stack's services; its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_dir / f"gateway-{port}.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT,
+                                   env={**stack.env, "ALIGNLOOP_GATEWAY_PORT": str(port), **env})
+    try:
+        wait_for(lambda: process.poll() is None and http_ok(f"{url}/readyz"), timeout=90,
+                 what=f"a gateway replica on port {port} (log: {log_dir})")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -4,42 +4,21 @@ their buckets in the machine's Redis, answering the official `openai` SDK."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from alignloop import credentials
-from alignloop.components import http_ok
-from tests.conftest import REDIS_URL, REPO, Stack, free_port, wait_for
+from tests.conftest import REDIS_URL, Stack, wait_for
+from tests.integration.processes import gateway_replica
 
 pytestmark = pytest.mark.integration
 
 MODEL = "alignloop-policy"
 HELLO = [{"role": "user", "content": "Say hello."}]
-
-
-@contextlib.contextmanager
-def gateway_replica(stack: Stack, log_dir: Path, **env: str) -> Iterator[str]:
-    """One more gateway process on a port of its own, in front of the stack's services; its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_dir / f"gateway-{port}.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=REPO, stdout=log,
-                                   stderr=subprocess.STDOUT,
-                                   env={**stack.env, "ALIGNLOOP_GATEWAY_PORT": str(port), **env})
-    try:
-        wait_for(lambda: process.poll() is None and http_ok(f"{url}/readyz"), timeout=90,
-                 what=f"a gateway replica on port {port} (log: {log_dir})")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 @pytest.fixture(scope="module")
