@@ -8,7 +8,7 @@ STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
-	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits clean-state
+	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -44,6 +44,9 @@ bench-feedback: setup
 
 bench-rate-limits: setup
 	$(PY) benchmarks/rate_limits.py
+
+bench-priorities: setup
+	$(PY) benchmarks/priorities.py
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py

@@ -4,6 +4,7 @@ silently (a refactor of the supervisor once did)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -325,7 +326,6 @@ def test_reward_probe_finds_a_length_preference_that_flips_between_splits(tmp_pa
     length probe that is told the split gets every held-out pair right; the split's rows are per file; the
     probe whose length weight depends on the question tells the two kinds of question apart by itself."""
     import gzip
-    import json
 
     from pipelines.models_init import build_tiny_reward_model
     from pipelines.reward.datasets import parse_hh, read_jsonl
@@ -373,7 +373,6 @@ def test_reward_sweep_chooses_on_validation_pairs_and_reports_held_out_pairs_ove
     winner and the reference setting are then trained on the whole split once per seed and scored on the
     held-out pairs, which the choice never saw."""
     import gzip
-    import json
 
     from pipelines.models_init import build_tiny_reward_model
 
@@ -407,3 +406,18 @@ def test_reward_sweep_chooses_on_validation_pairs_and_reports_held_out_pairs_ove
         assert [(r["lr"], r["seed"]) for r in result["finals"][name]] == [(lr, 0), (lr, 1)]
     assert result["best_held_out_mean"] >= 0.9
     assert result["best_held_out_mean"] > result["reference_held_out_mean"]
+
+
+def test_priorities_benchmark_runs_both_scheduling_policies_on_real_engines(tmp_path: Path):
+    """A short run on the tiny model: both engines serve the batch and the interactive requests, and the JSON
+    line has each policy's figures and the ratios (what they say is the benchmark's business, not a test's)."""
+    out = subprocess.run(
+        [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "priorities")), "--model", "tiny",
+         "--rounds", "1", "--interactive", "2", "--batch-clients", "6", "--warmup-s", "0.5", "--home",
+         str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for policy in ("fcfs", "priority"):
+        assert summary[policy]["ttft_p50_ms"] > 0 and summary[policy]["batch_tokens_per_s"] > 0
+    assert summary["interactive_ttft_p50_ratio_fcfs_over_priority"] > 0
+    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
