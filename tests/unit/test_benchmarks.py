@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -408,13 +409,17 @@ def test_reward_sweep_chooses_on_validation_pairs_and_reports_held_out_pairs_ove
     assert result["best_held_out_mean"] > result["reference_held_out_mean"]
 
 
-def test_priorities_benchmark_runs_both_scheduling_policies_on_real_engines(tmp_path: Path):
+def test_priorities_benchmark_runs_both_scheduling_policies_on_real_engines():
     """A short run on the tiny model: both engines serve the batch and the interactive requests, and the JSON
     line has each policy's figures and the ratios (what they say is the benchmark's business, not a test's)."""
-    out = subprocess.run(
-        [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "priorities")), "--model", "tiny",
-         "--rounds", "1", "--interactive", "2", "--batch-clients", "6", "--warmup-s", "0.5", "--home",
-         str(tmp_path)], capture_output=True, text=True, timeout=600)
+    # A short home: vLLM's IPC sockets live under it, and a socket path may have at most 107 characters. No
+    # ALIGNLOOP_* or VLLM_* variable of earlier tests (they set vLLM's socket folder in this process).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
+    with tempfile.TemporaryDirectory(prefix="al-") as home:
+        out = subprocess.run(
+            [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "priorities")), "--model", "tiny",
+             "--rounds", "1", "--interactive", "2", "--batch-clients", "6", "--warmup-s", "0.5", "--home", home],
+            capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     for policy in ("fcfs", "priority"):
