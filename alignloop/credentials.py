@@ -223,6 +223,13 @@ def revoke(path: Path, name: str) -> None:
         ))
 
 
+def _tenant_of(creds: Credentials, name: str) -> str:
+    """The tenant id of the key called `name`; refused, naming the known keys, if there is none."""
+    if name not in creds.names():
+        raise CredentialsError(f"no key named '{name}' (known: {', '.join(creds.names())})")
+    return creds.tenant(name)
+
+
 KEEP = "keep"  # set_limits: leave this limit as it is
 
 
@@ -234,9 +241,7 @@ def set_limits(path: Path, name: str, requests_per_minute: int | None | str = KE
         if isinstance(value, int) and value < 0:
             raise CredentialsError("a limit is a number of requests or tokens per minute, 0 for none")
     with _locked(path) as creds:
-        if name not in creds.names():
-            raise CredentialsError(f"no key named '{name}' (known: {', '.join(creds.names())})")
-        tenant = creds.tenant(name)
+        tenant = _tenant_of(creds, name)
         old = creds.limits.get(tenant, Limits())
         new = Limits(old.requests_per_minute if requests_per_minute == KEEP else requests_per_minute,
                      old.tokens_per_minute if tokens_per_minute == KEEP else tokens_per_minute)
@@ -258,9 +263,7 @@ def set_priority(path: Path, name: str, priority: int | None) -> None:
     if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise CredentialsError(f"a priority is an integer from {PRIORITY_MIN} to {PRIORITY_MAX}")
     with _locked(path) as creds:
-        if name not in creds.names():
-            raise CredentialsError(f"no key named '{name}' (known: {', '.join(creds.names())})")
-        tenant = creds.tenant(name)
+        tenant = _tenant_of(creds, name)
         priorities = {t: v for t, v in creds.priorities.items() if t != tenant}
         if priority:
             priorities[tenant] = priority

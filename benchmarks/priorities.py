@@ -35,29 +35,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from alignloop.config import POLICY_MODEL_NAME, Settings  # noqa: E402
+from benchmarks.ppo_step import policy_folder  # noqa: E402
+from benchmarks.serving import percentile  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("fcfs", "priority")
 BATCH_PRIORITY, INTERACTIVE_PRIORITY = 10, 0
 err = Console(stderr=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
-def model_folder(settings: Settings, model: str) -> Path:
-    """The policy's weights as a plain folder, built once (no MLflow needed here)."""
-    from pipelines.models_init import build_smollm2_policy, build_tiny_policy
-
-    folder = settings.cache_dir / "priorities-bench" / model
-    if not (folder / "config.json").exists():
-        with err.status(f"building the {model} policy in {folder}"):
-            if model == "tiny":
-                build_tiny_policy(folder, max_position_embeddings=settings.max_model_len)
-            else:
-                build_smollm2_policy(folder, settings.cache_dir)
-    return folder
 
 
 def build(policy: str, settings: Settings, folder: Path):
@@ -152,7 +135,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> dict:
     summary["interactive_ttft_p50_ratio_fcfs_over_priority"] = fcfs["ttft_p50_ms"] / prio["ttft_p50_ms"]
     summary["interactive_latency_p50_ratio_fcfs_over_priority"] = fcfs["latency_p50_ms"] / prio["latency_p50_ms"]
     summary["batch_throughput_ratio_priority_over_fcfs"] = prio["batch_tokens_per_s"] / fcfs["batch_tokens_per_s"]
-    Console(stderr=True).print(table)
+    err.print(table)
     err.print(f"interactive TTFT p50: {summary['interactive_ttft_p50_ratio_fcfs_over_priority']:.1f}× shorter "
               f"with priorities; latency p50 {summary['interactive_latency_p50_ratio_fcfs_over_priority']:.1f}×; "
               f"batch throughput {summary['batch_throughput_ratio_priority_over_fcfs']:.2f}× of fcfs's")
@@ -170,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-s", type=float, default=0.2, help="pause between interactive requests")
     p.add_argument("--warmup-s", type=float, default=2.0, help="batch load before the first interactive request")
     p.add_argument("--rounds", type=int, default=3, help="rounds per policy, alternating")
-    p.add_argument("--home", type=Path, default=None, help="where the model folder is kept (default .alignloop)")
+    p.add_argument("--home", type=Path, default=None,
+                   help="ALIGNLOOP_HOME, where vLLM keeps its sockets (default .alignloop)")
     return p.parse_args(argv)
 
 
@@ -185,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides |= {"max_model_len": 512, "dtype": "float32", "enforce_eager": True}
     settings = Settings(**overrides)
     settings.ensure_dirs()
-    folder = model_folder(settings, args.model)
+    folder = policy_folder(tiny=args.model == "tiny")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
