@@ -62,6 +62,8 @@ class CompletionRecordV1(BaseModel):
     response_text: str
     finish_reason: str | None
     prompt_tokens: int
+    # Of prompt_tokens, those found in the engine's prefix cache; None in records written before it was added.
+    cached_tokens: int | None = None
     completion_tokens: int
     model_name: str
     model_version: str

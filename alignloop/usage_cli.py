@@ -13,11 +13,13 @@ from alignloop.pipeline_cli import print_report
 def usage_view(report: dict) -> Table:
     period = "all time" if report["days"] == 0 else f"last {report['days']} UTC days"
     table = Table(title=f"usage by tenant, most tokens first ({period})", title_justify="left")
-    for col in ("name", "tenant", "requests", "choices", "prompt tokens", "completion tokens", "total tokens"):
+    for col in ("name", "tenant", "requests", "choices", "prompt tokens", "of them cached", "completion tokens",
+                "total tokens"):
         table.add_column(col, justify="left" if col in ("name", "tenant") else "right")
     for t in report["by_tenant"]:
         table.add_row(escape(t["name"] or "(revoked)"), t["tenant"], f"{t['requests']:,}", f"{t['completions']:,}",
-                      f"{t['prompt_tokens']:,}", f"{t['completion_tokens']:,}", f"{t['total_tokens']:,}")
+                      f"{t['prompt_tokens']:,}", f"{t['cached_prompt_tokens']:,}", f"{t['completion_tokens']:,}",
+                      f"{t['total_tokens']:,}")
     return table
 
 

@@ -34,6 +34,7 @@ class Completion(Base):
     response_text: Mapped[str] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     prompt_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)  # prefix-cache hits; NULL before 0007
     completion_tokens: Mapped[int] = mapped_column(Integer)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(32))

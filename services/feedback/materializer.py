@@ -63,6 +63,7 @@ def completion_row(rec: CompletionRecordV1, now: datetime) -> dict:
         "response_text": rec.response_text,
         "finish_reason": rec.finish_reason,
         "prompt_tokens": rec.prompt_tokens,
+        "cached_tokens": rec.cached_tokens,
         "completion_tokens": rec.completion_tokens,
         "model_name": rec.model_name,
         "model_version": rec.model_version,

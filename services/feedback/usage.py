@@ -1,5 +1,6 @@
 """What each tenant used, per UTC day, from the completion records in the store: requests, choices, and prompt
-and completion tokens counted as OpenAI bills them (a request's prompt once, however many choices it had)."""
+(with their cached part) and completion tokens counted as OpenAI bills them (a request's prompt once, however
+many choices it had)."""
 
 from __future__ import annotations
 
@@ -37,16 +38,19 @@ def query(engine: Engine, days: int) -> list[pb.UsageRow]:
     per_request = (
         select(c.api_key_hash.label("tenant"), utc_day(func.min(c.created_at)).label("day"),
                func.count().label("completions"), func.max(c.prompt_tokens).label("prompt_tokens"),
-               func.sum(c.completion_tokens).label("completion_tokens"))
+               func.sum(c.completion_tokens).label("completion_tokens"),
+               # NULL in records from before cached tokens were counted: none known to be cached.
+               func.coalesce(func.max(c.cached_tokens), 0).label("cached_tokens"))
         .group_by(c.api_key_hash, c.response_id)
     )
     if (since := period_start(days)) is not None:
         per_request = per_request.where(c.created_at >= since)
     r = per_request.subquery()
     stmt = (select(r.c.day, r.c.tenant, func.count(), func.sum(r.c.completions), func.sum(r.c.prompt_tokens),
-                   func.sum(r.c.completion_tokens))
+                   func.sum(r.c.completion_tokens), func.sum(r.c.cached_tokens))
             .group_by(r.c.day, r.c.tenant).order_by(r.c.day, r.c.tenant))
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
     return [pb.UsageRow(day=row[0], tenant=row[1], requests=row[2], completions=int(row[3] or 0),
-                        prompt_tokens=int(row[4] or 0), completion_tokens=int(row[5] or 0)) for row in rows]
+                        prompt_tokens=int(row[4] or 0), completion_tokens=int(row[5] or 0),
+                        cached_prompt_tokens=int(row[6] or 0)) for row in rows]

@@ -123,7 +123,8 @@ class _Turn:
                 "gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.output_tokens": completion_tokens}
 
     def record(self, index: int, text: str, finish: str | None, prompt_tokens: int, tokens: int, model: pb.ModelRef,
-               *, reward: float | None = None, reward_model_version: str | None = None, shown: bool = True):
+               *, cached_tokens: int = 0, reward: float | None = None, reward_model_version: str | None = None,
+               shown: bool = True):
         req = self.req
         return CompletionRecordV1(
             completion_id=self.completion_ids[index],
@@ -134,6 +135,7 @@ class _Turn:
             response_text=text,
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
             completion_tokens=tokens,
             model_name=model.name,
             model_version=model.version,
@@ -231,11 +233,11 @@ class ChatService:
         for c in answers:
             self.completion_log.submit(turn.record(
                 c.index, c.text, c.finish_reason or None, resp.prompt_tokens, len(c.token_ids), resp.model,
-                reward=ranking.reward(c) if ranking else None,
+                cached_tokens=resp.cached_tokens, reward=ranking.reward(c) if ranking else None,
                 reward_model_version=ranking.version if ranking else None, shown=c.index in shown_indices))
         # Every sampled answer cost tokens, shown or not.
         completion_tokens = sum(len(c.token_ids) for c in answers)
-        metrics.GENERATED_TOKENS.inc(completion_tokens)
+        metrics.count_tokens(resp.prompt_tokens, resp.cached_tokens, completion_tokens)
         if spend is not None:
             spend(resp.prompt_tokens + completion_tokens)
         annotate(lambda: turn.span_attributes(resp.model, resp.prompt_tokens, completion_tokens))
@@ -251,8 +253,7 @@ class ChatService:
                        reward=ranking.reward(c) if ranking else None)
                 for i, c in enumerate(shown)
             ],
-            usage=Usage(prompt_tokens=resp.prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=resp.prompt_tokens + completion_tokens),
+            usage=Usage.of(resp.prompt_tokens, completion_tokens, resp.cached_tokens),
             reward_model=ranking.model if ranking else None,
             candidates=None if ranking is None else [
                 Candidate(completion_id=turn.completion_ids[c.index], reward=ranking.reward(c),
@@ -296,6 +297,7 @@ class ChatService:
         req = turn.req
         model = first.model
         prompt_tokens = first.prompt_tokens
+        cached_tokens = 0
         texts = [""] * req.n
         tokens = [0] * req.n
         render = ChunkRenderer(turn.response_id, int(turn.received_at), model.name, fingerprint(model),
@@ -307,6 +309,7 @@ class ChatService:
             first_token_seen = False
             msg = first
             while msg is not grpc.aio.EOF:
+                cached_tokens = msg.cached_tokens or cached_tokens  # set on one message only
                 for d in msg.deltas:
                     if not first_token_seen and d.token_ids:
                         metrics.TTFT.observe(time.time() - turn.received_at)
@@ -329,16 +332,13 @@ class ChatService:
                         completion_id=turn.completion_ids[d.index],
                     )])
                     if finish:
-                        self.completion_log.submit(
-                            turn.record(d.index, texts[d.index], finish, prompt_tokens, tokens[d.index], model)
-                        )
+                        self.completion_log.submit(turn.record(d.index, texts[d.index], finish, prompt_tokens,
+                                                               tokens[d.index], model, cached_tokens=cached_tokens))
                 msg = await call.read()
-            metrics.GENERATED_TOKENS.inc(sum(tokens))
+            metrics.count_tokens(prompt_tokens, cached_tokens, sum(tokens))
             annotate(lambda: turn.span_attributes(model, prompt_tokens, sum(tokens)))
             if req.stream_options and req.stream_options.include_usage:
-                total = sum(tokens)
-                yield render.chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=total,
-                                             total_tokens=prompt_tokens + total))
+                yield render.chunk([], Usage.of(prompt_tokens, sum(tokens), cached_tokens))
             yield sse("[DONE]")
         except grpc.aio.AioRpcError as exc:
             # Headers are gone already: report in-band, as OpenAI and vLLM do, then end the stream.

@@ -21,6 +21,19 @@ RETIRING_KEY_REQUESTS = Counter(
     ["name"],
 )
 GENERATED_TOKENS = Counter("alignloop_gateway_generated_tokens_total", "Completion tokens served.")
+PROMPT_TOKENS = Counter("alignloop_gateway_prompt_tokens_total", "Prompt tokens of the requests answered.")
+CACHED_PROMPT_TOKENS = Counter(
+    "alignloop_gateway_cached_prompt_tokens_total",
+    "Of the prompt tokens, those the policy's engine found in its prefix cache: divided by the prompt tokens, "
+    "the share of prefill work that shared prefixes (system prompts, conversation history) saved.",
+)
+
+
+def count_tokens(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
+    """One answered request's tokens."""
+    PROMPT_TOKENS.inc(prompt_tokens)
+    CACHED_PROMPT_TOKENS.inc(cached_tokens)
+    GENERATED_TOKENS.inc(completion_tokens)
 
 
 class RequestMetrics(HttpMiddleware):

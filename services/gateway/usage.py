@@ -17,6 +17,7 @@ class TenantUsage(BaseModel):
     requests: int = 0
     completions: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the policy's engine found in its prefix cache
     completion_tokens: int = 0
     total_tokens: int = 0
 
@@ -35,6 +36,7 @@ def _add(into: TenantUsage, row: pb.UsageRow) -> None:
     into.requests += row.requests
     into.completions += row.completions
     into.prompt_tokens += row.prompt_tokens
+    into.cached_prompt_tokens += row.cached_prompt_tokens
     into.completion_tokens += row.completion_tokens
     into.total_tokens += row.prompt_tokens + row.completion_tokens
 

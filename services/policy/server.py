@@ -155,6 +155,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             ],
             prompt_tokens=len(prepared.prompt_token_ids),
             model=model,
+            cached_tokens=final.num_cached_tokens or 0,
         )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -180,10 +181,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             # The request is valid: say so at once (callers can answer their own clients before the first token).
             yield pb.GenerateStreamResponse(prompt_tokens=len(prepared.prompt_token_ids), model=model)
             out = await first
+            # vLLM knows the prefix-cache hits once the prompt is prefilled, which its first output follows.
+            cached_tokens = out.num_cached_tokens or 0
             while True:
                 yield pb.GenerateStreamResponse(
-                    deltas=[completion_message(o, with_logprobs=s.logprobs, top_k=s.top_logprobs) for o in out.outputs]
+                    deltas=[completion_message(o, with_logprobs=s.logprobs, top_k=s.top_logprobs) for o in out.outputs],
+                    cached_tokens=cached_tokens,
                 )
+                cached_tokens = 0
                 if out.finished:
                     break
                 out = await anext(outputs)

@@ -99,9 +99,9 @@ class FeedbackStack(ComponentProcesses):
         return self._engine
 
     def produce_completions(self, api_key: str, prompts: list[str], n: int = 1, model_version: str = "1",
-                            created_at: float | None = None) -> list[list[str]]:
+                            created_at: float | None = None, cached_tokens: int | None = None) -> list[list[str]]:
         """Completion records as the gateway writes them (served now, or at `created_at`); returns the
-        completion ids, per prompt."""
+        completion ids, per prompt. `cached_tokens` None: a record from before they were counted."""
         if self._producer is None:
             self._producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
                                            enable_idempotence=True)
@@ -113,7 +113,8 @@ class FeedbackStack(ComponentProcesses):
                 rec = CompletionRecordV1(
                     completion_id=f"cmpl-{uuid.uuid4().hex}", response_id=response_id, choice_index=index,
                     messages=[ChatMessageV1(role="user", content=prompt)], response_text=f"answer {index}",
-                    finish_reason="stop", prompt_tokens=5, completion_tokens=3, model_name="alignloop-policy",
+                    finish_reason="stop", prompt_tokens=5, cached_tokens=cached_tokens, completion_tokens=3,
+                    model_name="alignloop-policy",
                     model_version=model_version, sampling=SamplingV1(n=n), api_key_hash=credentials.key_hash(api_key),
                     stream=False, created_at=now, finished_at=now,
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 
 import grpc
 import httpx
@@ -12,11 +13,12 @@ import openai
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from alignloop import credentials
 from alignloop.credentials import key_hash
 from alignloop.topics import COMPLETIONS_V1, CompletionRecordV1
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
-from tests.conftest import TEST_MAX_MODEL_LEN, TEST_MAX_N
+from tests.conftest import TEST_MAX_MODEL_LEN, TEST_MAX_N, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +136,50 @@ def test_streaming_chat_matches_the_openai_chunk_format(openai_client, stack):
 
     rec = read_records(stack.kafka, {completion_id})[completion_id]
     assert rec.stream is True and rec.response_text == text and rec.completion_tokens == 10
+
+
+def test_prompt_tokens_the_prefix_cache_held_are_reported_recorded_and_billed(stack):
+    # A tenant of its own, so that the usage report's figures are this test's alone.
+    name = f"cache-{uuid.uuid4().hex[:8]}"
+    key = credentials.add_app(stack.home / "credentials.json", name)
+    wait_for(lambda: httpx.get(f"{stack.gateway}/v1/models", headers={"Authorization": f"Bearer {key}"})
+             .status_code == 200, timeout=10, what="the gateway to take the new key")
+    client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=key, max_retries=0)
+    # A system prompt that no earlier request began with (its first words are new), long enough to fill a KV
+    # block (vLLM's CPU blocks hold 128 tokens, its CUDA ones 16) and short enough for the tests' context.
+    system = {"role": "system", "content": f"{uuid.uuid4().hex} " + " ".join(f"Rule {i}: be brief." for i in range(14))}
+    asked = [system, {"role": "user", "content": "Say hello."}]
+
+    first = client.chat.completions.create(model=MODEL, messages=asked, max_tokens=4, temperature=0)
+    assert TEST_MAX_MODEL_LEN // 2 < first.usage.prompt_tokens < TEST_MAX_MODEL_LEN - 4
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # The same prompt again: all of it but the part of a block the engine must compute anew is cached.
+    again = client.chat.completions.create(model=MODEL, messages=asked, max_tokens=4, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.usage.prompt_tokens // 2 <= cached < again.usage.prompt_tokens
+    # Another question under the same system prompt, streamed: the system prompt's blocks are shared.
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[system, {"role": "user", "content": "Say goodbye."}], max_tokens=4, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    streamed = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    assert 0 < streamed <= cached
+
+    ids = {first.choices[0].completion_id: 0, again.choices[0].completion_id: cached,
+           chunks[0].choices[0].completion_id: streamed}
+    records = read_records(stack.kafka, set(ids))
+    assert {cid: rec.cached_tokens for cid, rec in records.items()} == ids
+
+    # The usage report counts them, beside the prompt tokens they are part of.
+    with httpx.Client(base_url=stack.gateway, timeout=30,
+                      headers={"Authorization": f"Bearer {stack.credentials['operator_key']}"}) as ops:
+        def mine() -> dict | None:
+            report = ops.get("/v1/admin/usage", params={"days": 1}).raise_for_status().json()
+            return next((t for t in report["by_tenant"] if t["name"] == name and t["requests"] == 3), None)
+
+        wait_for(lambda: mine() is not None, timeout=30, what="the three requests in the usage report")
+        row = mine()
+    assert row["cached_prompt_tokens"] == cached + streamed
+    assert row["prompt_tokens"] == first.usage.prompt_tokens * 2 + chunks[-1].usage.prompt_tokens
 
 
 def test_streaming_n2_interleaves_choices(openai_client, stack):

@@ -310,8 +310,9 @@ def test_operators_see_each_tenants_requests_and_tokens_counting_a_prompt_once(f
     heavy, light, gone = f"usage-heavy-{tag}", f"usage-light-{tag}", f"usage-gone-{tag}"
     keys = {name: fstack.key(name) for name in (heavy, light, gone)}
     # Each record here: 5 prompt tokens, 3 completion tokens (FeedbackStack.produce_completions).
-    served = fstack.produce_completions(keys[heavy], [f"a {tag}", f"b {tag}"], n=3)
-    served += fstack.produce_completions(keys[light], [f"c {tag}"])
+    served = fstack.produce_completions(keys[heavy], [f"a {tag}", f"b {tag}"], n=3, cached_tokens=4)
+    served += fstack.produce_completions(keys[heavy], [f"f {tag}"], cached_tokens=0)
+    served += fstack.produce_completions(keys[light], [f"c {tag}"])  # a record from before cached tokens
     served += fstack.produce_completions(keys[light], [f"d {tag}"], created_at=time.time() - 3 * 86400)
     served += fstack.produce_completions(keys[gone], [f"e {tag}"], n=2)
     fstack.wait_stored_completions([c for group in served for c in group])
@@ -330,15 +331,17 @@ def test_operators_see_each_tenants_requests_and_tokens_counting_a_prompt_once(f
     wait_until(lambda: tenant(report(1), heavy)["name"] == heavy)
     today = report(1)
     h = tenant(today, heavy)
-    # Two requests of three choices: each prompt counted once, every choice's tokens.
-    assert (h["name"], h["requests"], h["completions"], h["prompt_tokens"], h["completion_tokens"],
-            h["total_tokens"]) == (heavy, 2, 6, 10, 18, 28)
-    assert (tenant(today, light)["requests"], tenant(today, light)["total_tokens"]) == (1, 8)
+    # Two requests of three choices and one of one: each prompt (and its cached part) counted once, every
+    # choice's tokens.
+    assert (h["name"], h["requests"], h["completions"], h["prompt_tokens"], h["cached_prompt_tokens"],
+            h["completion_tokens"], h["total_tokens"]) == (heavy, 3, 7, 15, 8, 21, 36)
+    light_today = tenant(today, light)
+    assert (light_today["requests"], light_today["cached_prompt_tokens"], light_today["total_tokens"]) == (1, 0, 8)
     wait_until(lambda: tenant(report(1), gone)["name"] is None)  # revoked: its usage stays, unnamed
     assert tenant(report(0), light)["requests"] == 2  # all time takes in the request of three days ago
     day = time.strftime("%Y-%m-%d", time.gmtime())
     mine = [d for d in today["by_tenant_and_day"] if d["tenant"] == key_hash(keys[heavy])]
-    assert [(d["day"], d["requests"]) for d in mine] == [(day, 2)]
+    assert [(d["day"], d["requests"], d["cached_prompt_tokens"]) for d in mine] == [(day, 3, 8)]
     days = [d["day"] for d in report(0)["by_tenant_and_day"]]
     assert days == sorted(days)
 
@@ -355,7 +358,7 @@ def test_operators_see_each_tenants_requests_and_tokens_counting_a_prompt_once(f
         cli.main(["usage", "--days", "1", "--json"])
     assert exit_.value.code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert tenant(printed, heavy)["total_tokens"] == 28
+    assert tenant(printed, heavy)["total_tokens"] == 36
 
 
 def test_every_feedback_route_needs_a_key(fstack):

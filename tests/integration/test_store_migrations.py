@@ -49,8 +49,9 @@ def test_a_store_from_before_request_ids_upgrades_and_keeps_its_rows(backend, tm
                     " 'alignloop-policy', '1', '{}', false, :t, :t, :t)"), {"t": now})
             assert store.upgrade(url) == store.head_revision()
             with engine.connect() as conn:
-                row = conn.execute(select(Completion.response_text, Completion.request_id)).one()
+                row = conn.execute(select(Completion.response_text, Completion.request_id,
+                                          Completion.cached_tokens)).one()
                 assert store.current_revision(engine) == store.head_revision()
-            assert tuple(row) == ("an old answer", None)
+            assert tuple(row) == ("an old answer", None, None)
         finally:
             engine.dispose()

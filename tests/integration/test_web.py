@@ -310,7 +310,7 @@ def test_console_shows_the_new_counts_and_refuses_a_second_run(stack, tab):
     app = next(u for u in usage["by_tenant"] if u["name"] == "default")
     row = page.locator(f'#usage tr[data-tenant="{app["tenant"]}"]')
     expect(row.locator("th")).to_have_text("default")
-    for col in ("requests", "total_tokens"):
+    for col in ("requests", "cached_prompt_tokens", "total_tokens"):
         assert int(row.locator(f'[data-col="{col}"]').inner_text().replace(",", "")) == app[col], col
     page.locator("#chart-feedback svg circle").first.wait_for()
     page.locator("#chart-thumbs svg circle").first.wait_for()

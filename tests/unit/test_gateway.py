@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.credentials import Credentials, key_hash
 from alignloop.v1 import policy_pb2 as pb
+from services.gateway import metrics
 from services.gateway.auth import KeyRing, Role
 from services.gateway.chat import ChatService, to_policy_request
 from services.gateway.errors import ApiError, from_rpc_error
@@ -223,19 +224,29 @@ def test_keyring_roles():
 # ---- serving --------------------------------------------------------------------------------------------
 
 
+def token_counters() -> tuple[float, float, float]:
+    """The gateway's prompt, cached prompt and generated token counters."""
+    return (metrics.PROMPT_TOKENS._value.get(), metrics.CACHED_PROMPT_TOKENS._value.get(),
+            metrics.GENERATED_TOKENS._value.get())
+
+
 def test_complete_builds_choices_usage_and_one_record_per_choice():
     resp = pb.GenerateResponse(
         completions=[pb.Completion(index=0, text="Hi!", token_ids=[5, 6], finish_reason="stop"),
                      pb.Completion(index=1, text="Yo", token_ids=[7], finish_reason="length")],
-        prompt_tokens=4, model=MODEL,
+        prompt_tokens=4, model=MODEL, cached_tokens=2,
     )
     log = FakeLog()
+    before = token_counters()
     out = asyncio.run(ChatService(PolicyRouter(FakeStub(unary=resp)), log, 10).complete(request(n=2), "h"))
     assert [c.message.content for c in out.choices] == ["Hi!", "Yo"]
-    assert out.usage.model_dump() == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert out.usage.model_dump() == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                                      "prompt_tokens_details": {"cached_tokens": 2}}
     assert out.system_fingerprint == "alignloop-policy/v3"
     assert [r.completion_id for r in log.records] == [c.completion_id for c in out.choices]
     assert [r.completion_tokens for r in log.records] == [2, 1]
+    assert [(r.prompt_tokens, r.cached_tokens) for r in log.records] == [(4, 2), (4, 2)]
+    assert [a - b for a, b in zip(token_counters(), before)] == [4, 2, 3]  # the prompt counted once
     assert all(r.model_version == "3" and r.api_key_hash == "h" for r in log.records)
 
 
@@ -259,14 +270,16 @@ async def _collect(service, req):
 
 def test_stream_emits_role_chunks_deltas_finish_usage_and_done():
     call = FakeStreamCall([
-        pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="He", token_ids=[1])],
-                                  prompt_tokens=3, model=MODEL),
+        pb.GenerateStreamResponse(prompt_tokens=3, model=MODEL),  # the policy's "accepted" message
+        # The engine's cache hits come with its first output, and only there.
+        pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="He", token_ids=[1])], cached_tokens=2),
         pb.GenerateStreamResponse(deltas=[pb.Completion(index=1, text="Yo", token_ids=[2])]),
         pb.GenerateStreamResponse(deltas=[pb.Completion(index=0, text="llo", token_ids=[3], finish_reason="stop"),
                                           pb.Completion(index=1, text="", token_ids=[4], finish_reason="length")]),
     ])
     log = FakeLog()
     req = request(n=2, stream=True, stream_options={"include_usage": True})
+    before = token_counters()
     events = asyncio.run(_collect(ChatService(PolicyRouter(FakeStub(stream=call)), log, 10), req))
 
     assert events[-1] == "[DONE]"
@@ -277,10 +290,12 @@ def test_stream_emits_role_chunks_deltas_finish_usage_and_done():
     assert [(c["choices"][0]["index"], c["choices"][0]["delta"].get("content"),
              c["choices"][0].get("finish_reason")) for c in body] == [
         (0, "He", None), (1, "Yo", None), (0, "llo", "stop"), (1, "", "length")]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2}}
     assert {c["id"] for c in chunks} == {chunks[0]["id"]}
-    assert [(r.choice_index, r.response_text, r.finish_reason) for r in log.records] == [
-        (0, "Hello", "stop"), (1, "Yo", "length")]
+    assert [(r.choice_index, r.response_text, r.finish_reason, r.cached_tokens) for r in log.records] == [
+        (0, "Hello", "stop", 2), (1, "Yo", "length", 2)]
+    assert [a - b for a, b in zip(token_counters(), before)] == [3, 2, 4]
     assert call.cancelled  # the call is always released
 
 

@@ -117,12 +117,13 @@ function renderCharts(stats, days) {
 }
 
 function renderUsage(report) {
-  const cols = ["requests", "completions", "prompt_tokens", "completion_tokens", "total_tokens"];
+  const cols = ["requests", "completions", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+    "total_tokens"];
   const rows = report.by_tenant.map((t) => el("tr", { dataset: { tenant: t.tenant } },
     el("th", { scope: "row" }, t.name || "(revoked)"), el("td", {}, el("code", {}, t.tenant)),
     ...cols.map((c) => el("td", { class: "num", dataset: { col: c } }, t[c].toLocaleString("en-US")))));
   $("usage").tBodies[0].replaceChildren(...(rows.length ? rows
-    : [el("tr", {}, el("td", { colspan: 7 }, "No requests in this period."))]));
+    : [el("tr", {}, el("td", { colspan: 8 }, "No requests in this period."))]));
 }
 
 async function loadModels() {
