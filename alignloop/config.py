@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     completion_queue_size: int = 10_000
     # How often the gateway asks the canary policy service what it serves and its share of traffic.
     canary_poll_s: float = 2.0
+    # How the gateway spreads chat requests over the policy replicas. "round_robin": in turn. "conversation":
+    # by consistent hashing on the tenant, the `user` field and the conversation's opening messages, so that
+    # every turn of a conversation reaches the replica whose prefix cache holds its earlier turns.
+    policy_routing: Literal["round_robin", "conversation"] = "round_robin"
     # Where operators' browsers reach MLflow's UI, for the console's links to runs; unset: the tracking URI,
     # right when everything runs on one machine, an internal address in a cluster.
     mlflow_ui_url: str | None = None

@@ -16,6 +16,12 @@ server sent. Only calls that are safe to repeat are retried: those
 that change nothing, and feedback submissions, which carry their feedback id so the store keeps one copy.
 A stream is retried only before its first message, as gRPC does for every streaming call.
 
+**Conversation affinity.** With `affinity`, calls are placed by consistent hashing instead (gRPC's
+`ring_hash` policy) on the value of their `alignloop-affinity` header: calls with the same value go to the
+same replica for as long as it is healthy, and when replicas come or go only the values that were on them
+move. The gateway sets the header from a chat's opening messages, so every turn of a conversation reaches the
+replica whose prefix cache holds its history. A call without the header goes to a random replica.
+
 **Health checking.** With `health_checked`, the channel also watches each replica's grpc.health.v1 status
 (alignloop/grpc_health.py) and sends calls only to those that report SERVING. A replica that starts to stop
 says so at once, so its share moves to the others before it drains, without waiting for DNS or for a refused
@@ -25,6 +31,7 @@ call. A server without the health service counts as healthy (gRPC's rule).
 from __future__ import annotations
 
 import json
+import os
 
 import grpc
 
@@ -51,12 +58,23 @@ RETRY_POLICY = {
 # sends every call down the first address that connects).
 LOAD_BALANCING = [{"round_robin": {}}]
 
+# The request header whose value places a call on the hash ring (`affinity`).
+AFFINITY_HEADER = "alignloop-affinity"
+# 1,024 points per ring (gRPC's default minimum) keep the replicas' shares within a few percent of equal.
+AFFINITY_LOAD_BALANCING = [{"ring_hash_experimental": {"requestHashHeader": AFFINITY_HEADER}}]
+# grpcio implements ring_hash's request header (gRFC A76) behind this flag; without it, every call on a ring
+# hash channel fails ("hash attribute not present"). C-core reads it when it parses a service config.
+RING_HASH_HEADER_FLAG = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
 
-def service_config(retries: bool = True, health_checked: bool = False) -> str:
-    """The channel's service config (JSON): round-robin over the resolved addresses; with `retries`, the
-    retry policy on every idempotent method plus retry throttling, so that a backend that is down does not
-    get every call several times over; with `health_checked`, only replicas whose server reports SERVING."""
-    config: dict = {"loadBalancingConfig": LOAD_BALANCING}
+
+def service_config(retries: bool = True, health_checked: bool = False, affinity: bool = False) -> str:
+    """The channel's service config (JSON): round-robin over the resolved addresses (with `affinity`,
+    consistent hashing on the `alignloop-affinity` header); with `retries`, the retry policy on every
+    idempotent method plus retry throttling, so that a backend that is down does not get every call several
+    times over; with `health_checked`, only replicas whose server reports SERVING."""
+    if affinity:
+        os.environ[RING_HASH_HEADER_FLAG] = "true"
+    config: dict = {"loadBalancingConfig": AFFINITY_LOAD_BALANCING if affinity else LOAD_BALANCING}
     if health_checked:
         # "": the server as a whole. Each alignloop server hosts one service, whose readiness this is.
         config["healthCheckConfig"] = {"serviceName": ""}
@@ -72,25 +90,26 @@ def service_config(retries: bool = True, health_checked: bool = False) -> str:
     return json.dumps(config)
 
 
-def channel_options(*extra: tuple[str, object], retries: bool = True,
-                    health_checked: bool = False) -> list[tuple[str, object]]:
+def channel_options(*extra: tuple[str, object], retries: bool = True, health_checked: bool = False,
+                    affinity: bool = False) -> list[tuple[str, object]]:
     """Options for `grpc.insecure_channel` / `grpc.aio.insecure_channel`: balanced, retrying unless told, and
-    health-checked if told (see `service_config`)."""
-    return [("grpc.service_config", service_config(retries, health_checked)), ("grpc.enable_retries", int(retries)),
-            *extra]
+    health-checked and placed by affinity if told (see `service_config`)."""
+    return [("grpc.service_config", service_config(retries, health_checked, affinity)),
+            ("grpc.enable_retries", int(retries)), *extra]
 
 
 def retrying_channel(target: str, *extra: tuple[str, object], health_checked: bool = False,
-                     interceptors=None) -> grpc.aio.Channel:
+                     affinity: bool = False, interceptors=None) -> grpc.aio.Channel:
     """An asyncio channel to every replica behind `target` that retries the idempotent methods when a stopping
     or unreachable replica refuses them."""
-    return grpc.aio.insecure_channel(target, options=channel_options(*extra, health_checked=health_checked),
-                                     interceptors=interceptors)
+    return grpc.aio.insecure_channel(
+        target, options=channel_options(*extra, health_checked=health_checked, affinity=affinity),
+        interceptors=interceptors)
 
 
 def balanced_channel(target: str, *extra: tuple[str, object], health_checked: bool = False,
-                     interceptors=None) -> grpc.aio.Channel:
+                     affinity: bool = False, interceptors=None) -> grpc.aio.Channel:
     """An asyncio channel to every replica behind `target`, without retries (the caller has its own fallback)."""
-    return grpc.aio.insecure_channel(target, options=channel_options(*extra, retries=False,
-                                                                     health_checked=health_checked),
-                                     interceptors=interceptors)
+    return grpc.aio.insecure_channel(
+        target, options=channel_options(*extra, retries=False, health_checked=health_checked, affinity=affinity),
+        interceptors=interceptors)

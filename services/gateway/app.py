@@ -95,17 +95,19 @@ def create_app(settings: Settings) -> FastAPI:
             CompletionLog.connect, settings.kafka_bootstrap, max_queue=settings.completion_queue_size
         )
         # Health-checked: a replica that is stopping or whose engine died gets no more calls.
-        channel = retrying_channel(settings.policy_target, health_checked=True, interceptors=interceptors)
+        affinity = settings.policy_routing == "conversation"
+        channel = retrying_channel(settings.policy_target, health_checked=True, affinity=affinity,
+                                   interceptors=interceptors)
         app.state.policy = pb_grpc.PolicyServiceStub(channel)
         # No retries to the canary: the champion answers at once what the challenger cannot.
-        canary_channel = balanced_channel(settings.policy_canary_target, health_checked=True,
+        canary_channel = balanced_channel(settings.policy_canary_target, health_checked=True, affinity=affinity,
                                           interceptors=interceptors)
         app.state.router = PolicyRouter(app.state.policy, pb_grpc.PolicyServiceStub(canary_channel),
                                         poll_s=settings.canary_poll_s)
         canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")
         reward_channel = retrying_channel(settings.reward_target, health_checked=True, interceptors=interceptors)
         app.state.chat = ChatService(app.state.router, app.state.completion_log, settings.grpc_timeout_s,
-                                     reward_grpc.RewardServiceStub(reward_channel))
+                                     reward_grpc.RewardServiceStub(reward_channel), affinity=affinity)
         feedback_channel = retrying_channel(settings.feedback_target, health_checked=True,
                                             interceptors=interceptors)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)

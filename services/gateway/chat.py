@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from alignloop.grpc_channels import AFFINITY_HEADER
 from alignloop.topics import ChatMessageV1, CompletionRecordV1, SamplingV1
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import reward_pb2, reward_pb2_grpc
@@ -30,7 +31,7 @@ from services.gateway.protocol import (
     TopLogprob,
     Usage,
 )
-from services.gateway.routing import CHALLENGER, PolicyRouter
+from services.gateway.routing import CHALLENGER, PolicyRouter, conversation_key
 from services.gateway.streaming import ChunkRenderer, sse
 from services.gateway.tracing import annotate
 
@@ -180,35 +181,47 @@ def fingerprint(model: pb.ModelRef) -> str:
 
 class ChatService:
     def __init__(self, router: PolicyRouter, completion_log: CompletionLog, timeout_s: float,
-                 reward: reward_pb2_grpc.RewardServiceStub | None = None) -> None:
+                 reward: reward_pb2_grpc.RewardServiceStub | None = None, *, affinity: bool = False) -> None:
+        """`affinity`: the policy channels place calls by their `alignloop-affinity` header, which is then set
+        from each request's conversation (alignloop/grpc_channels.py)."""
         self.router = router
         self.completion_log = completion_log
         self.timeout_s = timeout_s
         self.reward = reward
+        self.affinity = affinity
+
+    def _metadata(self, turn: _Turn) -> tuple[tuple[str, str], ...] | None:
+        if not self.affinity:
+            return None
+        req = turn.req
+        key = conversation_key(turn.key_hash, req.user, [(m.role, m.text()) for m in req.messages])
+        return ((AFFINITY_HEADER, key),)
 
     async def _generate(self, generate: pb.GenerateRequest, turn: _Turn) -> pb.GenerateResponse:
         stub, role = self.router.choose(turn.key_hash, turn.req.user)
+        metadata = self._metadata(turn)
         try:
             try:
-                return await stub.Generate(generate, timeout=self.timeout_s)
+                return await stub.Generate(generate, timeout=self.timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if role != CHALLENGER or not self.router.challenger_failed(exc):
                     raise
-            return await self.router.champion.Generate(generate, timeout=self.timeout_s)
+            return await self.router.champion.Generate(generate, timeout=self.timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise policy_error(exc, turn.req) from None
 
     async def _open_stream(self, generate: pb.GenerateRequest, turn: _Turn):
         """The open call and its first message (sent once the policy accepted the request)."""
         stub, role = self.router.choose(turn.key_hash, turn.req.user)
-        call = stub.GenerateStream(generate, timeout=self.timeout_s)
+        metadata = self._metadata(turn)
+        call = stub.GenerateStream(generate, timeout=self.timeout_s, metadata=metadata)
         try:
             try:
                 return call, await call.read()
             except grpc.aio.AioRpcError as exc:
                 if role != CHALLENGER or not self.router.challenger_failed(exc):
                     raise
-            call = self.router.champion.GenerateStream(generate, timeout=self.timeout_s)
+            call = self.router.champion.GenerateStream(generate, timeout=self.timeout_s, metadata=metadata)
             return call, await call.read()
         except grpc.aio.AioRpcError as exc:
             raise policy_error(exc, turn.req) from None

@@ -40,6 +40,21 @@ class CanaryState:
         return self.ready and self.percent > 0 and bool(self.version)
 
 
+def conversation_key(key_hash: str, user: str | None, messages: list[tuple[str, str]]) -> str:
+    """The policy channel's affinity value for a chat request: the same for every turn of one conversation.
+
+    A conversation's later requests repeat its earlier messages and add to them, so its opening (every message
+    up to and including the first user message: the system prompt and the first question) names it. The
+    tenant and the end user (OpenAI's `user`) are part of it, so that many users opening alike are still
+    spread over the replicas; `messages` are (role, text) pairs."""
+    digest = hashlib.sha256(f"{key_hash}\0{user or ''}".encode())
+    for role, text in messages:
+        digest.update(f"\0{role}\0{len(text)}\0{text}".encode())
+        if role == "user":
+            break
+    return digest.hexdigest()[:32]
+
+
 def bucket(key_hash: str, user: str) -> float:
     """A stable number in [0, 100) for one end user of one API key."""
     digest = hashlib.sha256(f"{key_hash}\0{user}".encode()).digest()

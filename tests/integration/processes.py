@@ -17,6 +17,7 @@ from pathlib import Path
 from alignloop import components
 from alignloop.components import http_ok
 from alignloop.config import Settings
+from alignloop.supervisor import free_ports
 from tests.conftest import REPO, Stack, free_port, wait_for
 
 
@@ -90,3 +91,26 @@ def gateway_replica(stack: Stack, log_dir: Path, **env: str) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(30)
+
+
+@contextlib.contextmanager
+def policy_replica(stack: Stack, log_dir: Path, **env: str) -> Iterator[tuple[int, int]]:
+    """One more policy service (the stack's champion, on a vLLM engine of its own), with `env` on top of the
+    stack's settings; its gRPC and metrics ports once it is serving."""
+    port, metrics_port = free_ports(2)
+    log_path = log_dir / f"policy-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.policy"], cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT,
+                                   env={**stack.env, "ALIGNLOOP_POLICY_PORT": str(port),
+                                        "ALIGNLOOP_POLICY_METRICS_PORT": str(metrics_port), **env})
+    try:
+        def serving() -> bool:
+            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            return components.grpc_serving(f"127.0.0.1:{port}")
+
+        wait_for(serving, timeout=300, what=f"a policy replica on port {port} (log: {log_path})", interval=0.5)
+        yield port, metrics_port
+    finally:
+        process.terminate()
+        process.wait(60)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from alignloop.grpc_channels import balanced_channel, retrying_channel
+from alignloop.grpc_channels import AFFINITY_HEADER, balanced_channel, retrying_channel
 from alignloop.grpc_health import HealthService
 from alignloop.grpc_serving import start_server
 from alignloop.v1 import policy_pb2 as pb
@@ -214,5 +214,68 @@ def test_a_server_without_the_health_service_still_gets_calls():
             assert answer.model.name == "bare"
         finally:
             await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def _affinity(value: str) -> tuple[tuple[str, str], ...]:
+    return ((AFFINITY_HEADER, value),)
+
+
+def test_with_affinity_each_conversation_keeps_its_replica_and_conversations_spread():
+    """Consistent hashing on the affinity header: every call of one conversation reaches one replica, unary or
+    streamed, while 60 conversations share out over all three; a call without the header still gets answered."""
+    async def scenario():
+        async with replicas(3) as (servicers, _, target):
+            async with retrying_channel(target, health_checked=True, affinity=True) as channel:
+                policy = pb_grpc.PolicyServiceStub(channel)
+                where: dict[str, set[str]] = {}
+                for turn in range(4):
+                    for c in range(60):
+                        key = f"conversation-{c}"
+                        if turn % 2:
+                            async for first in policy.GenerateStream(pb.GenerateRequest(), timeout=10,
+                                                                     metadata=_affinity(key)):
+                                name = first.model.name
+                                break
+                        else:
+                            name = (await policy.Generate(pb.GenerateRequest(), timeout=10,
+                                                          metadata=_affinity(key))).model.name
+                        where.setdefault(key, set()).add(name)
+                assert (await policy.Generate(pb.GenerateRequest(), timeout=10)).model.name
+            assert all(len(names) == 1 for names in where.values()), where
+            per_replica = Counter(next(iter(names)) for names in where.values())
+            # A ring of 1,024 points per channel: shares near a third each (the smallest was 14 of 60 in trials).
+            assert sorted(per_replica) == ["replica-0", "replica-1", "replica-2"], per_replica
+            assert min(per_replica.values()) >= 8, per_replica
+
+    asyncio.run(scenario())
+
+
+def test_with_affinity_a_stopping_replicas_conversations_move_and_the_others_stay():
+    """When a replica reports NOT_SERVING, only the conversations that were on it move (each to one other
+    replica, where it then stays); the rest keep theirs, so their prefix caches stay warm."""
+    async def scenario():
+        async with replicas(3) as (servicers, _, target):
+            async with retrying_channel(target, health_checked=True, affinity=True) as channel:
+                policy = pb_grpc.PolicyServiceStub(channel)
+
+                async def placement() -> dict[str, str]:
+                    return {key: (await policy.Generate(pb.GenerateRequest(), timeout=10,
+                                                        metadata=_affinity(key))).model.name
+                            for key in (f"conversation-{c}" for c in range(60))}
+
+                before = await placement()
+                assert "replica-0" in before.values()
+                servicers[0].health.stopping()
+                for _ in range(100):  # the watch tells the channel at once; a loaded machine may take a while
+                    after = await placement()
+                    if "replica-0" not in after.values():
+                        break
+                again = await placement()
+            assert "replica-0" not in after.values()
+            assert after == again  # the moved conversations stay where they went
+            assert {k: v for k, v in after.items() if before[k] != "replica-0"} == \
+                {k: v for k, v in before.items() if v != "replica-0"}
 
     asyncio.run(scenario())

@@ -5,8 +5,6 @@ waiting requests by priority (a tenant's, or a later one the request asks for) a
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,10 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from alignloop import credentials
-from alignloop.components import grpc_serving
-from alignloop.supervisor import free_ports
-from tests.conftest import REPO, TEST_MAX_MODEL_LEN, Stack, wait_for
-from tests.integration.processes import gateway_replica
+from tests.conftest import TEST_MAX_MODEL_LEN, Stack, wait_for
+from tests.integration.processes import gateway_replica, policy_replica
 
 pytestmark = pytest.mark.integration
 
@@ -32,23 +28,10 @@ def priority_gateway(stack: Stack, tmp_path_factory) -> Iterator[tuple[str, int]
     """A gateway in front of its own policy service (priority scheduling, one sequence at a time); the gateway's
     URL and the policy's metrics port."""
     logs = tmp_path_factory.mktemp("priorities")
-    port, metrics_port = free_ports(2)
-    env = {**stack.env, "ALIGNLOOP_POLICY_PORT": str(port), "ALIGNLOOP_POLICY_METRICS_PORT": str(metrics_port),
-           "ALIGNLOOP_SCHEDULING_POLICY": "priority", "ALIGNLOOP_MAX_NUM_SEQS": "1"}
-    with open(logs / "policy.log", "wb") as log:
-        policy = subprocess.Popen([sys.executable, "-m", "services.policy"], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
-    try:
-        def serving() -> bool:
-            assert policy.poll() is None, (logs / "policy.log").read_text()[-3000:]
-            return grpc_serving(f"127.0.0.1:{port}")
-
-        wait_for(serving, timeout=300, what=f"the priority-scheduled policy service (log: {logs})", interval=0.5)
+    with policy_replica(stack, logs, ALIGNLOOP_SCHEDULING_POLICY="priority", ALIGNLOOP_MAX_NUM_SEQS="1") as (
+            port, metrics_port):
         with gateway_replica(stack, logs, ALIGNLOOP_POLICY_PORT=str(port), ALIGNLOOP_MAX_N=str(FIRST_N)) as url:
             yield url, metrics_port
-    finally:
-        policy.terminate()
-        policy.wait(60)
 
 
 def new_app(stack: Stack, url: str, prefix: str, priority: int | None = None) -> str:

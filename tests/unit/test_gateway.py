@@ -53,13 +53,13 @@ class FakeStub:
     def __init__(self, unary=None, stream=None) -> None:
         self.unary, self.stream, self.sent = unary, stream, []
 
-    async def Generate(self, req, timeout=None):
+    async def Generate(self, req, timeout=None, metadata=None):
         self.sent.append(req)
         if isinstance(self.unary, Exception):
             raise self.unary
         return self.unary
 
-    def GenerateStream(self, req, timeout=None):
+    def GenerateStream(self, req, timeout=None, metadata=None):
         self.sent.append(req)
         return self.stream
 

@@ -50,13 +50,13 @@ class HeldPolicy:
         self.release = asyncio.Event()
         self.fail: grpc.aio.AioRpcError | None = None
 
-    async def Generate(self, req, timeout=None):
+    async def Generate(self, req, timeout=None, metadata=None):
         if self.fail is not None:
             raise self.fail
         await self.release.wait()
         return pb.GenerateResponse(completions=[ANSWER], prompt_tokens=3, model=MODEL)
 
-    def GenerateStream(self, req, timeout=None):
+    def GenerateStream(self, req, timeout=None, metadata=None):
         return HeldStream(self.release)
 
 

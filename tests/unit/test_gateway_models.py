@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 
 import grpc
 import pytest
@@ -10,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from alignloop.config import Settings
 from alignloop.contracts import PARAM_METADATA_KEY
+from alignloop.grpc_channels import AFFINITY_HEADER, RING_HASH_HEADER_FLAG, service_config
 from alignloop.credentials import Credentials
 from alignloop.v1 import feedback_pb2 as fpb
 from alignloop.v1 import pipeline_pb2 as ppb
@@ -19,7 +22,7 @@ from services.gateway.auth import KeyRing
 from services.gateway.chat import ChatService
 from services.gateway.models_api import ModelsApi
 from services.gateway.protocol import ChatCompletionRequest
-from services.gateway.routing import CHALLENGER, CHAMPION, CanaryState, PolicyRouter, bucket
+from services.gateway.routing import CHALLENGER, CHAMPION, CanaryState, PolicyRouter, bucket, conversation_key
 
 APP = {"Authorization": "Bearer a-key"}
 OPERATOR = {"Authorization": "Bearer o-key"}
@@ -33,8 +36,9 @@ class FakePolicy:
     def __init__(self, version: str, *, fail: Exception | None = None, info: pb.GetInfoResponse | None = None):
         self.version, self.fail, self.info, self.calls = version, fail, info, 0
 
-    async def Generate(self, req, timeout=None):
+    async def Generate(self, req, timeout=None, metadata=None):
         self.calls += 1
+        self.metadata = metadata
         if self.fail:
             raise self.fail
         return pb.GenerateResponse(completions=[pb.Completion(index=0, text="hello", token_ids=[1, 2],
@@ -120,6 +124,52 @@ def test_a_challengers_answer_is_recorded_under_its_version_and_its_own_errors_a
     with pytest.raises(Exception) as err:
         asyncio.run(ChatService(router, log, 10).complete(chat(), "k"))
     assert getattr(err.value, "status_code", None) == 400 and champion.calls == 0
+
+
+# ---- conversation affinity -------------------------------------------------------------------------------
+
+
+def test_every_turn_of_a_conversation_has_one_affinity_key_and_other_conversations_others():
+    opening = [("system", "Be brief."), ("user", "Plan a trip to Lyon.")]
+    turns = [opening, opening + [("assistant", "Day 1: ..."), ("user", "And day 2?")],
+             opening + [("assistant", "Day 1: ..."), ("user", "And day 2?"), ("assistant", "..."), ("user", "Thanks")]]
+    key = conversation_key("tenant", None, opening)
+    assert all(conversation_key("tenant", None, t) == key for t in turns)
+    others = {
+        conversation_key("other-tenant", None, opening),
+        conversation_key("tenant", "user-7", opening),  # the same opening from another end user
+        conversation_key("tenant", None, [("system", "Be brief."), ("user", "Plan a trip to Nice.")]),
+        conversation_key("tenant", None, [("system", "Be verbose."), ("user", "Plan a trip to Lyon.")]),
+        conversation_key("tenant", None, [("user", "Plan a trip to Lyon.")]),
+        # Where one message ends and the next begins is part of the key, not only the concatenated text.
+        conversation_key("tenant", None, [("system", "Be brief.P"), ("user", "lan a trip to Lyon.")]),
+    }
+    assert key not in others and len(others) == 6
+
+
+def test_with_affinity_every_policy_call_carries_its_conversation_key_even_on_the_fallback():
+    champion = FakePolicy("1")
+    canary = FakePolicy("2", fail=rpc_error(grpc.StatusCode.UNAVAILABLE, "gone"))
+    router = PolicyRouter(champion, canary, rng=lambda: 0.0)
+    router.state = CanaryState(version="2", percent=100, ready=True)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    req = ChatCompletionRequest(model="alignloop-policy", messages=messages, user="u1")
+    asyncio.run(ChatService(router, FakeLog(), 10, affinity=True).complete(req, "k"))
+    expected = ((AFFINITY_HEADER, conversation_key("k", "u1", [("system", "Be brief."), ("user", "hi")])),)
+    assert canary.metadata == expected and champion.metadata == expected
+    asyncio.run(ChatService(PolicyRouter(champion), FakeLog(), 10).complete(req, "k"))
+    assert champion.metadata is None  # round robin: nothing to place the call by
+
+
+def test_an_affinity_channel_hashes_the_header_on_a_ring_and_turns_on_grpcs_flag_for_it(monkeypatch):
+    monkeypatch.delenv(RING_HASH_HEADER_FLAG, raising=False)
+    plain = json.loads(service_config(health_checked=True))
+    assert plain["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert RING_HASH_HEADER_FLAG not in os.environ
+    config = json.loads(service_config(health_checked=True, affinity=True))
+    assert config["loadBalancingConfig"] == [{"ring_hash_experimental": {"requestHashHeader": AFFINITY_HEADER}}]
+    assert config["healthCheckConfig"] == plain["healthCheckConfig"] and config["methodConfig"] == plain["methodConfig"]
+    assert os.environ[RING_HASH_HEADER_FLAG] == "true"
 
 
 # ---- the routes ------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class RecordingPolicy(FakeStub):
     def __init__(self) -> None:
         super().__init__(unary=pb.GenerateResponse(completions=[ANSWER], prompt_tokens=3, model=MODEL))
 
-    def GenerateStream(self, req, timeout=None):
+    def GenerateStream(self, req, timeout=None, metadata=None):
         self.sent.append(req)
         return FakeStreamCall([pb.GenerateStreamResponse(prompt_tokens=3, model=MODEL),
                                pb.GenerateStreamResponse(deltas=[ANSWER])])
