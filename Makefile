@@ -8,7 +8,7 @@ STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
-	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities clean-state
+	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -47,6 +47,9 @@ bench-rate-limits: setup
 
 bench-priorities: setup
 	$(PY) benchmarks/priorities.py
+
+bench-affinity: setup
+	$(PY) benchmarks/affinity.py
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py

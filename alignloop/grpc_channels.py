@@ -71,7 +71,8 @@ def service_config(retries: bool = True, health_checked: bool = False, affinity:
     """The channel's service config (JSON): round-robin over the resolved addresses (with `affinity`,
     consistent hashing on the `alignloop-affinity` header); with `retries`, the retry policy on every
     idempotent method plus retry throttling, so that a backend that is down does not get every call several
-    times over; with `health_checked`, only replicas whose server reports SERVING."""
+    times over; with `health_checked`, only replicas whose server reports SERVING. `affinity` also sets, for
+    this process, the flag grpcio needs to honour the header (RING_HASH_HEADER_FLAG)."""
     if affinity:
         os.environ[RING_HASH_HEADER_FLAG] = "true"
     config: dict = {"loadBalancingConfig": AFFINITY_LOAD_BALANCING if affinity else LOAD_BALANCING}

@@ -24,6 +24,10 @@ pytestmark = pytest.mark.integration
 STREAM_MESSAGES = 15
 
 
+def _affinity(value: str) -> tuple[tuple[str, str], ...]:
+    return ((AFFINITY_HEADER, value),)
+
+
 class Replica(pb_grpc.PolicyServiceServicer):
     """Answers every call, counting them and the connections (client ports) they came on."""
 
@@ -137,24 +141,27 @@ def test_servers_recycle_connections_without_failing_a_call():
     asyncio.run(scenario())
 
 
-def test_a_replica_that_stops_hands_its_share_to_the_others():
+@pytest.mark.parametrize("affinity", [False, True], ids=["round-robin", "affinity"])
+def test_a_replica_that_stops_hands_its_share_to_the_others(affinity):
     """A rolling update through a balanced channel: one replica drains and stops while calls keep coming; no
-    call fails, and the rest go to the replica still up."""
+    call fails, and the rest go to the replica still up. With affinity, each call is a conversation of its own,
+    so both replicas have some until one stops."""
     async def scenario():
         async with replicas(2) as (servicers, servers, target):
-            async with retrying_channel(target) as channel:
+            async with retrying_channel(target, affinity=affinity) as channel:
                 policy = pb_grpc.PolicyServiceStub(channel)
                 failures = []
 
-                async def caller() -> None:
-                    for _ in range(60):
+                async def caller(c: int) -> None:
+                    for i in range(60):
                         try:
-                            await policy.Generate(pb.GenerateRequest(), timeout=10)
+                            await policy.Generate(pb.GenerateRequest(), timeout=10,
+                                                  metadata=_affinity(f"c{c}-{i}") if affinity else None)
                         except grpc.aio.AioRpcError as exc:
                             failures.append(exc.code())
                         await asyncio.sleep(0.01)
 
-                callers = [asyncio.create_task(caller()) for _ in range(4)]
+                callers = [asyncio.create_task(caller(c)) for c in range(4)]
                 await asyncio.sleep(0.3)
                 assert servicers[0].calls > 0
                 # The drain, as ALIGNLOOP_DRAIN_S gives it: calls in flight finish (a loaded machine may take a
@@ -216,10 +223,6 @@ def test_a_server_without_the_health_service_still_gets_calls():
             await server.stop(None)
 
     asyncio.run(scenario())
-
-
-def _affinity(value: str) -> tuple[tuple[str, str], ...]:
-    return ((AFFINITY_HEADER, value),)
 
 
 def test_with_affinity_each_conversation_keeps_its_replica_and_conversations_spread():

@@ -426,3 +426,23 @@ def test_priorities_benchmark_runs_both_scheduling_policies_on_real_engines():
         assert summary[policy]["ttft_p50_ms"] > 0 and summary[policy]["batch_tokens_per_s"] > 0
     assert summary["interactive_ttft_p50_ratio_fcfs_over_priority"] > 0
     assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
+
+
+def test_affinity_benchmark_runs_both_routings_over_real_replicas():
+    """A short run on the tiny model: two policy services on real gRPC servers answer every turn through both
+    channels; no first turn finds anything cached (each conversation is new), and the JSON line has each
+    routing's figures and the ratios (what they say is the benchmark's business, not a test's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
+    with tempfile.TemporaryDirectory(prefix="al-") as home:
+        out = subprocess.run(
+            [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "affinity")), "--model", "tiny",
+             "--rounds", "1", "--conversations", "4", "--concurrency", "2", "--turns", "3", "--system-rules", "12",
+             "--question-words", "10", "--answer-tokens", "8", "--home", home],
+            capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for routing in ("round_robin", "conversation"):
+        assert summary[routing]["first_turn_cached_tokens"] == 0
+        assert 0 < summary[routing]["cached_share"] < 1 and summary[routing]["tokens_per_s"] > 0
+    assert summary["ttft_p50_ratio_round_robin_over_conversation"] > 0
+    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
