@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from alignloop.config import POLICY_MODEL_NAME, Settings  # noqa: E402
-from benchmarks.ppo_step import policy_folder  # noqa: E402
+from benchmarks.priorities import alternating, setup, shutdown  # noqa: E402
 from benchmarks.serving import free_port, percentile  # noqa: E402
 
 ROUTINGS = ("round_robin", "conversation")
@@ -196,19 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # vLLM logs to stdout by default; stdout is for the JSON line.
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    overrides: dict = {"engine_stats": False}
-    if args.home is not None:
-        overrides["home"] = args.home
-    if args.model == "tiny":
-        overrides |= {"max_model_len": 1024, "dtype": "float32", "enforce_eager": True}
-    settings = Settings(**overrides)
-    settings.ensure_dirs()
-    folder = policy_folder(tiny=args.model == "tiny")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    settings, folder, tokenizer = setup(args, tiny_max_model_len=1024)
 
     async def run() -> dict[str, dict]:
         engines = build_engines(settings, folder, args.replicas)
@@ -219,27 +205,19 @@ def main(argv: list[str] | None = None) -> None:
                            "tokens_per_s": []} for r in ROUTINGS}
             for routing in ROUTINGS:  # warm-up (compilation, first connections), not counted
                 await run_round(target, routing, -1, args)
-            for round_no in range(args.rounds):
-                # Alternate which goes first, so neither always follows the other.
-                for routing in ROUTINGS if round_no % 2 == 0 else ROUTINGS[::-1]:
-                    with err.status(f"round {round_no + 1}/{args.rounds}: {routing}"):
-                        r = await run_round(target, routing, round_no, args)
-                    results[routing]["ttft"] += r["ttft"]
-                    results[routing]["tokens_per_s"].append(r["tokens_per_s"])
-                    for key in ("prompt_tokens", "cached_tokens", "first_turn_cached_tokens"):
-                        results[routing][key] += r[key]
+            for round_no, routing in alternating(ROUTINGS, args.rounds):
+                with err.status(f"round {round_no + 1}/{args.rounds}: {routing}"):
+                    r = await run_round(target, routing, round_no, args)
+                results[routing]["ttft"] += r["ttft"]
+                results[routing]["tokens_per_s"].append(r["tokens_per_s"])
+                for key in ("prompt_tokens", "cached_tokens", "first_turn_cached_tokens"):
+                    results[routing][key] += r[key]
             return results
         finally:
             await asyncio.gather(*(server.stop(None) for server in servers))
             for servicer in servicers:  # the stopped servers still hold their servicers
                 servicer.engine = None
-            # No engine may outlive this: at interpreter exit AsyncLLM.__del__ would shut it down again, on
-            # half-torn-down modules (TypeError).
-            while engines:
-                engine = engines.pop()
-                with contextlib.suppress(Exception):
-                    engine.shutdown()
-                del engine
+            shutdown(engines)
 
     summary = report(asyncio.run(run()), args)
     print(json.dumps(summary), flush=True)

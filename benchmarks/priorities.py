@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +42,42 @@ from benchmarks.serving import percentile  # noqa: E402
 POLICIES = ("fcfs", "priority")
 BATCH_PRIORITY, INTERACTIVE_PRIORITY = 10, 0
 err = Console(stderr=True)
+
+
+def setup(args: argparse.Namespace, tiny_max_model_len: int, **overrides) -> tuple[Settings, Path, object]:
+    """What a benchmark of engines in this process starts from: stdout kept for its JSON line, the settings
+    (`overrides` on top; lighter ones with `--model tiny`; `--home`), the policy's folder and its tokenizer."""
+    # vLLM logs to stdout by default.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    overrides = {"engine_stats": False, **overrides}
+    if args.home is not None:
+        overrides["home"] = args.home
+    if args.model == "tiny":
+        overrides |= {"max_model_len": tiny_max_model_len, "dtype": "float32", "enforce_eager": True}
+    settings = Settings(**overrides)
+    settings.ensure_dirs()
+    folder = policy_folder(tiny=args.model == "tiny")
+    from transformers import AutoTokenizer
+
+    return settings, folder, AutoTokenizer.from_pretrained(str(folder))
+
+
+def shutdown(engines: list) -> None:
+    """Shuts the engines down and lets go of them. None may outlive the benchmark: at interpreter exit
+    AsyncLLM.__del__ would shut it down again, on half-torn-down modules (TypeError)."""
+    while engines:
+        engine = engines.pop()
+        with contextlib.suppress(Exception):
+            engine.shutdown()
+        del engine
+
+
+def alternating(names: tuple[str, ...], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) for each round of each name; which goes first alternates, so that a slow spell of the
+    machine falls on both and neither always follows the other."""
+    for round_no in range(rounds):
+        for name in names if round_no % 2 == 0 else names[::-1]:
+            yield round_no, name
 
 
 def build(policy: str, settings: Settings, folder: Path):
@@ -160,19 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # vLLM logs to stdout by default; stdout is for the JSON line.
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    overrides = {"max_num_seqs": args.max_num_seqs, "engine_stats": False}
-    if args.home is not None:
-        overrides["home"] = args.home
-    if args.model == "tiny":
-        overrides |= {"max_model_len": 512, "dtype": "float32", "enforce_eager": True}
-    settings = Settings(**overrides)
-    settings.ensure_dirs()
-    folder = policy_folder(tiny=args.model == "tiny")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    settings, folder, tokenizer = setup(args, tiny_max_model_len=512, max_num_seqs=args.max_num_seqs)
 
     async def run() -> dict[str, dict]:
         targets = {policy: Target(policy, build(policy, settings, folder), tokenizer) for policy in POLICIES}
@@ -180,23 +205,15 @@ def main(argv: list[str] | None = None) -> None:
             results = {p: {"ttft": [], "latency": [], "batch_tokens_per_s": []} for p in POLICIES}
             await run_round(targets["fcfs"], args, -1)  # warm-up (compilation, caches), not counted
             await run_round(targets["priority"], args, -1)
-            for round_no in range(args.rounds):
-                # Alternate which goes first, so neither always follows the other.
-                for policy in POLICIES if round_no % 2 == 0 else POLICIES[::-1]:
-                    with err.status(f"round {round_no + 1}/{args.rounds}: {policy}"):
-                        r = await run_round(targets[policy], args, round_no)
-                    for key in ("ttft", "latency"):
-                        results[policy][key] += r[key]
-                    results[policy]["batch_tokens_per_s"].append(r["batch_tokens_per_s"])
+            for round_no, policy in alternating(POLICIES, args.rounds):
+                with err.status(f"round {round_no + 1}/{args.rounds}: {policy}"):
+                    r = await run_round(targets[policy], args, round_no)
+                for key in ("ttft", "latency"):
+                    results[policy][key] += r[key]
+                results[policy]["batch_tokens_per_s"].append(r["batch_tokens_per_s"])
             return results
         finally:
-            # No engine may outlive this: at interpreter exit AsyncLLM.__del__ would shut it down again, on
-            # half-torn-down modules (TypeError).
-            while targets:
-                engine = targets.popitem()[1].engine
-                with contextlib.suppress(Exception):
-                    engine.shutdown()
-                del engine
+            shutdown([targets.pop(policy).engine for policy in list(targets)])
 
     summary = report(asyncio.run(run()), args)
     print(json.dumps(summary), flush=True)
