@@ -248,7 +248,8 @@ def test_with_affinity_each_conversation_keeps_its_replica_and_conversations_spr
                 assert (await policy.Generate(pb.GenerateRequest(), timeout=10)).model.name
             assert all(len(names) == 1 for names in where.values()), where
             per_replica = Counter(next(iter(names)) for names in where.values())
-            # A ring of 1,024 points per channel: shares near a third each (the smallest was 14 of 60 in trials).
+            # Shares near a third each: the smallest was 11 of 60 in 40 trials (replicas sit on the ring by
+            # address, and the ports differ every run).
             assert sorted(per_replica) == ["replica-0", "replica-1", "replica-2"], per_replica
             assert min(per_replica.values()) >= 8, per_replica
 
