@@ -1,9 +1,9 @@
-"""What conversation affinity saves: multi-turn conversations over two policy replicas, through the gateway's
-policy channel as it is by default (round robin) and with `ALIGNLOOP_POLICY_ROUTING=conversation`
+"""What conversation affinity saves: multi-turn conversations over --replicas policy replicas, through the
+gateway's policy channel as it is by default (round robin) and with `ALIGNLOOP_POLICY_ROUTING=conversation`
 (consistent hashing on the conversation, so that each turn reaches the replica whose prefix cache holds the
 conversation's earlier turns).
 
-Both replicas run here: the policy service's own servicer (services/policy/server.py) on an engine built with
+The replicas run here: the policy service's own servicer (services/policy/server.py) on an engine built with
 its build_engine, each on a real gRPC server with its health service. The calls go through the gateway's own
 channel (alignloop/grpc_channels.py) with the affinity header the gateway sets
 (services/gateway/routing.conversation_key). The two routings take turns, round by round, each with

@@ -39,6 +39,16 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "the condition", inte
         time.sleep(interval)
 
 
+def wait_until_taken(key: str, *urls: str) -> None:
+    """Waits until every gateway at `urls` accepts `key` (a gateway re-reads the credentials file within a
+    second of a change)."""
+    import httpx
+
+    for url in urls:
+        wait_for(lambda: httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+                 == 200, timeout=10, what=f"{url} to take the new key")
+
+
 def stack_env(home: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
     port_names = [name for name in Settings.model_fields if name.endswith("_port")]
@@ -94,6 +104,13 @@ class Stack:
 
     def log(self) -> str:
         return self.output.read_text(errors="replace")
+
+    def operator_client(self):
+        """An httpx client of the stack's gateway, with the operator key."""
+        import httpx
+
+        return httpx.Client(base_url=self.gateway, timeout=30,
+                            headers={"Authorization": f"Bearer {self.credentials['operator_key']}"})
 
     def stop(self, timeout: float = 90) -> int:
         if self.process.poll() is None:

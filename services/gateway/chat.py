@@ -194,7 +194,8 @@ class ChatService:
         if not self.affinity:
             return None
         req = turn.req
-        key = conversation_key(turn.key_hash, req.user, [(m.role, m.text()) for m in req.messages])
+        # A generator: the key reads only the opening messages, not a long history's texts.
+        key = conversation_key(turn.key_hash, req.user, ((m.role, m.text()) for m in req.messages))
         return ((AFFINITY_HEADER, key),)
 
     async def _generate(self, generate: pb.GenerateRequest, turn: _Turn) -> pb.GenerateResponse:

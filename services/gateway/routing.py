@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -40,7 +40,7 @@ class CanaryState:
         return self.ready and self.percent > 0 and bool(self.version)
 
 
-def conversation_key(key_hash: str, user: str | None, messages: list[tuple[str, str]]) -> str:
+def conversation_key(key_hash: str, user: str | None, messages: Iterable[tuple[str, str]]) -> str:
     """The policy channel's affinity value for a chat request: the same for every turn of one conversation.
 
     A conversation's later requests repeat its earlier messages and add to them, so its opening (every message

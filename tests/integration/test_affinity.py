@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from alignloop import credentials
-from tests.conftest import TEST_MAX_MODEL_LEN, Stack, wait_for
+from tests.conftest import TEST_MAX_MODEL_LEN, Stack, wait_until_taken
 from tests.integration.processes import gateway_replica, policy_replica
 
 pytestmark = pytest.mark.integration
@@ -47,8 +47,7 @@ def test_every_turn_of_a_conversation_reaches_the_replica_that_holds_its_history
     url, metrics_ports = affinity_gateway
     name = f"affinity-{uuid.uuid4().hex[:8]}"
     key = credentials.add_app(stack.home / "credentials.json", name)
-    wait_for(lambda: httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-             timeout=10, what="the gateway to take the new key")
+    wait_until_taken(key, url)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
     before = [generate_calls(p) for p in metrics_ports]
 

@@ -18,7 +18,7 @@ from alignloop.credentials import key_hash
 from alignloop.topics import COMPLETIONS_V1, CompletionRecordV1
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
-from tests.conftest import TEST_MAX_MODEL_LEN, TEST_MAX_N, wait_for
+from tests.conftest import TEST_MAX_MODEL_LEN, TEST_MAX_N, wait_for, wait_until_taken
 
 pytestmark = pytest.mark.integration
 
@@ -142,8 +142,7 @@ def test_prompt_tokens_the_prefix_cache_held_are_reported_recorded_and_billed(st
     # A tenant of its own, so that the usage report's figures are this test's alone.
     name = f"cache-{uuid.uuid4().hex[:8]}"
     key = credentials.add_app(stack.home / "credentials.json", name)
-    wait_for(lambda: httpx.get(f"{stack.gateway}/v1/models", headers={"Authorization": f"Bearer {key}"})
-             .status_code == 200, timeout=10, what="the gateway to take the new key")
+    wait_until_taken(key, stack.gateway)
     client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=key, max_retries=0)
     # A system prompt that no earlier request began with (its first words are new), long enough to fill a KV
     # block (vLLM's CPU blocks hold 128 tokens, its CUDA ones 16) and short enough for the tests' context.
@@ -170,8 +169,7 @@ def test_prompt_tokens_the_prefix_cache_held_are_reported_recorded_and_billed(st
     assert {cid: rec.cached_tokens for cid, rec in records.items()} == ids
 
     # The usage report counts them, beside the prompt tokens they are part of.
-    with httpx.Client(base_url=stack.gateway, timeout=30,
-                      headers={"Authorization": f"Bearer {stack.credentials['operator_key']}"}) as ops:
+    with stack.operator_client() as ops:
         def mine() -> dict | None:
             report = ops.get("/v1/admin/usage", params={"days": 1}).raise_for_status().json()
             return next((t for t in report["by_tenant"] if t["name"] == name and t["requests"] == 3), None)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from alignloop import credentials
-from tests.conftest import TEST_MAX_MODEL_LEN, Stack, wait_for
+from tests.conftest import TEST_MAX_MODEL_LEN, Stack, wait_until_taken
 from tests.integration.processes import gateway_replica, policy_replica
 
 pytestmark = pytest.mark.integration
@@ -39,9 +39,7 @@ def new_app(stack: Stack, url: str, prefix: str, priority: int | None = None) ->
     path = stack.home / "credentials.json"
     key = credentials.add_app(path, name)
     credentials.set_priority(path, name, priority)
-    # The gateway re-reads the credentials file within a second; wait until it knows the key.
-    wait_for(lambda: httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-             timeout=10, what=f"the gateway to take {name}'s key")
+    wait_until_taken(key, url)
     return key
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from alignloop import credentials
-from tests.conftest import REDIS_URL, Stack, wait_for
+from tests.conftest import REDIS_URL, Stack, wait_until_taken
 from tests.integration.processes import gateway_replica
 
 pytestmark = pytest.mark.integration
@@ -42,12 +42,6 @@ def new_app(stack: Stack, **limits: int) -> str:
     return key
 
 
-def wait_until_taken(url: str, key: str) -> None:
-    """A gateway re-reads the credentials file within a second of a change."""
-    wait_for(lambda: httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200,
-             timeout=10, what=f"{url} to take the new key")
-
-
 def chat(openai_client: openai.OpenAI, **kw):
     return openai_client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=4,
                                                                     **kw)
@@ -55,9 +49,7 @@ def chat(openai_client: openai.OpenAI, **kw):
 
 def test_a_tenants_request_limit_holds_across_replicas_and_spares_other_tenants(stack, replicas):
     key = new_app(stack, requests_per_minute=4)
-    # The replicas re-read the credentials file within a second: wait until both see the new key.
-    for url in replicas:
-        wait_until_taken(url, key)
+    wait_until_taken(key, *replicas)
     remaining = []
     for i in range(4):
         raw = chat(client(replicas[i % 2], key))
@@ -72,8 +64,8 @@ def test_a_tenants_request_limit_holds_across_replicas_and_spares_other_tenants(
         assert 13 <= int(e.value.response.headers["retry-after"]) <= 15
     # Another application, without limits of its own (and the gateway's default is none), is not held up.
     other = credentials.add_app(stack.home / "credentials.json", f"unlimited-{uuid.uuid4().hex[:8]}")
+    wait_until_taken(other, *replicas)
     for url in replicas:
-        wait_until_taken(url, other)
         raw = chat(client(url, other))
         assert "x-ratelimit-limit-requests" not in raw.headers
     metrics = httpx.get(f"{replicas[0]}/metrics",
@@ -83,8 +75,7 @@ def test_a_tenants_request_limit_holds_across_replicas_and_spares_other_tenants(
 
 def test_streamed_tokens_are_spent_and_then_the_tenant_waits(stack, replicas):
     key = new_app(stack, tokens_per_minute=40)
-    for url in replicas:
-        wait_until_taken(url, key)
+    wait_until_taken(key, *replicas)
     url = replicas[0]
     stream = client(url, key).chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=48, stream=True, stream_options={"include_usage": True},

@@ -92,8 +92,7 @@ def tab(browser, stack) -> Iterator[Callable[[], Tab]]:
 
 
 def operator(stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.gateway, timeout=30,
-                        headers={"Authorization": f"Bearer {stack.credentials['operator_key']}"})
+    return stack.operator_client()
 
 
 def totals(stack) -> dict[str, int]:
