@@ -33,7 +33,7 @@ SPIN_COUNTS = (-1, 1000, 0)  # the runtime's default (300,000), a short spin, sl
 def measure(model: str, rounds: int, max_tokens: int, concurrency: int) -> list[float]:
     """tokens/s of each measured round, for the raw engine under this process's environment."""
     from alignloop.config import POLICY_MODEL_NAME, Settings
-    from services.policy.engine import build_engine
+    from services.policy.engine import build_engine, engine_input
 
     settings = Settings(home=REPO_ROOT / ".alignloop" / "bench" / model, bootstrap_model=model)
     model_dir = settings.models_dir / POLICY_MODEL_NAME / "v1"
@@ -52,7 +52,7 @@ def measure(model: str, rounds: int, max_tokens: int, concurrency: int) -> list[
         # Prompts differ per round, so no round reuses another's cached prefix.
         prompt = [1 + (i * 7 + round_no * 13 + j) % 200 for j in range(40)]
         tokens = 0
-        async for out in holder[0].generate({"prompt_token_ids": prompt}, params, f"spin-{round_no}-{i}"):
+        async for out in holder[0].generate(engine_input(holder[0], prompt), params, f"spin-{round_no}-{i}"):
             tokens += len(out.outputs[0].token_ids)
         return tokens
 

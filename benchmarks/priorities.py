@@ -110,11 +110,13 @@ class Target:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from services.policy.engine import engine_input
+
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                                 output_kind=RequestOutputKind.DELTA)
         self.sent += 1
         start, ttft, tokens = time.perf_counter(), None, 0
-        async for out in self.engine.generate({"prompt_token_ids": self.prompt(text)}, params,
+        async for out in self.engine.generate(engine_input(self.engine, self.prompt(text)), params,
                                               f"{self.policy}-{self.sent}", priority=priority):
             tokens += len(out.outputs[0].token_ids)
             if ttft is None and tokens:

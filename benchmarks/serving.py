@@ -458,10 +458,10 @@ def grpc_target(address: str, args: argparse.Namespace, stack: contextlib.AsyncE
 
 def raw_target(settings: Settings, model_dir: Path, args: argparse.Namespace, stack: contextlib.AsyncExitStack
                ) -> RequestFn:
-    """The engine alone: build_engine, fed token ids made the way the policy service makes them."""
+    """The engine alone: build_engine, fed token ids made and rendered the way the policy service does."""
     from transformers import AutoTokenizer
 
-    from services.policy.engine import build_engine
+    from services.policy.engine import build_engine, engine_input
 
     with err.status("raw: building the vLLM engine in this process"):
         engine = build_engine(settings, model_dir, served_name=POLICY_MODEL_NAME)
@@ -493,7 +493,7 @@ def raw_target(settings: Settings, model_dir: Path, args: argparse.Namespace, st
     async def one_request(round_no: int, c: int) -> tuple[int, float | None]:
         sent = time.perf_counter()
         ttft, tokens = None, 0
-        inputs = {"prompt_token_ids": prompts[round_no, c]}
+        inputs = engine_input(holder[0], prompts[round_no, c])
         async for output in holder[0].generate(inputs, params, f"bench-{round_no}-{c}"):
             delta = output.outputs[0]
             tokens += len(delta.token_ids)

@@ -117,11 +117,13 @@ class _Turn:
     def __post_init__(self) -> None:
         self.completion_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(max(self.req.n, self.req.best_of or 0))]
 
-    def span_attributes(self, model: pb.ModelRef, prompt_tokens: int, completion_tokens: int) -> dict:
+    def span_attributes(self, model: pb.ModelRef, prompt_tokens: int, cached_tokens: int,
+                        completion_tokens: int) -> dict:
         """What the request's trace span should say about its answer (OpenTelemetry's gen_ai names)."""
         return {"gen_ai.response.id": self.response_id, "gen_ai.request.model": model.name,
                 "alignloop.model.version": model.version, "alignloop.completion_ids": self.completion_ids,
-                "gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.output_tokens": completion_tokens}
+                "gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.cache_read.input_tokens": cached_tokens,
+                "gen_ai.usage.output_tokens": completion_tokens}
 
     def record(self, index: int, text: str, finish: str | None, prompt_tokens: int, tokens: int, model: pb.ModelRef,
                *, cached_tokens: int = 0, reward: float | None = None, reward_model_version: str | None = None,
@@ -254,7 +256,8 @@ class ChatService:
         metrics.count_tokens(resp.prompt_tokens, resp.cached_tokens, completion_tokens)
         if spend is not None:
             spend(resp.prompt_tokens + completion_tokens)
-        annotate(lambda: turn.span_attributes(resp.model, resp.prompt_tokens, completion_tokens))
+        annotate(lambda: turn.span_attributes(resp.model, resp.prompt_tokens, resp.cached_tokens,
+                                              completion_tokens))
         return ChatCompletionResponse(
             id=turn.response_id,
             created=int(turn.received_at),
@@ -350,7 +353,7 @@ class ChatService:
                                                                tokens[d.index], model, cached_tokens=cached_tokens))
                 msg = await call.read()
             metrics.count_tokens(prompt_tokens, cached_tokens, sum(tokens))
-            annotate(lambda: turn.span_attributes(model, prompt_tokens, sum(tokens)))
+            annotate(lambda: turn.span_attributes(model, prompt_tokens, cached_tokens, sum(tokens)))
             if req.stream_options and req.stream_options.include_usage:
                 yield render.chunk([], Usage.of(prompt_tokens, sum(tokens), cached_tokens))
             yield sse("[DONE]")

@@ -52,6 +52,17 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
     return AsyncLLM.from_engine_args(args)
 
 
+def engine_input(engine, prompt_token_ids: list[int]):
+    """`prompt_token_ids` as the engine's input, rendered by its own renderer, as vLLM's server renders a prompt.
+
+    AsyncLLM.generate still takes a bare `{"prompt_token_ids": ...}` dict, but deprecated: it renders such a
+    prompt on a thread pool, one hop per request. A tokenised prompt costs next to nothing to render, so it
+    is rendered here, on the caller's loop.
+    """
+    (rendered,) = engine.renderer.render_cmpl([{"prompt_token_ids": prompt_token_ids}])
+    return rendered
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
     prompt_token_ids: list[int]

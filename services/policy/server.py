@@ -37,7 +37,8 @@ from alignloop.registry import ModelNotRegistered, ModelVersionRef, canary_share
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import policy_pb2_grpc as pb_grpc
 from services.policy import metrics
-from services.policy.engine import InvalidRequest, build_engine, completion_message, prepare, vllm_checks
+from services.policy.engine import (InvalidRequest, build_engine, completion_message, engine_input, prepare,
+                                    vllm_checks)
 
 log = logging.getLogger("alignloop.policy")
 
@@ -119,7 +120,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         trace_headers = tracing.inject(span) if span is not None else None
         try:
             async for out in self.engine.generate(
-                {"prompt_token_ids": prepared.prompt_token_ids}, prepared.sampling_params, request_id,
+                engine_input(self.engine, prepared.prompt_token_ids), prepared.sampling_params, request_id,
                 trace_headers=trace_headers, priority=request.priority,
             ):
                 finished = out.finished

@@ -448,6 +448,19 @@ def test_unary_generate_returns_token_ids_and_logprobs(stack):
     assert resp.model.version == "1" and resp.prompt_tokens > 0
 
 
+def test_the_policy_gives_vllm_rendered_prompts_not_the_deprecated_raw_ones(openai_client, stack):
+    """vLLM 0.32 still takes a bare {"prompt_token_ids": ...} dict, renders it on a thread pool and warns once
+    per process that it will stop; the policy service renders its prompts itself."""
+    list(openai_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2, stream=True))
+    openai_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    log = (stack.home / "logs" / "policy.log").read_text(errors="replace")
+    assert "alignloop.policy: serving" in log  # the log the engine writes to
+    warnings = [line for line in log.splitlines()
+                if "deprecated" in line and ("input_processor.py" in line or "async_llm.py" in line)]
+    assert warnings == []
+
+
 def test_logit_bias_and_penalties_reach_the_engine(openai_client, stack):
     """OpenAI's logit_bias and penalties are applied by the real engine, not just accepted."""
     def generate(**sampling) -> pb.Completion:

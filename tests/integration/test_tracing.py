@@ -4,8 +4,10 @@ the caller's own `traceparent` is continued."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -82,8 +84,8 @@ def attributes(span) -> dict:
     return out
 
 
-def chat(stack: Stack, headers: dict[str, str], stream: bool) -> httpx.Response:
-    body = {"model": "alignloop-policy", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
+def chat(stack: Stack, headers: dict[str, str], stream: bool, content: str = "hello") -> httpx.Response:
+    body = {"model": "alignloop-policy", "messages": [{"role": "user", "content": content}], "max_tokens": 5,
             "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -100,8 +102,12 @@ GATEWAY_SPAN = "POST /v1/chat/completions"
 def test_a_chat_request_is_one_trace_through_gateway_policy_and_engine(collector, traced_stack, stream):
     spans, _ = collector
     trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e47%02x" % stream, "00f067aa0ba902b7"
+    # Asked once before, untraced, so that the engine's prefix cache holds a block of it (128 tokens on CPU).
+    question = f"{uuid.uuid4().hex} " + " ".join(f"Rule {i}: be brief." for i in range(14))
+    chat(traced_stack, {}, stream, question)
     r = chat(traced_stack, {"traceparent": f"00-{trace_id}-{caller_span}-01", "X-Request-Id": f"traced-{stream}"},
-             stream)
+             stream, question)
+    usage = (r.json() if not stream else json.loads(r.text.split("data: ")[-2]))["usage"]
     method = "GenerateStream" if stream else "Generate"
     found = spans.wait_for(bytes.fromhex(trace_id), {GATEWAY_SPAN, f"alignloop.v1.PolicyService/{method}",
                                                       "llm_request"})
@@ -119,6 +125,8 @@ def test_a_chat_request_is_one_trace_through_gateway_policy_and_engine(collector
     assert gw["http.response.status_code"] == 200 and gw["http.route"] == "/v1/chat/completions"
     assert gw["alignloop.request_id"] == f"traced-{stream}" == r.headers["x-request-id"]
     assert gw["gen_ai.usage.output_tokens"] >= 1 and gw["alignloop.model.version"] == "1"
+    assert gw["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert 0 < gw["gen_ai.usage.cache_read.input_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
     assert attributes(policy)["rpc.grpc.status_code"] == 0
     assert attributes(engine)["gen_ai.usage.completion_tokens"] == gw["gen_ai.usage.output_tokens"]
     # A stream's span lasts until its last event is sent, after the engine finished.
