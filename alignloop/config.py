@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # by consistent hashing on the tenant, the `user` field and the conversation's opening messages, so that
     # every turn of a conversation reaches the replica whose prefix cache holds its earlier turns.
     policy_routing: Literal["round_robin", "conversation"] = "round_robin"
+    # Whose prompts a request's prefix-cache hits may come from. "tenant": its own tenant's only (a salt per
+    # tenant: no tenant can time another's prompts); "shared": any tenant's, as in a bare vLLM server.
+    prefix_cache_scope: Literal["tenant", "shared"] = "tenant"
     # Where operators' browsers reach MLflow's UI, for the console's links to runs; unset: the tracking URI,
     # right when everything runs on one machine, an internal address in a cluster.
     mlflow_ui_url: str | None = None

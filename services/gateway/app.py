@@ -107,7 +107,8 @@ def create_app(settings: Settings) -> FastAPI:
         canary_poll = asyncio.create_task(app.state.router.follow(), name="canary-poll")
         reward_channel = retrying_channel(settings.reward_target, health_checked=True, interceptors=interceptors)
         app.state.chat = ChatService(app.state.router, app.state.completion_log, settings.grpc_timeout_s,
-                                     reward_grpc.RewardServiceStub(reward_channel), affinity=affinity)
+                                     reward_grpc.RewardServiceStub(reward_channel), affinity=affinity,
+                                     cache_scope=settings.prefix_cache_scope)
         feedback_channel = retrying_channel(settings.feedback_target, health_checked=True,
                                             interceptors=interceptors)
         app.state.feedback_stub = feedback_grpc.FeedbackServiceStub(feedback_channel)

@@ -16,6 +16,7 @@ from alignloop.topics import ChatMessageV1, CompletionRecordV1, SamplingV1
 from alignloop.v1 import policy_pb2 as pb
 from alignloop.v1 import reward_pb2, reward_pb2_grpc
 from services.gateway import metrics
+from services.gateway.cache_salt import CacheScope, cache_salt
 from services.gateway.completion_log import CompletionLog
 from services.gateway.errors import ApiError, from_rpc_error
 from services.gateway.protocol import (
@@ -42,7 +43,8 @@ log = logging.getLogger("alignloop.gateway.chat")
 OPTIONAL_SAMPLING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p")
 
 
-def to_policy_request(req: ChatCompletionRequest, request_id: str, priority: int = 0) -> pb.GenerateRequest:
+def to_policy_request(req: ChatCompletionRequest, request_id: str, priority: int = 0,
+                      salt: str = "") -> pb.GenerateRequest:
     sampling = pb.SamplingParams(
         n=req.n,
         stop=req.stop,
@@ -77,6 +79,7 @@ def to_policy_request(req: ChatCompletionRequest, request_id: str, priority: int
         chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]),
         sampling=sampling,
         priority=priority,
+        cache_salt=salt,
     )
 
 
@@ -183,14 +186,17 @@ def fingerprint(model: pb.ModelRef) -> str:
 
 class ChatService:
     def __init__(self, router: PolicyRouter, completion_log: CompletionLog, timeout_s: float,
-                 reward: reward_pb2_grpc.RewardServiceStub | None = None, *, affinity: bool = False) -> None:
+                 reward: reward_pb2_grpc.RewardServiceStub | None = None, *, affinity: bool = False,
+                 cache_scope: CacheScope = "tenant") -> None:
         """`affinity`: the policy channels place calls by their `alignloop-affinity` header, which is then set
-        from each request's conversation (alignloop/grpc_channels.py)."""
+        from each request's conversation (alignloop/grpc_channels.py). `cache_scope`: whose prefix-cache blocks
+        a request may reuse (services/gateway/cache_salt.py)."""
         self.router = router
         self.completion_log = completion_log
         self.timeout_s = timeout_s
         self.reward = reward
         self.affinity = affinity
+        self.cache_scope = cache_scope
 
     def _metadata(self, turn: _Turn) -> tuple[tuple[str, str], ...] | None:
         if not self.affinity:
@@ -199,6 +205,9 @@ class ChatService:
         # A generator: the key reads only the opening messages, not a long history's texts.
         key = conversation_key(turn.key_hash, req.user, ((m.role, m.text()) for m in req.messages))
         return ((AFFINITY_HEADER, key),)
+
+    def _salt(self, turn: _Turn) -> str:
+        return cache_salt(self.cache_scope, turn.key_hash, turn.req.cache_salt)
 
     async def _generate(self, generate: pb.GenerateRequest, turn: _Turn) -> pb.GenerateResponse:
         stub, role = self.router.choose(turn.key_hash, turn.req.user)
@@ -238,7 +247,7 @@ class ChatService:
             raise ApiError(503, "best_of needs the reward service, which this gateway is not connected to",
                            "service_unavailable", param="best_of")
         turn = _Turn(req, key_hash, request_id, spend)
-        generate = to_policy_request(req, turn.response_id, priority)
+        generate = to_policy_request(req, turn.response_id, priority, self._salt(turn))
         if req.best_of:
             generate.sampling.n = req.best_of
         resp = await self._generate(generate, turn)
@@ -305,7 +314,8 @@ class ChatService:
         token), so that a bad request still gets a 4xx status; returns the server-sent events that follow.
         `spend` gets the tokens used once the stream ends, however it ends."""
         turn = _Turn(req, key_hash, request_id, spend)
-        call, first = await self._open_stream(to_policy_request(req, turn.response_id, priority), turn)
+        call, first = await self._open_stream(
+            to_policy_request(req, turn.response_id, priority, self._salt(turn)), turn)
         if first is grpc.aio.EOF:
             raise ApiError(502, "the policy service closed the stream without an answer", "api_error")
         return self._events(turn, call, first)

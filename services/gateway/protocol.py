@@ -120,6 +120,9 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's extension: where the request queues when the engine's batch is full, lower first. Unset: the
     # tenant's priority (`alignloop keys priority`); a request may defer itself, never go ahead of it.
     priority: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None
+    # vLLM's extension: requests share prefix-cache blocks only with requests of the same salt (within the
+    # tenant's own, unless the gateway shares the cache: services/gateway/cache_salt.py).
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     # Accepted only to be refused when they ask for something this server does not do (see unsupported()):
     # ignored, they would leave a client believing its model may call tools or speak.
     tools: list[dict] | None = None

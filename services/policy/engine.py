@@ -52,14 +52,18 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
     return AsyncLLM.from_engine_args(args)
 
 
-def engine_input(engine, prompt_token_ids: list[int]):
+def engine_input(engine, prompt_token_ids: list[int], cache_salt: str = ""):
     """`prompt_token_ids` as the engine's input, rendered by its own renderer, as vLLM's server renders a prompt.
+    A `cache_salt` keeps its prefix-cache blocks apart from those of requests without the same salt.
 
     AsyncLLM.generate still takes a bare `{"prompt_token_ids": ...}` dict, but deprecated: it renders such a
     prompt on a thread pool, one hop per request. A tokenised prompt costs next to nothing to render, so it
     is rendered here, on the caller's loop.
     """
-    (rendered,) = engine.renderer.render_cmpl([{"prompt_token_ids": prompt_token_ids}])
+    prompt = {"prompt_token_ids": prompt_token_ids}
+    if cache_salt:
+        prompt["cache_salt"] = cache_salt
+    (rendered,) = engine.renderer.render_cmpl([prompt])
     return rendered
 
 

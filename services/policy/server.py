@@ -120,8 +120,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         trace_headers = tracing.inject(span) if span is not None else None
         try:
             async for out in self.engine.generate(
-                engine_input(self.engine, prepared.prompt_token_ids), prepared.sampling_params, request_id,
-                trace_headers=trace_headers, priority=request.priority,
+                engine_input(self.engine, prepared.prompt_token_ids, request.cache_salt), prepared.sampling_params,
+                request_id, trace_headers=trace_headers, priority=request.priority,
             ):
                 finished = out.finished
                 yield out

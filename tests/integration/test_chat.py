@@ -180,6 +180,31 @@ def test_prompt_tokens_the_prefix_cache_held_are_reported_recorded_and_billed(st
     assert row["prompt_tokens"] == first.usage.prompt_tokens * 2 + chunks[-1].usage.prompt_tokens
 
 
+def test_a_tenant_finds_only_its_own_prompts_in_the_prefix_cache(stack):
+    """Shared across tenants, the prefix cache would let one tenant time whether another's prompts begin with a
+    text it guesses; each tenant's requests get a cache salt of their own (services/gateway/cache_salt.py)."""
+    keys = {name: credentials.add_app(stack.home / "credentials.json", name)
+            for name in (f"salt-a-{uuid.uuid4().hex[:8]}", f"salt-b-{uuid.uuid4().hex[:8]}")}
+    wait_until_taken(list(keys.values())[-1], stack.gateway)
+    clients = [openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=key, max_retries=0) for key in keys.values()]
+    # Long enough to fill a 128-token CPU block; new, so that no earlier request began with it.
+    asked = [{"role": "system", "content": f"{uuid.uuid4().hex} " + " ".join(f"Rule {i}: be brief." for i in range(14))},
+             {"role": "user", "content": "Say hello."}]
+
+    def cached(client, **extra) -> int:
+        reply = client.chat.completions.create(model=MODEL, messages=asked, max_tokens=2, temperature=0, **extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    a, b = clients
+    assert cached(a) == 0
+    assert cached(a) > 0  # its own prompt, again
+    assert cached(b) == 0  # the same prompt from another tenant: computed anew
+    assert cached(b) > 0
+    # A request's own salt (vLLM's extension) splits its tenant's cache further: per end user, say.
+    assert cached(a, extra_body={"cache_salt": "end-user-1"}) == 0
+    assert cached(a, extra_body={"cache_salt": "end-user-1"}) > 0
+
+
 def test_streaming_n2_interleaves_choices(openai_client, stack):
     chunks = list(openai_client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=5, n=2, stream=True, extra_body={"ignore_eos": True}
@@ -306,6 +331,7 @@ LONG = "word " * (TEST_MAX_MODEL_LEN * 2)
         ({"tools": [{"type": "function", "function": {"name": "lookup"}}]}, "tools"),
         ({"functions": [{"name": "lookup"}]}, "functions"),
         ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"cache_salt": ""}, "cache_salt"),
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
         # vLLM's own checks, run by the policy service before it answers, streamed or not
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
