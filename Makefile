@@ -8,7 +8,7 @@ STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
-	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity clean-state
+	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity bench-dtype clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -50,6 +50,9 @@ bench-priorities: setup
 
 bench-affinity: setup
 	$(PY) benchmarks/affinity.py
+
+bench-dtype: setup
+	$(PY) benchmarks/serving_dtype.py
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py

@@ -55,7 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make `alignloop` and `services` importable
 
 from alignloop.components import http_ok  # noqa: E402
-from alignloop.config import POLICY_MODEL_NAME, Settings, vllm_serving_environment  # noqa: E402
+from alignloop.config import POLICY_MODEL_NAME, Settings, serving_dtype, vllm_serving_environment  # noqa: E402
 from alignloop.supervisor import free_ports, read_state, stop_groups, with_parent_death_signal  # noqa: E402
 
 TARGETS = ("alignloop", "policy-grpc", "vllm-server", "raw", "http-floor")
@@ -598,7 +598,7 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, m
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", POLICY_MODEL_NAME,
             "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype,
+            "--max-model-len", str(settings.max_model_len), "--dtype", serving_dtype(settings.dtype),
             "--max-num-seqs", str(settings.max_num_seqs),
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
             # Engine statistics as build_engine has them (ALIGNLOOP_ENGINE_STATS; on by default, as in vllm serve).
@@ -781,7 +781,7 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "engine": {"max_model_len": settings.max_model_len, "dtype": settings.dtype,
+        "engine": {"max_model_len": settings.max_model_len, "dtype": serving_dtype(settings.dtype),
                    "max_num_seqs": settings.max_num_seqs, "enforce_eager": settings.enforce_eager},
     }
 

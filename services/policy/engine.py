@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop.config import Settings, vllm_serving_environment
+from alignloop.config import Settings, serving_dtype, vllm_serving_environment
 from alignloop.contracts import LOGIT_BIAS_MAX_ENTRIES
 from alignloop.v1 import policy_pb2 as pb
 
@@ -42,7 +42,7 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
         served_model_name=served_name,
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
-        dtype=settings.dtype,
+        dtype=serving_dtype(settings.dtype),
         max_num_seqs=settings.max_num_seqs,
         scheduling_policy=settings.scheduling_policy,
         gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -446,3 +446,23 @@ def test_affinity_benchmark_runs_both_routings_over_real_replicas():
         assert 0 < summary[routing]["cached_share"] < 1 and summary[routing]["tokens_per_s"] > 0
     assert summary["ttft_p50_ratio_round_robin_over_conversation"] > 0
     assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
+
+
+def test_serving_dtype_benchmark_runs_both_dtypes_on_real_engines():
+    """A short run on the tiny model: an engine in each dtype answers every request, and the JSON line has
+    their figures, the ratios and what `auto` chose on this machine."""
+    from alignloop.config import serving_dtype
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
+    with tempfile.TemporaryDirectory(prefix="al-") as home:
+        out = subprocess.run(
+            [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "serving_dtype")), "--model", "tiny",
+             "--rounds", "1", "--solo", "2", "--concurrency", "4", "--max-tokens", "8", "--home", home],
+            capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    for dtype in ("bfloat16", "float32"):
+        assert summary[dtype]["tokens_per_s"] > 0 and summary[dtype]["ttft_p50_ms"] > 0
+    assert summary["float32_tokens_per_s_ratio"] > 0
+    assert summary["auto_chose"] == serving_dtype("auto")
+    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits

@@ -236,3 +236,24 @@ def test_prepare_rejects_a_prompt_longer_than_the_context(tokenizer):
     with pytest.raises(InvalidRequest) as e:
         prepare(pb.GenerateRequest(prompt="word " * 200), tokenizer, 64, stream=False)
     assert e.value.param == "prompt" and "context" in str(e.value)
+
+
+@pytest.mark.parametrize(("cuda", "cuda_bf16", "avx512_bf16", "amx", "expected"), [
+    (False, False, False, False, "float32"),  # AVX2: bfloat16 would be emulated
+    (False, False, True, False, "bfloat16"),
+    (False, False, False, True, "bfloat16"),
+    (True, True, False, False, "bfloat16"),
+    (True, False, True, True, "float16"),  # a GPU without bf16: what the host CPU has does not count
+])
+def test_auto_serves_in_bfloat16_only_where_the_hardware_computes_in_it(monkeypatch, cuda, cuda_bf16, avx512_bf16,
+                                                                       amx, expected):
+    import torch
+
+    from alignloop.config import serving_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert serving_dtype("auto") == expected
+    assert serving_dtype("float16") == "float16" and serving_dtype("bfloat16") == "bfloat16"
