@@ -18,6 +18,21 @@ import pytest
 BENCHMARKS = sorted((Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py"))
 
 
+def run_engine_benchmark(stem: str, *args: str) -> dict:
+    """Runs benchmarks/`stem`.py, which builds vLLM engines in its own process, with `args`; its JSON line.
+
+    Its home is short: vLLM's IPC sockets live under it, and a socket path may have at most 107 characters. It
+    gets no ALIGNLOOP_* or VLLM_* variable of earlier tests (they set vLLM's socket folder in this process).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
+    with tempfile.TemporaryDirectory(prefix="al-") as home:
+        out = subprocess.run([sys.executable, str(next(p for p in BENCHMARKS if p.stem == stem)), *args,
+                              "--home", home], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_there_are_benchmarks():
     assert len(BENCHMARKS) >= 5
 
@@ -412,40 +427,24 @@ def test_reward_sweep_chooses_on_validation_pairs_and_reports_held_out_pairs_ove
 def test_priorities_benchmark_runs_both_scheduling_policies_on_real_engines():
     """A short run on the tiny model: both engines serve the batch and the interactive requests, and the JSON
     line has each policy's figures and the ratios (what they say is the benchmark's business, not a test's)."""
-    # A short home: vLLM's IPC sockets live under it, and a socket path may have at most 107 characters. No
-    # ALIGNLOOP_* or VLLM_* variable of earlier tests (they set vLLM's socket folder in this process).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
-    with tempfile.TemporaryDirectory(prefix="al-") as home:
-        out = subprocess.run(
-            [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "priorities")), "--model", "tiny",
-             "--rounds", "1", "--interactive", "2", "--batch-clients", "6", "--warmup-s", "0.5", "--home", home],
-            capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = run_engine_benchmark("priorities", "--model", "tiny", "--rounds", "1", "--interactive", "2",
+                                   "--batch-clients", "6", "--warmup-s", "0.5")
     for policy in ("fcfs", "priority"):
         assert summary[policy]["ttft_p50_ms"] > 0 and summary[policy]["batch_tokens_per_s"] > 0
     assert summary["interactive_ttft_p50_ratio_fcfs_over_priority"] > 0
-    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
 
 
 def test_affinity_benchmark_runs_both_routings_over_real_replicas():
     """A short run on the tiny model: two policy services on real gRPC servers answer every turn through both
     channels; no first turn finds anything cached (each conversation is new), and the JSON line has each
     routing's figures and the ratios (what they say is the benchmark's business, not a test's)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
-    with tempfile.TemporaryDirectory(prefix="al-") as home:
-        out = subprocess.run(
-            [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "affinity")), "--model", "tiny",
-             "--rounds", "1", "--conversations", "4", "--concurrency", "2", "--turns", "3", "--system-rules", "12",
-             "--question-words", "10", "--answer-tokens", "8", "--home", home],
-            capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = run_engine_benchmark("affinity", "--model", "tiny", "--rounds", "1", "--conversations", "4",
+                                   "--concurrency", "2", "--turns", "3", "--system-rules", "12",
+                                   "--question-words", "10", "--answer-tokens", "8")
     for routing in ("round_robin", "conversation"):
         assert summary[routing]["first_turn_cached_tokens"] == 0
         assert 0 < summary[routing]["cached_share"] < 1 and summary[routing]["tokens_per_s"] > 0
     assert summary["ttft_p50_ratio_round_robin_over_conversation"] > 0
-    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
 
 
 def test_serving_dtype_benchmark_runs_both_dtypes_on_real_engines():
@@ -453,16 +452,9 @@ def test_serving_dtype_benchmark_runs_both_dtypes_on_real_engines():
     their figures, the ratios and what `auto` chose on this machine."""
     from alignloop.config import serving_dtype
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGNLOOP_", "VLLM_"))}
-    with tempfile.TemporaryDirectory(prefix="al-") as home:
-        out = subprocess.run(
-            [sys.executable, str(next(p for p in BENCHMARKS if p.stem == "serving_dtype")), "--model", "tiny",
-             "--rounds", "1", "--solo", "2", "--concurrency", "4", "--max-tokens", "8", "--home", home],
-            capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = run_engine_benchmark("serving_dtype", "--model", "tiny", "--rounds", "1", "--solo", "2",
+                                   "--concurrency", "4", "--max-tokens", "8")
     for dtype in ("bfloat16", "float32"):
         assert summary[dtype]["tokens_per_s"] > 0 and summary[dtype]["ttft_p50_ms"] > 0
     assert summary["float32_tokens_per_s_ratio"] > 0
     assert summary["auto_chose"] == serving_dtype("auto")
-    assert "Exception ignored" not in out.stderr  # the engines were shut down before the interpreter exits
