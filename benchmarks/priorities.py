@@ -80,15 +80,14 @@ def alternating(names: tuple[str, ...], rounds: int) -> Iterator[tuple[int, str]
             yield round_no, name
 
 
-def build(policy: str, settings: Settings, folder: Path):
-    """The policy service's engine with this scheduling policy. (Built apart from Target: something in vLLM's
-    start-up keeps this frame alive, and a Target in it would keep the engine until the interpreter exits,
-    whose AsyncLLM.__del__ then fails on half-torn-down modules.)"""
+def build(name: str, settings: Settings, folder: Path, **overrides):
+    """The policy service's engine, named `name` on the console, with `overrides` of the settings. (Built
+    apart from Target: something in vLLM's start-up keeps this frame alive, and a Target in it would keep the
+    engine until the interpreter exits, whose AsyncLLM.__del__ then fails on half-torn-down modules.)"""
     from services.policy.engine import build_engine
 
-    with err.status(f"{policy}: building the vLLM engine"):
-        return build_engine(settings.model_copy(update={"scheduling_policy": policy}), folder,
-                            served_name=POLICY_MODEL_NAME)
+    with err.status(f"{name}: building the vLLM engine"):
+        return build_engine(settings.model_copy(update=overrides), folder, served_name=POLICY_MODEL_NAME)
 
 
 class Target:
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     settings, folder, tokenizer = setup(args, tiny_max_model_len=512, max_num_seqs=args.max_num_seqs)
 
     async def run() -> dict[str, dict]:
-        targets = {policy: Target(policy, build(policy, settings, folder), tokenizer) for policy in POLICIES}
+        targets = {policy: Target(policy, build(policy, settings, folder, scheduling_policy=policy), tokenizer) for policy in POLICIES}
         try:
             results = {p: {"ttft": [], "latency": [], "batch_tokens_per_s": []} for p in POLICIES}
             await run_round(targets["fcfs"], args, -1)  # warm-up (compilation, caches), not counted

@@ -32,19 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.table import Table  # noqa: E402
 
-from alignloop.config import POLICY_MODEL_NAME, serving_dtype  # noqa: E402
-from benchmarks.priorities import alternating, err, setup, shutdown  # noqa: E402
+from alignloop.config import serving_dtype  # noqa: E402
+from benchmarks.priorities import alternating, build, err, setup, shutdown  # noqa: E402
 from benchmarks.serving import percentile  # noqa: E402
 
 DTYPES = ("bfloat16", "float32")
-
-
-def build(dtype: str, settings, folder: Path):
-    """The policy service's engine in this dtype (built apart from the rounds: see priorities.build)."""
-    from services.policy.engine import build_engine
-
-    with err.status(f"{dtype}: building the vLLM engine"):
-        return build_engine(settings.model_copy(update={"dtype": dtype}), folder, served_name=POLICY_MODEL_NAME)
 
 
 async def one(engine, prompt_ids: list[int], max_tokens: int, request_id: str) -> tuple[int, float]:
@@ -88,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         return tokenizer.encode(chat, add_special_tokens=False)
 
     async def run() -> dict[str, dict]:
-        engines = {dtype: build(dtype, settings, folder) for dtype in DTYPES}
+        engines = {dtype: build(dtype, settings, folder, dtype=dtype) for dtype in DTYPES}
         try:
             results = {d: {"tokens_per_s": [], "ttft_ms": []} for d in DTYPES}
             for dtype in DTYPES:  # warm-up (compilation, caches), not counted
