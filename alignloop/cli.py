@@ -325,16 +325,19 @@ def _dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
     return names
 
 
-def _training_command(args: argparse.Namespace, args_cls, fields: list[str]):
-    """What every training command starts with: settings (state folders made), a stderr console for progress
-    (stdout ends with the JSON summary), transformers' own bars off, and `args_cls` from the flags given
-    (unset flags keep the dataclass defaults)."""
+def _training_command(args: argparse.Namespace, args_cls, fields: list[str], check=None):
+    """What every training command starts with: `args_cls` from the flags given (unset flags keep the
+    dataclass defaults), refused by `check` (a ValueError naming the field) before anything slow is imported,
+    then settings (state folders made), a stderr console for progress (stdout ends with the JSON summary) and
+    transformers' own bars off."""
+    hyper = args_cls(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    if check is not None:
+        check(hyper)
     from transformers.utils import logging as hf_logging
 
     settings = Settings()
     settings.ensure_dirs()
     hf_logging.disable_progress_bar()
-    hyper = args_cls(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     return settings, Console(stderr=True, soft_wrap=True), hyper
 
 
@@ -342,10 +345,16 @@ def cmd_ppo_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from pipelines.ppo.args import Args
+    from pipelines.ppo.args import Args, validate
+
+    try:
+        # A configuration error costs a second, not the import of torch and a model load.
+        settings, err, hyper = _training_command(args, Args, args.ppo_fields, check=validate)
+    except ValueError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]✗ {exc}[/]")
+        return 2
     from pipelines.ppo.job import Sources, run
 
-    settings, err, hyper = _training_command(args, Args, args.ppo_fields)
     sources = Sources(policy=args.policy, reference=args.reference, reward=args.reward,
                       prompt_file=args.prompt_file, store_prompts=not args.no_store_prompts,
                       ptx_file=args.ptx_file, value_from_reward=args.value_from_reward)

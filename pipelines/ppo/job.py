@@ -20,6 +20,7 @@ from alignloop.prompt_split import content_hash
 from alignloop.registry import ModelVersionRef, fetch_version, resolve_alias
 from pipelines.models_init import ensure_experiment, register_run_folder, tracking_uri
 from pipelines.ppo import prompts as prompt_sources
+from pipelines.ppo.args import validate
 from pipelines.ppo.train import Args, Inputs, train
 
 EXPERIMENT_NAME = "alignloop-ppo"
@@ -92,6 +93,7 @@ def run(settings: Settings, args: Args, sources: Sources, *, out: Path | None = 
     """Trains, logs and registers; returns the summary the CLI prints as its last line."""
     import mlflow
 
+    validate(args)  # before any model is resolved or MLflow run opened
     console = console or Console(stderr=True)
     rank = int(os.environ.get("RANK", "0"))
     policy_dir, policy_ref = resolve_policy(settings, sources.policy)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from pipelines.ppo import core, lora
-from pipelines.ppo.args import Args
+from pipelines.ppo.args import Args, validate
 from pipelines.ppo.models import (
     RolloutBatch,
     ValueModel,
@@ -319,36 +319,6 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch
     if var_returns.item() == 0:
         return float("nan")
     return (1 - core.masked_var(returns - values, mask) / var_returns).item()
-
-
-# ---- inputs ----------------------------------------------------------------------------------------------
-def validate(args: Args) -> None:
-    """Refuses a configuration that cannot mean what was asked, naming the field."""
-    checks = [
-        (args.beta >= 0, "beta must be >= 0"),
-        (args.kl_target is None or args.kl_target > 0, "kl_target must be > 0"),
-        (args.iterations >= 1, "iterations must be >= 1"),
-        (args.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1"),
-        (args.samples_per_prompt >= 1, "samples_per_prompt must be >= 1"),
-        (args.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-        (args.temperature > 0, "temperature must be > 0"),
-        (0 < args.clip_range < 1, "clip_range must be in (0, 1)"),
-        (args.clip_range_value is None or args.clip_range_value > 0, "clip_range_value must be > 0"),
-        (0 <= args.gamma <= 1 and 0 <= args.lam <= 1, "gamma and lam must be in [0, 1]"),
-        (args.ppo_epochs >= 1 and args.minibatch_size >= 1, "ppo_epochs and minibatch_size must be >= 1"),
-        (args.policy_lr > 0 and args.value_lr > 0, "policy_lr and value_lr must be > 0"),
-        (args.gamma_ptx >= 0, "gamma_ptx must be >= 0"),
-        (args.rollout_engine in ("vllm", "hf"), "rollout_engine must be vllm or hf"),
-        (args.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
-        (args.lora_alpha > 0, "lora_alpha must be > 0"),
-        (args.advantage_estimator in ("gae", "rloo"), "advantage_estimator must be gae or rloo"),
-        (args.advantage_estimator != "rloo" or args.samples_per_prompt >= 2,
-         "advantage_estimator rloo needs samples_per_prompt >= 2 (a baseline from the other answers)"),
-        (bool(args.lora_target_modules.strip(" ,")), "lora_target_modules must name modules or be all-linear"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
 
 
 # ---- the whole job ---------------------------------------------------------------------------------------

@@ -183,15 +183,15 @@ def test_feedback_waiting_for_an_unknown_completion_holds_up_no_one_else(tmp_pat
     own, so everybody else's feedback goes through meanwhile."""
     import concurrent.futures
 
-    with feedback_stack(tmp_path, "sqlite", feedback_completion_wait_s=30.0) as fs:
+    with feedback_stack(tmp_path, "sqlite", feedback_completion_wait_s=10.0) as fs:
         answers = _answers(fs, 20)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            # Its client waits longer than the collector's 30 s: the answer (404) must not race the timeout.
+            # Its client waits longer than the collector's 10 s: the answer (404) must not race the timeout.
             stuck = pool.submit(fs.post, "/v1/feedback", {"kind": "thumbs", "completion_id": "cmpl-unknown",
                                                           "value": "up"}, timeout=90)
             time.sleep(0.5)  # it is inside the collector now, waiting for a record that will not come
             for cid in answers:
                 r = fs.post("/v1/feedback", {"kind": "thumbs", "completion_id": cid, "value": "up"})
                 assert r.status_code == 200, r.text
-            assert not stuck.done(), "the unknown id was answered before the 30 s wait: nothing was proven"
+            assert not stuck.done(), "the unknown id was answered before the 10 s wait: nothing was proven"
             assert stuck.result(60).status_code == 404

@@ -438,9 +438,9 @@ def test_affinity_benchmark_runs_both_routings_over_real_replicas():
     """A short run on the tiny model: two policy services on real gRPC servers answer every turn through both
     channels; no first turn finds anything cached (each conversation is new), and the JSON line has each
     routing's figures and the ratios (what they say is the benchmark's business, not a test's)."""
-    summary = run_engine_benchmark("affinity", "--model", "tiny", "--rounds", "1", "--conversations", "4",
-                                   "--concurrency", "2", "--turns", "3", "--system-rules", "12",
-                                   "--question-words", "10", "--answer-tokens", "8")
+    summary = run_engine_benchmark("affinity", "--model", "tiny", "--replicas", "2", "--rounds", "1",
+                                   "--conversations", "4", "--concurrency", "2", "--turns", "3",
+                                   "--system-rules", "12", "--question-words", "10", "--answer-tokens", "8")
     for routing in ("round_robin", "conversation"):
         assert summary[routing]["first_turn_cached_tokens"] == 0
         assert 0 < summary[routing]["cached_share"] < 1 and summary[routing]["tokens_per_s"] > 0

@@ -444,7 +444,7 @@ def test_the_demos_run_config_is_one_the_runner_accepts():
 
     from alignloop.demo import DEMO_CONFIG, MIX
     from pipelines.ppo.args import Args
-    from pipelines.ppo.train import validate
+    from pipelines.ppo.args import validate
     from services.pipeline import config as run_config
 
     cfg = run_config.resolve("", json.dumps(DEMO_CONFIG))
