@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -285,8 +286,11 @@ async def follow_canary_share(settings: Settings, servicer: PolicyServicer, stop
                 await stop.wait()
 
 
-async def log_engine_stats(engine, stop: asyncio.Event) -> None:
-    """vLLM's throughput and cache line in the log, at vLLM's interval, as its own server writes it."""
+async def log_engine_stats(servicer: PolicyServicer, stop: asyncio.Event) -> None:
+    """vLLM's throughput and cache line in the log, at vLLM's interval, as its own server writes it.
+
+    It reads the engine from `servicer` each time rather than holding it: a cancelled task's frame outlives
+    it (in the task's exception), and the engine must not (see `serve`)."""
     from vllm import envs
 
     while True:
@@ -294,6 +298,8 @@ async def log_engine_stats(engine, stop: asyncio.Event) -> None:
             async with asyncio.timeout(envs.VLLM_LOG_STATS_INTERVAL):
                 await stop.wait()
         if stop.is_set():
+            return
+        if (engine := servicer.engine) is None:
             return
         try:
             await engine.do_log_stats()
@@ -307,8 +313,9 @@ def load_engine(settings: Settings, ref: ModelVersionRef):
     from transformers import AutoTokenizer
 
     model_dir = fetch_version(settings.tracking_uri, ref, settings.models_dir)
-    engine = build_engine(settings, model_dir, served_name=ref.name)
-    return engine, AutoTokenizer.from_pretrained(str(model_dir)), model_dir
+    # No local name for the engine: vLLM keeps a frame from its construction alive, and with it this one's.
+    return build_engine(settings, model_dir, served_name=ref.name), AutoTokenizer.from_pretrained(str(model_dir)), \
+        model_dir
 
 
 async def serve(settings: Settings) -> None:
@@ -344,7 +351,7 @@ async def serve(settings: Settings) -> None:
             if alias == settings.policy_canary_alias:
                 tasks.append(asyncio.create_task(follow_canary_share(settings, servicer, stop), name="canary-share"))
             if settings.engine_stats:
-                tasks.append(asyncio.create_task(log_engine_stats(engine, stop), name="engine-stats"))
+                tasks.append(asyncio.create_task(log_engine_stats(servicer, stop), name="engine-stats"))
             await stop.wait()
     finally:
         health.stopping()
@@ -353,8 +360,13 @@ async def serve(settings: Settings) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("stopping: finishing in-flight requests (%g s grace)", settings.drain_s)
         await server.stop(grace=settings.drain_s)
-        if servicer.engine is not None:
-            servicer.engine.shutdown()
+        # Shut down here, with every module still loaded, and drop the last references: vLLM's AsyncLLM
+        # shuts down again from __del__, which at interpreter exit finds its module globals gone and raises.
+        engine, servicer.engine = servicer.engine, None
+        if engine is not None:
+            engine.shutdown()
+        del engine
+        tasks.clear()
 
 
 def main() -> None:
@@ -363,3 +375,5 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvloop, as vLLM's own server uses: cheaper wake-ups for the many small gRPC and engine events.
     uvloop.run(serve(Settings()))
+    gc.collect()  # the engine's own finaliser runs now, while vLLM's modules are still there for it
+
