@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from alignloop.config import Settings
-from alignloop.supervisor import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 ALIGNLOOP = str(Path(sys.executable).parent / "alignloop")
@@ -24,6 +24,34 @@ ALIGNLOOP = str(Path(sys.executable).parent / "alignloop")
 # Small enough that "longer than the context" is easy to reach in a test.
 TEST_MAX_MODEL_LEN = 256
 TEST_MAX_N = 4
+
+
+# Test stacks take their ports from below Linux's ephemeral range (32768 and up), where no outgoing connection
+# can take one between its pick and its server's bind, and each pytest-xdist worker from its own slice of that,
+# so two workers running side by side never pick the same port.
+_PORTS_LOW, _PORTS_HIGH = 10_000, 32_768
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+_SLICE = (_PORTS_HIGH - _PORTS_LOW) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_next_port = _PORTS_LOW + _WORKER * _SLICE + (os.getpid() % _SLICE)  # a fresh start each run: no TIME_WAIT
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports of this worker's slice that nothing is bound to now, taken in turn (a port is not
+    handed out again until the slice wraps around)."""
+    global _next_port
+    start = _PORTS_LOW + _WORKER * _SLICE
+    ports: list[int] = []
+    for _ in range(_SLICE):
+        port, _next_port = _next_port, start + (_next_port + 1 - start) % _SLICE
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:  # something of the machine's own (RabbitMQ's 15672, ...) or a port still closing
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports in {start}..{start + _SLICE - 1}")
 
 
 def free_port() -> int:

@@ -17,8 +17,7 @@ from pathlib import Path
 from alignloop import components
 from alignloop.components import http_ok
 from alignloop.config import Settings
-from alignloop.supervisor import free_ports
-from tests.conftest import REPO, Stack, free_port, wait_for
+from tests.conftest import REPO, Stack, free_port, free_ports, wait_for
 
 
 @dataclass

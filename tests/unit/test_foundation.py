@@ -73,6 +73,21 @@ def test_free_ports_are_distinct_and_free():
     assert not any(port_in_use("127.0.0.1", p) for p in ports)
 
 
+def test_test_stacks_take_ports_below_the_ephemeral_range_from_their_workers_own_slice():
+    from tests import conftest
+
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", conftest._next_port))  # the port next in turn is taken: it is passed over
+        held.listen()
+        ports = conftest.free_ports(3)
+        assert held.getsockname()[1] not in ports
+    assert len(set(ports)) == 3 and not any(port_in_use("127.0.0.1", p) for p in ports)
+    first = conftest._PORTS_LOW + conftest._WORKER * conftest._SLICE
+    assert all(first <= p < first + conftest._SLICE and p < ephemeral_low for p in ports)
+    assert conftest.free_port() not in ports  # not handed out again before the slice wraps around
+
+
 def test_port_in_use_sees_listeners_only():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
