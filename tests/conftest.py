@@ -92,6 +92,9 @@ def stack_env(home: Path, **overrides: str) -> dict[str, str]:
         # float32: the random tiny model's logits are nearly flat, and tests compare greedy and seeded answers
         # across requests (one from the prefix cache, one recomputed); bf16 rounding would flip near-ties.
         ALIGNLOOP_DTYPE="float32",
+        # On a GPU, a stack's champion and canary engines, another worker's stack and a PPO rollout engine
+        # (0.3) may share the device; the tiny model needs little of it (ignored on CPUs).
+        ALIGNLOOP_GPU_MEMORY_UTILIZATION="0.15",
         ALIGNLOOP_CONFIG=str(home / "no-such-config.toml"),
         PYTHONUNBUFFERED="1",
     )
