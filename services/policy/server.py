@@ -289,8 +289,8 @@ async def follow_canary_share(settings: Settings, servicer: PolicyServicer, stop
 async def log_engine_stats(servicer: PolicyServicer, stop: asyncio.Event) -> None:
     """vLLM's throughput and cache line in the log, at vLLM's interval, as its own server writes it.
 
-    It reads the engine from `servicer` each time rather than holding it: a cancelled task's frame outlives
-    it (in the task's exception), and the engine must not (see `serve`)."""
+    It reads the engine from `servicer` each time and never binds it to a local: a cancelled task's frame
+    outlives it (in the task's exception), and the engine must not (see `serve`)."""
     from vllm import envs
 
     while True:
@@ -299,10 +299,10 @@ async def log_engine_stats(servicer: PolicyServicer, stop: asyncio.Event) -> Non
                 await stop.wait()
         if stop.is_set():
             return
-        if (engine := servicer.engine) is None:
+        if servicer.engine is None:
             return
         try:
-            await engine.do_log_stats()
+            await servicer.engine.do_log_stats()
         except Exception:  # a dead engine shows in GetInfo and its own log; this task just must not die silently
             log.exception("could not log the engine's statistics; no more will be logged")
             return
@@ -376,3 +376,4 @@ def main() -> None:
     # uvloop, as vLLM's own server uses: cheaper wake-ups for the many small gRPC and engine events.
     uvloop.run(serve(Settings()))
     gc.collect()  # the engine's own finaliser runs now, while vLLM's modules are still there for it
+

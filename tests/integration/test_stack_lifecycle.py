@@ -14,7 +14,7 @@ import pytest
 
 from alignloop.supervisor import port_in_use
 
-from tests.conftest import ALIGNLOOP, REPO, stack_env, start_stack
+from tests.conftest import ALIGNLOOP, REPO, stack_env, start_stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,8 @@ def _descendants(pid: int) -> list[psutil.Process]:
 def test_up_status_then_down_leaves_no_process_behind(home):
     # One stack for the whole lifecycle: each start costs a vLLM engine (half a minute on two cores). `down`
     # stops it the way Ctrl-C or a SIGTERM would: it signals the supervisor, which stops every component.
-    stack = start_stack(home)
+    # vLLM's statistics every second: the task that logs them must have used the engine before the stack stops.
+    stack = start_stack(home, VLLM_LOG_STATS_INTERVAL="1")
     processes: list[psutil.Process] = []
     try:
         creds_path = home / "credentials.json"
@@ -56,6 +57,15 @@ def test_up_status_then_down_leaves_no_process_behind(home):
                                 timeout=60)
         assert second.returncode == 1 and "already running" in second.stdout
 
+        # One answer served, and vLLM's statistics logged after it: the stack stops having done real work.
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{stack.gateway}/v1", api_key=creds["app_key"], max_retries=0)
+        answer = client.chat.completions.create(model="alignloop-policy", max_tokens=4,
+                                                messages=[{"role": "user", "content": "hello"}])
+        assert answer.usage.completion_tokens > 0
+        wait_for(lambda: "Avg generation throughput" in (home / "logs" / "policy.log").read_text(), 30,
+                 "the policy service to log vLLM's statistics")
         processes = _descendants(stack.process.pid)
         # broker, MLflow (+ its uvicorn worker), policy (+ vLLM engine core), gateway at the least
         assert len(processes) >= 4
