@@ -376,4 +376,3 @@ def main() -> None:
     # uvloop, as vLLM's own server uses: cheaper wake-ups for the many small gRPC and engine events.
     uvloop.run(serve(Settings()))
     gc.collect()  # the engine's own finaliser runs now, while vLLM's modules are still there for it
-
