@@ -82,9 +82,13 @@ def test_up_status_then_down_leaves_no_process_behind(home):
     assert alive == [], f"left behind: {[(p.pid, p.name()) for p in alive]}"
     assert "stopped kafka" in stack.log()
     assert not (home / "run" / "stack.json").exists()
-    # The policy service shut its engine down itself, not vLLM's finaliser at interpreter exit.
-    policy_log = (home / "logs" / "policy.log").read_text()
-    assert "Exception ignored" not in policy_log and "Traceback" not in policy_log, policy_log[-3000:]
+    # Every component stopped without an error; the policy service shut its engine down itself, not vLLM's
+    # finaliser at interpreter exit.
+    logs = sorted((home / "logs").glob("*.log"))
+    assert {"policy.log", "gateway.log", "reward.log"} <= {log.name for log in logs}
+    for log in logs:
+        text = log.read_text()
+        assert "Exception ignored" not in text and "Traceback" not in text, f"{log.name}: {text[-3000:]}"
     status = subprocess.run([ALIGNLOOP, "status"], env=stack.env, capture_output=True, text=True, cwd=REPO)
     assert status.returncode == 3 and "not running" in status.stdout
 
