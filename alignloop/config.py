@@ -332,8 +332,10 @@ def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
     Creates the folders they point to: vLLM expects them to exist.
     """
     cache = settings.cache_dir
-    for sub in ("vllm", "inductor", "rpc", "tmp"):
+    for sub in ("vllm", "inductor", "tmp"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
+    rpc = rpc_dir(cache)
+    rpc.mkdir(mode=0o700, parents=True, exist_ok=True)
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -342,6 +344,25 @@ def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CACHE_ROOT": str(cache / "vllm"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-        "VLLM_RPC_BASE_PATH": str(cache / "rpc"),
+        "VLLM_RPC_BASE_PATH": str(rpc),
         "TMPDIR": str(cache / "tmp"),
     }
+
+
+# A Unix socket's path holds at most 107 bytes (sockaddr_un.sun_path), and vLLM names its sockets
+# `<VLLM_RPC_BASE_PATH>/<uuid4>`: 37 bytes after the folder.
+_SOCKET_PATH_MAX = 107
+_RPC_NAME_LEN = 37
+
+
+def rpc_dir(cache: Path) -> Path:
+    """Where vLLM's engines put their IPC sockets: `cache/rpc`, unless that is too long a path for a socket
+    (a deep checkout or test folder), then a short folder in /tmp, one per cache and user. Not TMPDIR: this
+    same environment points TMPDIR into the cache."""
+    import hashlib
+
+    preferred = cache / "rpc"
+    if len(os.fsencode(preferred.resolve())) + _RPC_NAME_LEN <= _SOCKET_PATH_MAX:
+        return preferred
+    digest = hashlib.sha256(os.fsencode(cache.resolve())).hexdigest()[:16]
+    return Path("/tmp") / f"alignloop-rpc-{os.getuid()}-{digest}"

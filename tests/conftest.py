@@ -54,6 +54,18 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     raise RuntimeError(f"no {n} free ports in {start}..{start + _SLICE - 1}")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it. An engine run in the test's own process (PPO's rollouts)
+    sets vLLM's variables there, pointing into that test's folder; the processes later tests start must not
+    inherit them (a socket folder deep in an earlier test's tree once broke a later test's engine)."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 

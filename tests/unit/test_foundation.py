@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,28 @@ def test_external_services_replace_the_embedded_ones(monkeypatch):
     s = Settings()
     assert not s.embedded_kafka and s.kafka_bootstrap == "kafka-0:9092,kafka-1:9092"
     assert not s.embedded_mlflow and s.tracking_uri == "http://mlflow:5000"
+
+
+def test_vllms_sockets_stay_under_the_unix_socket_path_limit_however_deep_the_home(tmp_path: Path):
+    from alignloop.config import vllm_cpu_environment
+
+    short = Path(tempfile.mkdtemp(prefix="al-", dir="/tmp"))  # pytest's own folders are too deep already
+    shallow = Settings(home=short / "h")
+    deep = Settings(home=tmp_path / ("d" * 60) / "home")
+    assert Path(vllm_cpu_environment(shallow)["VLLM_RPC_BASE_PATH"]) == shallow.cache_dir / "rpc"
+    rpc = Path(vllm_cpu_environment(deep)["VLLM_RPC_BASE_PATH"])
+    assert rpc != deep.cache_dir / "rpc" and rpc.is_dir() and stat.S_IMODE(rpc.stat().st_mode) == 0o700
+    # vLLM's socket names: the folder, a slash and a uuid4; a Unix socket's path holds 107 bytes.
+    assert len(str(rpc)) + 1 + 36 <= 107
+    assert rpc == Path(vllm_cpu_environment(deep)["VLLM_RPC_BASE_PATH"])  # the same folder each time
+    other = Settings(home=tmp_path / ("e" * 60) / "home")
+    assert Path(vllm_cpu_environment(other)["VLLM_RPC_BASE_PATH"]) != rpc  # and one per home
+    with socket.socket(socket.AF_UNIX) as sock:  # a socket of vLLM's name length binds there
+        sock.bind(str(rpc / ("0" * 36)))
+    (rpc / ("0" * 36)).unlink()
+    shutil.rmtree(short)
+    for folder in (rpc, Path(vllm_cpu_environment(other)["VLLM_RPC_BASE_PATH"])):
+        folder.rmdir()
 
 
 def test_serving_engines_let_idle_openmp_threads_sleep_soon_and_trainers_do_not(tmp_path: Path):
