@@ -6,6 +6,7 @@ The supervisor passes its resolved settings to the processes it starts as enviro
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import cached_property
 from pathlib import Path
@@ -336,6 +337,10 @@ def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
         (cache / sub).mkdir(parents=True, exist_ok=True)
     rpc = rpc_dir(cache)
     rpc.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if rpc.parent == Path("/tmp") and (rpc.stat().st_uid != os.getuid() or rpc.stat().st_mode & 0o077):
+        # A folder in the shared /tmp that someone else made (or opened) could carry their sockets.
+        raise RuntimeError(f"{rpc} is not this user's own private folder: remove it, or use a shorter "
+                           "ALIGNLOOP_HOME")
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -359,8 +364,6 @@ def rpc_dir(cache: Path) -> Path:
     """Where vLLM's engines put their IPC sockets: `cache/rpc`, unless that is too long a path for a socket
     (a deep checkout or test folder), then a short folder in /tmp, one per cache and user. Not TMPDIR: this
     same environment points TMPDIR into the cache."""
-    import hashlib
-
     preferred = cache / "rpc"
     if len(os.fsencode(preferred.resolve())) + _RPC_NAME_LEN <= _SOCKET_PATH_MAX:
         return preferred

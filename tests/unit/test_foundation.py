@@ -65,6 +65,9 @@ def test_vllms_sockets_stay_under_the_unix_socket_path_limit_however_deep_the_ho
     with socket.socket(socket.AF_UNIX) as sock:  # a socket of vLLM's name length binds there
         sock.bind(str(rpc / ("0" * 36)))
     (rpc / ("0" * 36)).unlink()
+    rpc.chmod(0o755)  # opened to others (as someone else's folder would be): refused, not used
+    with pytest.raises(RuntimeError, match="private folder"):
+        vllm_cpu_environment(deep)
     shutil.rmtree(short)
     for folder in (rpc, Path(vllm_cpu_environment(other)["VLLM_RPC_BASE_PATH"])):
         folder.rmdir()
