@@ -366,7 +366,6 @@ async def serve(settings: Settings) -> None:
         if engine is not None:
             engine.shutdown()
         del engine
-        tasks.clear()
 
 
 def main() -> None:

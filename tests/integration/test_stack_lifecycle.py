@@ -92,7 +92,8 @@ def test_up_status_then_down_leaves_no_process_behind(home):
     status = subprocess.run([ALIGNLOOP, "status"], env=stack.env, capture_output=True, text=True, cwd=REPO)
     assert status.returncode == 3 and "not running" in status.stdout
 
-    # Credentials are reused, not regenerated, by later starts.
+    # Stopping leaves the credentials as they were (test_credentials_created_0600_then_reused: later starts
+    # reuse them).
     assert json.loads((home / "credentials.json").read_text()) == creds
 
 
