@@ -335,12 +335,6 @@ def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
     cache = settings.cache_dir
     for sub in ("vllm", "inductor", "tmp"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
-    rpc = rpc_dir(cache)
-    rpc.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if rpc.parent == Path("/tmp") and (rpc.stat().st_uid != os.getuid() or rpc.stat().st_mode & 0o077):
-        # A folder in the shared /tmp that someone else made (or opened) could carry their sockets.
-        raise RuntimeError(f"{rpc} is not this user's own private folder: remove it, or use a shorter "
-                           "ALIGNLOOP_HOME")
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kvcache_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -349,7 +343,7 @@ def vllm_cpu_environment(settings: Settings) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_CACHE_ROOT": str(cache / "vllm"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-        "VLLM_RPC_BASE_PATH": str(rpc),
+        "VLLM_RPC_BASE_PATH": str(rpc_dir(cache)),
         "TMPDIR": str(cache / "tmp"),
     }
 
@@ -361,11 +355,19 @@ _RPC_NAME_LEN = 37
 
 
 def rpc_dir(cache: Path) -> Path:
-    """Where vLLM's engines put their IPC sockets: `cache/rpc`, unless that is too long a path for a socket
-    (a deep checkout or test folder), then a short folder in /tmp, one per cache and user. Not TMPDIR: this
-    same environment points TMPDIR into the cache."""
+    """The folder, made if need be, where vLLM's engines put their IPC sockets: `cache/rpc`, unless that is
+    too long a path for a socket (a deep checkout or test folder), then a private folder in /tmp, one per
+    cache and user. Not TMPDIR: this same environment points TMPDIR into the cache."""
     preferred = cache / "rpc"
     if len(os.fsencode(preferred.resolve())) + _RPC_NAME_LEN <= _SOCKET_PATH_MAX:
+        preferred.mkdir(parents=True, exist_ok=True)
         return preferred
     digest = hashlib.sha256(os.fsencode(cache.resolve())).hexdigest()[:16]
-    return Path("/tmp") / f"alignloop-rpc-{os.getuid()}-{digest}"
+    short = Path("/tmp") / f"alignloop-rpc-{os.getuid()}-{digest}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    owner = short.stat()
+    if owner.st_uid != os.getuid() or owner.st_mode & 0o077:
+        # A folder in the shared /tmp that someone else made (or opened) could carry their sockets.
+        raise RuntimeError(f"{short} is not this user's own private folder: remove it, or use a shorter "
+                           "ALIGNLOOP_HOME")
+    return short
