@@ -101,11 +101,14 @@ class HealthService(_Published):
         try:
             last = None
             while True:
+                # Read before the status: a stop that comes while the last status is being sent must be
+                # sent too, not slept through.
+                stopped = self._stopping.is_set()
                 status = await self.status(request.service, max_age_s=0.9 * self.watch_interval_s)
                 if status != last:
                     yield pb.HealthCheckResponse(status=status)
                     last = status
-                if self._stopping.is_set():  # nothing will change any more: just keep the stream open
+                if stopped:  # nothing will change any more: just keep the stream open
                     await asyncio.sleep(self.watch_interval_s)
                     continue
                 with contextlib.suppress(TimeoutError):
@@ -139,11 +142,12 @@ class ThreadedHealthService(_Published):
     def Watch(self, request: pb.HealthCheckRequest, context: grpc.ServicerContext):
         last = None
         while context.is_active():
+            stopped = self._stopping.is_set()  # before the status, as in HealthService.Watch
             status = self.status(request.service)
             if status != last:
                 yield pb.HealthCheckResponse(status=status)
                 last = status
-            if self._stopping.is_set():  # nothing will change any more (and wait() would return at once)
+            if stopped:  # nothing will change any more (and wait() would return at once)
                 time.sleep(self.watch_interval_s)
             else:
                 self._stopping.wait(self.watch_interval_s)
