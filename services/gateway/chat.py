@@ -325,7 +325,8 @@ class ChatService:
         model = first.model
         prompt_tokens = first.prompt_tokens
         cached_tokens = 0
-        texts = [""] * req.n
+        # Each answer's pieces, joined once it ends (`+=` on a list item copies the text so far at every token).
+        texts: list[list[str]] = [[] for _ in range(req.n)]
         tokens = [0] * req.n
         render = ChunkRenderer(turn.response_id, int(turn.received_at), model.name, fingerprint(model),
                                turn.completion_ids[:req.n])
@@ -341,7 +342,7 @@ class ChatService:
                     if not first_token_seen and d.token_ids:
                         metrics.TTFT.observe(time.time() - turn.received_at)
                         first_token_seen = True
-                    texts[d.index] += d.text
+                    texts[d.index].append(d.text)
                     tokens[d.index] += len(d.token_ids)
                     finish = d.finish_reason or None
                     # Empty text with tokens happens mid-way through a multi-byte character: nothing to show,
@@ -359,8 +360,9 @@ class ChatService:
                         completion_id=turn.completion_ids[d.index],
                     )])
                     if finish:
-                        self.completion_log.submit(turn.record(d.index, texts[d.index], finish, prompt_tokens,
-                                                               tokens[d.index], model, cached_tokens=cached_tokens))
+                        self.completion_log.submit(turn.record(d.index, "".join(texts[d.index]), finish,
+                                                               prompt_tokens, tokens[d.index], model,
+                                                               cached_tokens=cached_tokens))
                 msg = await call.read()
             metrics.count_tokens(prompt_tokens, cached_tokens, sum(tokens))
             annotate(lambda: turn.span_attributes(model, prompt_tokens, cached_tokens, sum(tokens)))
