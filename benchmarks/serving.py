@@ -342,6 +342,8 @@ async def measure(targets: dict[str, RequestFn], args: argparse.Namespace, meter
             _, ttft = await targets[name](args.rounds + 1 + i, i)
             if ttft is not None:
                 results[name].solo_ttft_ms.append(ttft * 1000)
+        if (i + 1) % 10 == 0 and i + 1 < args.solo:  # each waits for a quiet machine: this phase takes minutes
+            err.print(f"  one at a time: {i + 1}/{args.solo} requests to each target")
     err.print("  one at a time, TTFT p50: " + ", ".join(
         f"{name} {percentile(r.solo_ttft_ms, 50):.1f} ms" for name, r in results.items()))
     return results

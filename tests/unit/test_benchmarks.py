@@ -458,3 +458,18 @@ def test_serving_dtype_benchmark_runs_both_dtypes_on_real_engines():
         assert summary[dtype]["tokens_per_s"] > 0 and summary[dtype]["ttft_p50_ms"] > 0
     assert summary["float32_tokens_per_s_ratio"] > 0
     assert summary["auto_chose"] == serving_dtype("auto")
+
+
+def test_grpc_streams_carries_every_token_both_ways_and_reports_each_sides_cost():
+    """Per-request streams and one batched stream must deliver the same tokens (the script checks the count),
+    or their costs per token are not comparable."""
+    out = subprocess.run([sys.executable, str(next(p for p in BENCHMARKS if p.stem == "grpc_streams")),
+                          "--concurrency", "4", "--steps", "30", "--step-ms", "1", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for mode in ("per_request", "batched"):
+        for side in ("server", "client"):
+            assert result[f"{mode}_{side}_us_per_token"] > 0
+    assert result["client_ratio_per_request_vs_batched"] == pytest.approx(
+        result["per_request_client_us_per_token"] / result["batched_client_us_per_token"], abs=0.01)
