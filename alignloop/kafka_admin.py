@@ -32,10 +32,11 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int] = TOPICS, repli
 
 
 def acked_producer(bootstrap_servers: str, topic: str, *, client_id: str, linger_ms: int = 2,
-                   delivery_timeout_ms: int = 20_000) -> KafkaProducer:
+                   delivery_timeout_ms: int = 20_000, client_metrics: bool = False) -> KafkaProducer:
     """A producer whose acknowledged sends are durable: acks=all, and idempotent, so its own retries never
     duplicate or reorder a partition. Keys and values are sent as bytes. Returns once `topic`'s metadata is
-    known, so that the first send does not wait for it."""
+    known, so that the first send does not wait for it. `client_metrics` keeps kafka-python's own metrics
+    (its `metrics()`), which alignloop does not read: its own counters are on /metrics."""
     producer = KafkaProducer(
         bootstrap_servers=bootstrap_servers,
         client_id=client_id,
@@ -51,6 +52,8 @@ def acked_producer(bootstrap_servers: str, topic: str, *, client_id: str, linger
         # kafka-python backs off up to 30 s between reconnections to a broker that went away; Java's client
         # caps it at 1 s. A broker that is back should be written to within about a second, not half a minute.
         reconnect_backoff_max_ms=1000,
+        # kafka-python records a dozen sensors per record and per request, in Python, on the sending threads.
+        metrics_enabled=client_metrics,
     )
     producer.partitions_for(topic)
     return producer

@@ -473,3 +473,15 @@ def test_grpc_streams_carries_every_token_both_ways_and_reports_each_sides_cost(
             assert result[f"{mode}_{side}_us_per_token"] > 0
     assert result["client_ratio_per_request_vs_batched"] == pytest.approx(
         result["per_request_client_us_per_token"] / result["batched_client_us_per_token"], abs=0.01)
+
+
+def test_completion_log_benchmark_gets_every_record_acknowledged_under_each_producer_setting():
+    """The script raises if a setting loses a record: its CPU per record would then flatter that setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNLOOP_")}
+    out = subprocess.run([sys.executable, str(next(p for p in BENCHMARKS if p.stem == "completion_log")),
+                          "--records", "100", "--rate", "500", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("before", "linger", "metrics", "after"):
+        assert result[f"{name}_cpu_ms_per_record"] > 0
