@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"rate_per_s": args.rate, "records": args.records, "repeats": args.repeats}
     for name in SETTINGS:
         result[f"{name}_cpu_ms_per_record"] = round(statistics.median(cpu[name]), 3)
-    result["cpu_ratio_before_vs_after"] = round(result["before_cpu_ms_per_record"]
-                                                / result["after_cpu_ms_per_record"], 2)
+    after = result["after_cpu_ms_per_record"]
+    result["cpu_ratio_before_vs_after"] = round(result["before_cpu_ms_per_record"] / after, 2) if after else None
     print(f"CPU per completion record at {args.rate:.0f}/s: before {result['before_cpu_ms_per_record']} ms, "
           f"after {result['after_cpu_ms_per_record']} ms ({result['cpu_ratio_before_vs_after']}×)")
     print(json.dumps(result))

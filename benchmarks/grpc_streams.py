@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import socket
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import grpc  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
 
+from alignloop.supervisor import free_ports  # noqa: E402
 from alignloop.v1 import policy_pb2 as pb  # noqa: E402
 from alignloop.v1 import policy_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -161,14 +161,8 @@ def cpu_s(proc: psutil.Process) -> float:
     return times.user + times.system
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(args: argparse.Namespace) -> dict:
-    port = free_port()
+    port = free_ports(1)[0]
     spawn = multiprocessing.get_context("spawn")
     ready = spawn.Event()
     server = spawn.Process(target=serve, args=(port, args.step_ms / 1000, ready), daemon=True)
@@ -202,8 +196,10 @@ def measure(args: argparse.Namespace) -> dict:
         result[f"{key}_server_us_per_token"] = round(statistics.median(s for s, _ in runs[mode]), 2)
         result[f"{key}_client_us_per_token"] = round(statistics.median(c for _, c in runs[mode]), 2)
     for side in ("server", "client"):
-        result[f"{side}_ratio_per_request_vs_batched"] = round(
-            result[f"per_request_{side}_us_per_token"] / result[f"batched_{side}_us_per_token"], 2)
+        batched = result[f"batched_{side}_us_per_token"]
+        # None: a run too short for the CPU clock's ticks (10 ms) to see the batched side at all.
+        result[f"{side}_ratio_per_request_vs_batched"] = (
+            round(result[f"per_request_{side}_us_per_token"] / batched, 2) if batched else None)
     return result
 
 

@@ -468,11 +468,14 @@ def test_grpc_streams_carries_every_token_both_ways_and_reports_each_sides_cost(
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    # So short a run may fall between two ticks of the CPU clock: its figures may be 0, never missing.
     for mode in ("per_request", "batched"):
         for side in ("server", "client"):
-            assert result[f"{mode}_{side}_us_per_token"] > 0
-    assert result["client_ratio_per_request_vs_batched"] == pytest.approx(
-        result["per_request_client_us_per_token"] / result["batched_client_us_per_token"], abs=0.01)
+            assert result[f"{mode}_{side}_us_per_token"] >= 0
+    for side in ("server", "client"):
+        ratio, batched = result[f"{side}_ratio_per_request_vs_batched"], result[f"batched_{side}_us_per_token"]
+        assert ratio is None if batched == 0 else ratio == pytest.approx(
+            result[f"per_request_{side}_us_per_token"] / batched, abs=0.01)
 
 
 def test_completion_log_benchmark_gets_every_record_acknowledged_under_each_producer_setting():
