@@ -9,9 +9,9 @@ the cost. This script sends the same records through the real CompletionLog to a
 on free ports) at a steady rate, as a busy gateway would, under each setting in turn:
 
   before   linger 5 ms, kafka-python's client metrics on (the gateway until 2026-12-07)
-  linger   linger 50 ms, client metrics on
+  linger   the gateway's linger (LINGER_MS, 50 ms), client metrics on
   metrics  linger 5 ms, client metrics off
-  after    linger 50 ms, client metrics off (the gateway now)
+  after    the gateway's linger, client metrics off (the gateway now)
 
 and reports the process's CPU per record (the pacing loop, the same in all, included), checking that every
 record was acknowledged. Settings take turns, --repeats times; the median of each is reported. The last stdout
@@ -42,15 +42,15 @@ from alignloop.config import Settings  # noqa: E402
 from alignloop.kafka_admin import acked_producer  # noqa: E402
 from alignloop.supervisor import Supervisor, free_ports  # noqa: E402
 from alignloop.topics import COMPLETIONS_V1, ChatMessageV1, CompletionRecordV1, SamplingV1  # noqa: E402
-from services.gateway.completion_log import RECORDS, CompletionLog  # noqa: E402
+from services.gateway.completion_log import LINGER_MS, RECORDS, CompletionLog  # noqa: E402
 
 err = Console(stderr=True)
 
-SETTINGS = {  # name -> (linger_ms, client metrics)
+SETTINGS = {  # name -> (linger_ms, client metrics); "after" is what the gateway's CompletionLog.connect uses
     "before": (5, True),
-    "linger": (50, True),
+    "linger": (LINGER_MS, True),
     "metrics": (5, False),
-    "after": (50, False),
+    "after": (LINGER_MS, False),
 }
 
 

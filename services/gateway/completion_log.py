@@ -68,11 +68,11 @@ class CompletionLog:
         self._thread.start()
 
     @classmethod
-    def connect(cls, bootstrap_servers: str, *, max_queue: int = 10_000, delivery_timeout_ms: int = 20_000,
-                linger_ms: int = LINGER_MS) -> CompletionLog:
+    def connect(cls, bootstrap_servers: str, *, max_queue: int = 10_000,
+                delivery_timeout_ms: int = 20_000) -> CompletionLog:
         """A log with its own idempotent, acks=all producer, ready to send (topic metadata fetched)."""
         producer = acked_producer(bootstrap_servers, COMPLETIONS_V1, client_id="alignloop-completions",
-                                  linger_ms=linger_ms, delivery_timeout_ms=delivery_timeout_ms)
+                                  linger_ms=LINGER_MS, delivery_timeout_ms=delivery_timeout_ms)
         return cls(producer, max_queue=max_queue)
 
     def submit(self, record: CompletionRecordV1) -> None:

@@ -54,23 +54,29 @@ def test_vllms_sockets_stay_under_the_unix_socket_path_limit_however_deep_the_ho
     short = Path(tempfile.mkdtemp(prefix="al-", dir="/tmp"))  # pytest's own folders are too deep already
     shallow = Settings(home=short / "h")
     deep = Settings(home=tmp_path / ("d" * 60) / "home")
-    assert Path(vllm_cpu_environment(shallow)["VLLM_RPC_BASE_PATH"]) == shallow.cache_dir / "rpc"
-    rpc = Path(vllm_cpu_environment(deep)["VLLM_RPC_BASE_PATH"])
-    assert rpc != deep.cache_dir / "rpc" and rpc.is_dir() and stat.S_IMODE(rpc.stat().st_mode) == 0o700
-    # vLLM's socket names: the folder, a slash and a uuid4; a Unix socket's path holds 107 bytes.
-    assert len(str(rpc)) + 1 + 36 <= 107
-    assert rpc == Path(vllm_cpu_environment(deep)["VLLM_RPC_BASE_PATH"])  # the same folder each time
     other = Settings(home=tmp_path / ("e" * 60) / "home")
-    assert Path(vllm_cpu_environment(other)["VLLM_RPC_BASE_PATH"]) != rpc  # and one per home
-    with socket.socket(socket.AF_UNIX) as sock:  # a socket of vLLM's name length binds there
-        sock.bind(str(rpc / ("0" * 36)))
-    (rpc / ("0" * 36)).unlink()
-    rpc.chmod(0o755)  # opened to others (as someone else's folder would be): refused, not used
-    with pytest.raises(RuntimeError, match="private folder"):
-        vllm_cpu_environment(deep)
-    shutil.rmtree(short)
-    for folder in (rpc, Path(vllm_cpu_environment(other)["VLLM_RPC_BASE_PATH"])):
-        folder.rmdir()
+    made: list[Path] = []  # the /tmp folders this test makes, removed however it ends
+    try:
+        assert Path(vllm_cpu_environment(shallow)["VLLM_RPC_BASE_PATH"]) == shallow.cache_dir / "rpc"
+        rpc = Path(vllm_cpu_environment(deep)["VLLM_RPC_BASE_PATH"])
+        made.append(rpc)
+        assert rpc != deep.cache_dir / "rpc" and rpc.is_dir() and stat.S_IMODE(rpc.stat().st_mode) == 0o700
+        # vLLM's socket names: the folder, a slash and a uuid4; a Unix socket's path holds 107 bytes.
+        assert len(str(rpc)) + 1 + 36 <= 107
+        assert rpc == Path(vllm_cpu_environment(deep)["VLLM_RPC_BASE_PATH"])  # the same folder each time
+        other_rpc = Path(vllm_cpu_environment(other)["VLLM_RPC_BASE_PATH"])
+        made.append(other_rpc)
+        assert other_rpc != rpc  # and one per home
+        with socket.socket(socket.AF_UNIX) as sock:  # a socket of vLLM's name length binds there
+            sock.bind(str(rpc / ("0" * 36)))
+        (rpc / ("0" * 36)).unlink()
+        rpc.chmod(0o755)  # opened to others (as someone else's folder would be): refused, not used
+        with pytest.raises(RuntimeError, match="private folder"):
+            vllm_cpu_environment(deep)
+    finally:
+        shutil.rmtree(short)
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_serving_engines_let_idle_openmp_threads_sleep_soon_and_trainers_do_not(tmp_path: Path):
