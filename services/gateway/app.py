@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -59,13 +60,27 @@ from services.gateway.usage import UsageReport, usage_report
 log = logging.getLogger("alignloop.gateway")
 
 
+# pydantic's name for a branch of a union it tried ("str", "list[TextContentPart]"): a type, not a field.
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|bytes|dict|list|none|[a-z_-]+\[.*\])$")
+
+
+def _field_path(err: dict) -> list[str]:
+    """The request field an error is about: its location less FastAPI's prefixes and union branches."""
+    return [str(p) for p in err.get("loc", ())
+            if p not in ("body", "query", "[key]") and not (isinstance(p, str) and _UNION_BRANCH.match(p))]
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "[key]")]
-    if err.get("type") == "json_invalid":
-        return ApiError(400, f"The request body is not valid JSON: {err.get('msg')}", param="body")
-    param = ".".join(loc) or "body"
-    return ApiError(400, f"{param}: {err.get('msg')}", param=param)
+    errors = exc.errors()
+    if errors[0].get("type") == "json_invalid":
+        return ApiError(400, f"The request body is not valid JSON: {errors[0].get('msg')}", param="body")
+    # A value no branch of a union accepts fails once per branch; the deepest error is the one that says what
+    # is wrong inside it (a text part without its text), not that it is not a string.
+    path = max((_field_path(e) for e in errors), key=len)
+    # Branches failing at that same place (5 for `stop`: neither a string nor a list) each say what they take.
+    messages = list(dict.fromkeys(str(e.get("msg")) for e in errors if _field_path(e) == path))
+    param = ".".join(path) or "body"
+    return ApiError(400, f"{param}: {'; or '.join(messages)}", param=param)
 
 
 # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request.

@@ -6,6 +6,7 @@ import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from alignloop.contracts import LOGIT_BIAS_MAX_ENTRIES
 
@@ -38,6 +39,24 @@ class ChatMessage(BaseModel):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: object) -> object:
+        # Checked before the union: left to it, an image part (or null) fails both branches and the first
+        # error reported is the string branch's "Input should be a valid string", which misleads.
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError("content_type", "must be a string or a list of text parts")
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    "content_part_type",
+                    "part {index} is not a text part ({kind}): this model reads text only",
+                    {"index": i, "kind": f"type {kind!r}" if kind is not None else "no type"})
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -142,7 +161,7 @@ class ChatCompletionRequest(BaseModel):
             return []
         stops = [v] if isinstance(v, str) else v
         if not isinstance(stops, list):
-            return stops  # let the type check report it
+            raise PydanticCustomError("stop_type", "must be a string or a list of strings")
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
         if any(s == "" for s in stops):

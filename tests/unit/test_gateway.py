@@ -8,12 +8,14 @@ import time
 
 import grpc
 import pytest
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from alignloop.contracts import PARAM_METADATA_KEY
 from alignloop.credentials import Credentials, key_hash
 from alignloop.v1 import policy_pb2 as pb
 from services.gateway import metrics
+from services.gateway.app import _validation_error
 from services.gateway.auth import KeyRing, Role
 from services.gateway.chat import ChatService, to_policy_request
 from services.gateway.errors import ApiError, from_rpc_error
@@ -86,6 +88,40 @@ def test_content_parts_and_developer_role():
     ])
     msg = to_policy_request(req, "r1").chat.messages[0]
     assert (msg.role, msg.content) == ("system", "Be brief.")
+
+
+def bad_request(body: dict) -> ApiError:
+    """What the gateway answers to `body` (a chat request's fields besides the model), as its handler of
+    FastAPI's validation errors builds it."""
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest(model="alignloop-policy", **body)
+    errors = [{**x, "loc": ("body", *x["loc"])} for x in e.value.errors()]  # as FastAPI reports a body's
+    return _validation_error(RequestValidationError(errors))
+
+
+@pytest.mark.parametrize(("content", "param", "says"), [
+    ([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}], "messages.0.content",
+     "part 0 is not a text part (type 'image_url')"),
+    ([{"type": "text", "text": "a"}, "b"], "messages.0.content", "part 1 is not a text part (no type)"),
+    (None, "messages.0.content", "must be a string or a list of text parts"),
+    (7, "messages.0.content", "must be a string or a list of text parts"),
+    # Past the type check, the union's list branch has the error that says what is wrong.
+    ([{"type": "text"}], "messages.0.content.0.text", "Field required"),
+])
+def test_content_that_is_not_text_is_refused_naming_the_field(content, param, says):
+    err = bad_request({"messages": [{"role": "user", "content": content}]})
+    assert (err.status_code, err.param) == (400, param)
+    assert says in err.message and "valid string" not in err.message
+
+
+@pytest.mark.parametrize(("body", "param", "says"), [
+    ({"stop": 5}, "stop", "must be a string or a list of strings"),
+    ({"stop": ["a", 1]}, "stop.1", "valid string"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "'assistant'"),
+])
+def test_validation_errors_name_the_field_without_union_branches(body, param, says):
+    err = bad_request({"messages": [{"role": "user", "content": "hi"}], **body})
+    assert (err.status_code, err.param) == (400, param) and says in err.message
 
 
 def test_policy_request_carries_sampling_only_when_given():
