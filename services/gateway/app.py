@@ -74,9 +74,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     errors = exc.errors()
     if errors[0].get("type") == "json_invalid":
         return ApiError(400, f"The request body is not valid JSON: {errors[0].get('msg')}", param="body")
-    # A value no branch of a union accepts fails once per branch; the deepest error is the one that says what
-    # is wrong inside it (a text part without its text), not that it is not a string.
-    path = max((_field_path(e) for e in errors), key=len)
+    # The first field in error, as pydantic lists them. A value that no branch of a union accepts fails once
+    # per branch; of its errors, the deepest says what is wrong inside it (a text part without its text), not
+    # that it is not a string.
+    first = _field_path(errors[0])
+    path = max((p for p in map(_field_path, errors) if p[:len(first)] == first), key=len)
     # Branches failing at that same place (5 for `stop`: neither a string nor a list) each say what they take.
     messages = list(dict.fromkeys(str(e.get("msg")) for e in errors if _field_path(e) == path))
     param = ".".join(path) or "body"

@@ -118,6 +118,8 @@ def test_content_that_is_not_text_is_refused_naming_the_field(content, param, sa
     ({"stop": 5}, "stop", "must be a string or a list of strings"),
     ({"stop": ["a", 1]}, "stop.1", "valid string"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "'assistant'"),
+    # Two fields wrong: the first is named, however deep the second's error.
+    ({"messages": "hi", "stop": ["a", 1]}, "messages", "valid list"),
 ])
 def test_validation_errors_name_the_field_without_union_branches(body, param, says):
     err = bad_request({"messages": [{"role": "user", "content": "hi"}], **body})
