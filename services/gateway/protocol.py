@@ -43,8 +43,8 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, value: object) -> object:
-        # Checked before the union: left to it, an image part (or null) fails both branches and the first
-        # error reported is the string branch's "Input should be a valid string", which misleads.
+        # Checked before the union, which would report an image part as "messages.0.content.0.type: Input
+        # should be 'text'" and null as one error per branch: this says why (the model reads text only).
         if isinstance(value, str):
             return value
         if not isinstance(value, list):
