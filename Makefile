@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
-	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity bench-dtype clean-state
+	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity bench-dtype bench-front-end clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -57,6 +57,9 @@ bench-affinity: setup
 
 bench-dtype: setup
 	$(PY) benchmarks/serving_dtype.py
+
+bench-front-end: setup
+	$(PY) benchmarks/engine_front_end.py
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py

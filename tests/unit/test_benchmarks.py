@@ -460,6 +460,16 @@ def test_serving_dtype_benchmark_runs_both_dtypes_on_real_engines():
     assert summary["auto_chose"] == serving_dtype("auto")
 
 
+def test_engine_front_end_benchmark_measures_both_ways_of_reading_vllms_environment():
+    """A short run on the tiny model: the engine answers in both settings, each has a figure, the ratio is the
+    rounds' own, and the engine as build_engine leaves it (as the policy service runs it) reads them once."""
+    summary = run_engine_benchmark("engine_front_end", "--model", "tiny", "--rounds", "2", "--concurrency", "4",
+                                   "--max-tokens", "8")
+    assert summary["read_each_time_us_per_token"] > 0 and summary["read_once_us_per_token"] > 0
+    assert summary["read_once_ratio_per_round_geomean"] > 0 and 0 <= summary["rounds_read_once_cheaper"] <= 2
+    assert summary["build_engine_reads_once"] is True
+
+
 def test_grpc_streams_carries_every_token_both_ways_and_reports_each_sides_cost():
     """Per-request streams and one batched stream must deliver the same tokens (the script checks the count),
     or their costs per token are not comparable."""

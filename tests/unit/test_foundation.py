@@ -188,6 +188,24 @@ def _req(**sampling):
                               sampling=pb.SamplingParams(**sampling))
 
 
+def test_freezing_vllms_environment_keeps_the_values_read_then(monkeypatch):
+    """After build_engine, vLLM reads its variables from a cache: a later change of the environment is not seen
+    (which is why nothing may change them after the engine is built)."""
+    from vllm import envs
+
+    from services.policy.engine import freeze_vllm_environment
+
+    monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "7")
+    try:
+        assert envs.VLLM_MAX_N_SEQUENCES == 7  # read each time before
+        freeze_vllm_environment()
+        monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "9")
+        assert envs.VLLM_MAX_N_SEQUENCES == 7
+    finally:
+        envs.disable_envs_cache()  # other tests in this process set vLLM's variables
+    assert envs.VLLM_MAX_N_SEQUENCES == 9
+
+
 def test_prepare_defaults_max_tokens_to_the_rest_of_the_context(tokenizer):
     from services.policy.engine import prepare
 
