@@ -601,7 +601,7 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, m
             "--model", str(model_dir), "--served-model-name", POLICY_MODEL_NAME,
             "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", str(settings.max_model_len), "--dtype", serving_dtype(settings.dtype),
-            "--max-num-seqs", str(settings.max_num_seqs),
+            "--max-num-seqs", str(settings.max_num_seqs), "--stream-interval", str(settings.stream_interval),
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
             # Engine statistics as build_engine has them (ALIGNLOOP_ENGINE_STATS; on by default, as in vllm serve).
             *([] if settings.engine_stats else ["--disable-log-stats"]),
@@ -784,7 +784,8 @@ def report(results: dict[str, Result], settings: Settings, args: argparse.Namesp
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "engine": {"max_model_len": settings.max_model_len, "dtype": serving_dtype(settings.dtype),
-                   "max_num_seqs": settings.max_num_seqs, "enforce_eager": settings.enforce_eager},
+                   "max_num_seqs": settings.max_num_seqs, "enforce_eager": settings.enforce_eager,
+                   "stream_interval": settings.stream_interval},
     }
 
 
@@ -804,6 +805,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the HTTP targets' client: a bare aiohttp stream reader, as vLLM's serving benchmark "
                         "uses (default), or the official OpenAI SDK, as an application would")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs, in every target")
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="tokens per streamed piece after the first, in every target (default: "
+                        "ALIGNLOOP_STREAM_INTERVAL, else 1)")
     p.add_argument("--home", type=Path, default=None,
                    help="ALIGNLOOP_HOME (default .alignloop/bench/MODEL, reused between runs)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to be ready")
@@ -843,6 +847,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"home": home, "bootstrap_model": args.model}
     if args.enforce_eager:
         overrides["enforce_eager"] = True
+    if args.stream_interval is not None:
+        overrides["stream_interval"] = args.stream_interval
     settings = Settings(**overrides)
     settings.ensure_dirs()
     model_dir = settings.models_dir / POLICY_MODEL_NAME / "v1"

@@ -44,13 +44,15 @@ def build_engine(settings: Settings, model_dir: Path, served_name: str):
         enforce_eager=settings.enforce_eager,
         dtype=serving_dtype(settings.dtype),
         max_num_seqs=settings.max_num_seqs,
+        stream_interval=settings.stream_interval,
         scheduling_policy=settings.scheduling_policy,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         disable_log_stats=not settings.engine_stats,
         otlp_traces_endpoint=settings.otlp_traces_endpoint,
     )
-    # The engine is not bound to a local: vLLM's first import, made here, keeps this frame alive (with its
-    # locals) for as long as the process lives, and the engine must be free to go when its owner drops it.
+    # The engine is not bound to a local: when vLLM is first imported here, something in that import keeps
+    # this frame (and its locals) alive for the life of the process, and the engine must be free to go when
+    # its owner drops it.
     try:
         return AsyncLLM.from_engine_args(args)
     finally:
