@@ -602,12 +602,14 @@ def vllm_server(settings: Settings, model_dir: Path, args: argparse.Namespace, m
             "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", str(settings.max_model_len), "--dtype", serving_dtype(settings.dtype),
             "--max-num-seqs", str(settings.max_num_seqs), "--stream-interval", str(settings.stream_interval),
+            "--scheduling-policy", settings.scheduling_policy,
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
             # Engine statistics as build_engine has them (ALIGNLOOP_ENGINE_STATS; on by default, as in vllm serve).
             *([] if settings.engine_stats else ["--disable-log-stats"]),
             # The gateway runs uvicorn with access_log=False; a log line per request here would be unfair to vLLM.
             "--disable-uvicorn-access-log",
-        ] + (["--enforce-eager"] if settings.enforce_eager else [])
+        ] + (["--enforce-eager"] if settings.enforce_eager else []) + (
+            ["--otlp-traces-endpoint", settings.otlp_traces_endpoint] if settings.otlp_traces_endpoint else [])
 
     return http_server("vllm-server", "api server", argv, vllm_serving_environment(settings), settings, args,
                        meter)
