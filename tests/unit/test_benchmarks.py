@@ -3,6 +3,7 @@ silently (a refactor of the supervisor once did)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -498,3 +499,44 @@ def test_completion_log_benchmark_gets_every_record_acknowledged_under_each_prod
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for name in ("before", "linger", "metrics", "after"):
         assert result[f"{name}_cpu_ms_per_record"] > 0
+
+
+def test_vllms_server_gets_the_engine_arguments_the_policy_service_builds_its_engine_with(monkeypatch, tmp_path):
+    """"Same engine settings": vLLM's server's flags, read by vLLM's own parser, give every engine argument
+    that build_engine gives the policy service's engine, for settings away from their defaults."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from alignloop.config import Settings
+    from services.policy import engine as policy_engine
+
+    serving = _load("serving")
+    settings = Settings(home=tmp_path, max_model_len=1234, max_num_seqs=7, stream_interval=3,
+                        enforce_eager=True, engine_stats=False, gpu_memory_utilization=0.5, dtype="float32",
+                        scheduling_policy="priority", otlp_traces_endpoint="127.0.0.1:4317")
+    # A folder that exists: under HF_HUB_OFFLINE (set by other tests in this process) vLLM looks any other
+    # model name up in the hub's local cache.
+    model = tmp_path / "model"
+    model.mkdir()
+    built = []
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(lambda cls, args: built.append(args)))
+    monkeypatch.setattr(policy_engine, "freeze_vllm_environment", lambda: None)
+    policy_engine.build_engine(settings, model, served_name="alignloop-policy")
+    monkeypatch.setattr(serving, "http_server", lambda name, part, argv, *rest: argv)
+    argv = serving.vllm_server(settings, model, None, None)(8000)
+
+    def from_flags(flags: list[str]) -> AsyncEngineArgs:
+        return AsyncEngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(flags))
+
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    server, policy = from_flags(argv[3:]), built[0]
+    # Where vLLM's parser and its dataclass disagree on a default by themselves, neither side set it.
+    bare_flags, bare_args = from_flags(["--model", str(model)]), AsyncEngineArgs(model=str(model))
+    names = [f.name for f in dataclasses.fields(AsyncEngineArgs)]
+    unset = {name for name in names if getattr(bare_flags, name) != getattr(bare_args, name)}
+    differ = {name: (getattr(policy, name), getattr(server, name)) for name in names
+              if name not in unset | {"served_model_name"} and getattr(policy, name) != getattr(server, name)}
+    assert differ == {}
+    assert server.served_model_name == [policy.served_model_name]
