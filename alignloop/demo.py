@@ -26,6 +26,7 @@ from rich.table import Table
 
 from alignloop import credentials
 from alignloop.config import Settings
+from alignloop.console_progress import ProgressBar
 from alignloop.gateway_client import GatewayClient, GatewayError
 from alignloop.simulate import prompts as prompt_sets
 from alignloop.simulate.labeler import Labeler
@@ -103,6 +104,13 @@ def _step_seconds(run: dict) -> dict[str, float]:
     return out
 
 
+def simulated_traffic(base: str, app_key: str, *, requests: int, **kwargs):
+    """`simulate` with the demo's mix and concurrency, showing how many requests are done."""
+    with ProgressBar(err, "traffic", requests, unit=" requests") as bar:
+        return simulate(base, app_key, requests=requests, mix=MIX, concurrency=4,
+                        on_progress=lambda done, _total: bar.update(done), **kwargs)
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     settings = Settings()
     keys = credentials.load(settings.credentials_path)
@@ -118,8 +126,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     err.print(f"[bold]2/5[/] traffic: {args.requests} simulated users' requests (n={args.n}) with feedback "
               f"(label noise {args.noise:.0%})")
-    traffic = simulate(base, keys.app_key, requests=args.requests, n=args.n, mix=MIX, labeler=labeler,
-                       max_tokens=args.max_tokens, seed=args.seed, prompts=training, concurrency=4)
+    traffic = simulated_traffic(base, keys.app_key, requests=args.requests, n=args.n, labeler=labeler,
+                                max_tokens=args.max_tokens, seed=args.seed, prompts=training)
     if traffic.responses == 0:
         raise GatewayError(f"no answers from the chat API: {traffic.errors[:3]}")
 
@@ -137,8 +145,8 @@ def run_demo(args: argparse.Namespace) -> dict:
               "same held-out prompts; more simulated traffic")
     after = answers(base, keys.app_key, held_out, args.max_tokens, args.seed)
     rate = win_rate(labeler, held_out, after, before)
-    simulate(base, keys.app_key, requests=args.after_requests, n=args.n, mix=MIX, labeler=labeler.fork("after"),
-             max_tokens=args.max_tokens, seed=args.seed + 1, prompts=training, concurrency=4)
+    simulated_traffic(base, keys.app_key, requests=args.after_requests, n=args.n, labeler=labeler.fork("after"),
+                      max_tokens=args.max_tokens, seed=args.seed + 1, prompts=training)
 
     err.print("[bold]5/5[/] report")
     with GatewayClient(base, keys.operator_key) as ops:

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from alignloop.config import Settings
+from alignloop.console_progress import clock
 from alignloop.gateway_client import GatewayClient, GatewayError
 
 out = Console(soft_wrap=True)
@@ -85,10 +86,7 @@ def duration(start: str | None, end: str | None, now: datetime | None = None) ->
     began = parse_time(start)
     if began is None:
         return "-"
-    seconds = int(((parse_time(end) or now or datetime.now(UTC)) - began).total_seconds())
-    hours, rest = divmod(max(seconds, 0), 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    return clock(((parse_time(end) or now or datetime.now(UTC)) - began).total_seconds())
 
 
 def _status(status: str, progress: float = 0.0) -> str:
@@ -131,13 +129,39 @@ def runs_view(runs: list[dict]) -> Table:
     return table
 
 
+class StepLog:
+    """A run's progress as plain lines, for a log file, where the live table shows nothing until the run is
+    over: a line when a step starts, passes another tenth of its work, or ends."""
+
+    def __init__(self) -> None:
+        self._shown: dict[str, tuple[str, int]] = {}
+
+    def lines(self, run: dict) -> list[str]:
+        out = []
+        for step in run["steps"]:
+            status = step["status"]
+            tenth = int(step["progress"] * 10) if status == "running" and step["progress"] < 1 else 0
+            if status == "pending" or self._shown.get(step["name"]) == (status, tenth):
+                continue
+            self._shown[step["name"]] = (status, tenth)
+            text = f"{step['name']} {status}" + (f" {tenth * 10}%" if tenth else "")
+            if step["finished_at"]:
+                text += f" after {duration(step['started_at'], step['finished_at'])}"
+            if step["detail"]:
+                text += f": {step['detail']}"
+            out.append(f"[{time.strftime('%H:%M:%S')}] {run['id']} {text}")
+        return out
+
+
 # ---- commands -------------------------------------------------------------------------------------------
 
 
 def wait_for_run(client: GatewayClient, run: dict, timeout_s: float | None) -> tuple[dict, bool]:
-    """Polls the run until it finishes, drawing its steps on stderr; returns it and whether time ran out."""
+    """Polls the run until it finishes, drawing its steps on stderr (a live table on a terminal; in a log, a
+    line per change, then the table); returns it and whether time ran out."""
     deadline = time.monotonic() + timeout_s if timeout_s else None
     unreachable_since = None
+    step_log = None if err.is_terminal else StepLog()
     with Live(run_view(run), console=err, auto_refresh=False) as live:
         while run["status"] not in FINISHED:
             if deadline is not None and time.monotonic() >= deadline:
@@ -154,6 +178,8 @@ def wait_for_run(client: GatewayClient, run: dict, timeout_s: float | None) -> t
                     raise
                 note = f"(retrying) {exc}"
             live.update(run_view(run, note), refresh=True)
+            for line in step_log.lines(run) if step_log else ():
+                err.print(line, markup=False, highlight=False)
     return run, False
 
 

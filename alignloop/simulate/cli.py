@@ -12,15 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from alignloop.console_progress import ProgressBar
 from alignloop.simulate import labeler as rules
 from alignloop.simulate import prompts as prompt_sets
 from alignloop.simulate.traffic import DEFAULT_MIX, PAIRED, parse_mix, simulate
@@ -111,14 +104,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     base_url = args.base_url or settings.gateway_url
     err.print(f"simulating {args.requests} requests × {args.n} answers against {base_url} "
               f"({len(prompts)} prompts, {len(held_out)} held out, noise {args.noise:g})")
-    with Progress(TextColumn("simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err) as progress:
-        task = progress.add_task("simulate", total=args.requests)
+    with ProgressBar(err, "simulate", args.requests, unit=" requests") as bar:
         report = simulate(
             base_url, app_key, requests=args.requests, n=args.n, mix=args.mix,
             labeler=rules.Labeler(noise=args.noise, seed=args.seed), concurrency=args.concurrency,
             max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, model=args.model,
-            prompts=prompts, on_progress=lambda done, _total: progress.update(task, completed=done))
+            prompts=prompts, on_progress=lambda done, _total: bar.update(done))
     for message in report.errors:
         err.print(f"[yellow]! {escape(message)}[/]")
     print(json.dumps(report.to_json()), flush=True)

@@ -349,8 +349,9 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
     saves the final policy to out/final and returns the per-iteration metrics of this process's run.
     `stop_after` ends this invocation after that many iterations, leaving a checkpoint (a preemption)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoTokenizer
+
+    from alignloop.console_progress import ProgressBar
 
     validate(args)
     if not inputs.train_prompts:
@@ -431,11 +432,9 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
             return pack([p for p, _ in chosen], [a for _, a in chosen], pad_id(tokenizer))
 
     history: list[dict] = []
-    progress = Progress(TextColumn("PPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[info]}"), console=console, disable=not d.main)
     try:
-        with progress:
-            task = progress.add_task("ppo", total=args.iterations, completed=start, info="")
+        with ProgressBar(console, "PPO", args.iterations, unit=" iterations", done=start,
+                         disable=not d.main) as bar:
             for iteration in range(start + 1, args.iterations + 1):
                 if stop_after is not None and iteration > start + stop_after:
                     break
@@ -468,9 +467,8 @@ def train(inputs: Inputs, args: Args, out: Path, *, resume: bool = True, engine_
                 if d.main:
                     if on_iteration:
                         on_iteration(iteration, metrics)
-                    progress.update(task, completed=iteration,
-                                    info=f"reward {metrics['reward']:+.3f}  kl {metrics['kl']:.3f}  "
-                                         f"beta {metrics['beta']:.4f}")
+                    bar.update(iteration, f"reward {metrics['reward']:+.3f}  kl {metrics['kl']:.3f}  "
+                                          f"beta {metrics['beta']:.4f}")
                     if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                         save_checkpoint(checkpoints, iteration, policy, critic, optimizers, kl_ctl,
                                         {"args": asdict(args)})

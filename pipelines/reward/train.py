@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 
 from alignloop.config import Settings
+from alignloop.console_progress import ProgressBar
 from alignloop.reward_model import DEFAULT_BACKBONE, RewardModel, default_backbone_path
 from pipelines.reward import publish
 from pipelines.reward.datasets import PointwiseExample, PreferenceGroup, RewardData
@@ -266,22 +265,9 @@ OnBatch = Callable[[int, int], None]  # (answers scored so far, answers to score
 @contextmanager
 def scoring_progress(console: Console, label: str) -> Iterator[OnBatch]:
     """Yields an `on_batch` callback that shows how many answers of `label` are scored. On a terminal it
-    is a bar; in a log file, where a bar would show nothing until the end, a line at about each tenth."""
-    if not console.is_terminal:
-        tenths_logged = 0
-
-        def log_line(done: int, total: int) -> None:
-            nonlocal tenths_logged
-            if done == total or done * 10 // total > tenths_logged:
-                tenths_logged = done * 10 // total
-                console.log(f"{label}: {done}/{total} answers scored")
-        yield log_line
-        return
-    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console, transient=False)
-    with progress:
-        task = progress.add_task(label, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+    is a bar; in a log file, a line at each tenth (alignloop.console_progress)."""
+    with ProgressBar(console, label, unit=" answers scored") as bar:
+        yield lambda done, total: bar.update(done, total=total)
 
 
 @torch.inference_mode()
@@ -404,15 +390,10 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
 
     step, pairs_seen, last_loss = 0, 0, None
     console = console or Console(stderr=True)
-    progress = Progress(TextColumn("training the RM"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} pairs/s"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-    # A bar redraws in place only on a terminal; in a log file it would show nothing until the end.
-    log_every = 0 if console.is_terminal else max(1, total // 20)
     model.train()
     started = time.perf_counter()
-    with progress:
-        task = progress.add_task("train", total=total, loss="-", rate="-")
+    # On a terminal a bar; in a log file (a pipeline step's) a line at each twentieth.
+    with ProgressBar(console, "training the RM", total, unit=" steps", lines=20) as bar:
         for epoch in range(args.epochs):
             order = list(items)
             rng.shuffle(order)
@@ -434,9 +415,7 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
                 pairs_seen += batch.n_pairs
                 last_loss = loss.item()
                 rate = pairs_seen / (time.perf_counter() - started)
-                progress.update(task, advance=1, loss=f"{last_loss:.4f}", rate=f"{rate:.1f}")
-                if log_every and (step % log_every == 0 or step == total):
-                    console.log(f"step {step}/{total}  loss {last_loss:.4f}  {rate:.1f} pairs/s")
+                bar.update(step, f"loss {last_loss:.4f}  {rate:.1f} pairs/s")
                 if on_step:
                     on_step(step, {"loss": last_loss, "preference_loss": pref.item(),
                                    "pointwise_loss": point.item(), "grad_norm": float(grad_norm),

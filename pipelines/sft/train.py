@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from alignloop.config import Settings
+from alignloop.console_progress import ProgressBar
 from alignloop.prompt_split import content_hash
 from pipelines import demonstrations as demos
 from pipelines.ppo import core
@@ -52,9 +52,7 @@ def train(policy, tokenizer, examples: list[tuple[list[int], list[int]]], args: 
     policy.train()
     step, tokens, last = 0, 0, None
     started = time.perf_counter()
-    with Progress(TextColumn("SFT"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[info]}"), console=console) as progress:
-        task = progress.add_task("sft", total=total, info="")
+    with ProgressBar(console, "SFT", total, unit=" steps") as bar:
         for _ in range(args.epochs):
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -73,7 +71,7 @@ def train(policy, tokenizer, examples: list[tuple[list[int], list[int]]], args: 
                 last = loss.item()
                 if on_step:
                     on_step(step, {"loss": last, "lr": scheduler.get_last_lr()[0]})
-                progress.update(task, advance=1, info=f"loss {last:.4f}")
+                bar.update(step, f"loss {last:.4f}")
     return {"steps": step, "final_loss": last, "answer_tokens": tokens,
             "train_seconds": round(time.perf_counter() - started, 3)}
 

@@ -1,0 +1,89 @@
+"""Progress of long work on the console, readable where no one watches a terminal.
+
+rich redraws a bar in place. Written to a file (a pipeline step's log, CI's output, `kubectl logs`), the same bar
+shows nothing until the work is over. There `ProgressBar` prints a plain line at each tenth of the way instead:
+how far, the caller's note on the latest step (a loss, a reward), the time so far and a rough time left.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def clock(seconds: float) -> str:
+    """'1h02m', '3m05s', '12s'."""
+    hours, rest = divmod(max(int(seconds), 0), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class ProgressBar:
+    """`total` steps of `label`: a bar on a terminal; elsewhere a line at each 1/`lines` of the way and at the
+    end (so a line per step when there are fewer steps than `lines`). Use it as a context manager and call
+    `update` with the steps done so far. `done` is where a resumed job starts; `disable` silences it (a
+    distributed job's other ranks)."""
+
+    def __init__(self, console: Console, label: str, total: int | None = None, *, unit: str = "",
+                 lines: int = 10, done: int = 0, disable: bool = False) -> None:
+        self.console = console
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.lines = lines
+        self.done = done
+        self._first = done
+        self._started = time.monotonic()
+        self._printed = self._tenth(done)
+        self._bar: Progress | None = None
+        if not disable and console.is_terminal:
+            self._bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[note]}"), console=console)
+        self._silent = disable
+
+    def __enter__(self) -> ProgressBar:
+        if self._bar is not None:
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label, total=self.total, completed=self.done, note="")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc_info)
+
+    def update(self, done: int, note: str = "", total: int | None = None) -> None:
+        """`done` steps of `total` (set here when it was not known at the start); `note` on the latest."""
+        if total is not None:
+            self.total = total
+        self.done = done
+        if self._silent:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=self.total, note=note)
+            return
+        tenth = self._tenth(done)
+        if tenth > self._printed:
+            self._printed = tenth
+            self.console.print(self.line(note), markup=False, highlight=False, soft_wrap=True)
+
+    def line(self, note: str = "") -> str:
+        """'[12:03:04] PPO: 3/10 iterations  reward +0.120  (1m05s, about 2m31s left)'."""
+        elapsed = time.monotonic() - self._started
+        timing = clock(elapsed)
+        steps = self.done - self._first
+        if self.total and 0 < steps and self.done < self.total:
+            timing += f", about {clock(elapsed / steps * (self.total - self.done))} left"
+        note = f"  {note}" if note else ""
+        return f"[{time.strftime('%H:%M:%S')}] {self.label}: {self.done}/{self.total}{self.unit}{note}  ({timing})"
+
+    def _tenth(self, done: int) -> int:
+        return done * self.lines // self.total if self.total else 0
