@@ -1,8 +1,9 @@
 """Progress of long work on the console, readable where no one watches a terminal.
 
-rich redraws a bar in place. Written to a file (a pipeline step's log, CI's output, `kubectl logs`), the same bar
-shows nothing until the work is over. There `ProgressBar` prints a plain line at each tenth of the way instead:
-how far, the caller's note on the latest step (a loss, a reward), the time so far and a rough time left.
+rich redraws a bar in place. Written to a file (a pipeline step's log, CI's output, `kubectl logs`), the same
+bar shows nothing until the work is over. There `ProgressBar` prints a plain line at each tenth of the way
+instead: how far, the caller's note on the latest step (a loss, a reward), the time so far and a rough time
+left.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class ProgressBar:
         if self.total and 0 < steps and self.done < self.total:
             timing += f", about {clock(elapsed / steps * (self.total - self.done))} left"
         note = f"  {note}" if note else ""
-        return f"[{time.strftime('%H:%M:%S')}] {self.label}: {self.done}/{self.total}{self.unit}{note}  ({timing})"
+        return (f"[{time.strftime('%H:%M:%S')}] {self.label}: {self.done}/{self.total}{self.unit}{note}"
+                f"  ({timing})")
 
     def _tenth(self, done: int) -> int:
         return done * self.lines // self.total if self.total else 0

@@ -191,6 +191,7 @@ class Runner:
         step.status, step.started_at = "running", time.time()
         step.log_path = str(ctx.folder / f"{step.name}.log")
         self.store.save_steps(ctx.run_id, list(ctx.steps.values()))
+        log.info("run %s: %s started (its log: %s)", ctx.run_id, step.name, step.log_path)
         child = tracker.start_step(step.name) if tracker else None
         step.mlflow_run_id = child or ""
         ok = False
@@ -211,6 +212,8 @@ class Runner:
             if step.status == "succeeded":
                 step.progress = 1.0
             metrics.STEP_SECONDS.labels(step.name).observe(step.finished_at - step.started_at)
+            log.info("run %s: %s %s after %.1f s%s", ctx.run_id, step.name, step.status,
+                     step.finished_at - step.started_at, f": {step.detail}" if step.detail else "")
             self.store.save_steps(ctx.run_id, list(ctx.steps.values()))
             if tracker and child:
                 tracker.end_step(child, step, ok)

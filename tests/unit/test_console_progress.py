@@ -83,16 +83,15 @@ def test_a_pipeline_runs_steps_as_lines_when_they_start_pass_a_tenth_or_end() ->
     log = StepLog()
     t0, t1 = "2026-12-07T10:00:00+00:00", "2026-12-07T10:01:05+00:00"
     assert log.lines(run_with({"name": "snapshot"}, {"name": "reward_train"})) == []  # all pending
+    snapshot_running = {"name": "snapshot", "status": "running", "started_at": t0}
+    snapshot_done = {"name": "snapshot", "status": "succeeded", "started_at": t0, "finished_at": t1}
+    training = {"name": "reward_train", "status": "running", "started_at": t1}
     seen = [
-        log.lines(run_with({"name": "snapshot", "status": "running", "started_at": t0}, {"name": "reward_train"})),
-        log.lines(run_with({"name": "snapshot", "status": "running", "started_at": t0}, {"name": "reward_train"})),
-        log.lines(run_with({"name": "snapshot", "status": "succeeded", "started_at": t0, "finished_at": t1,
-                            "detail": "200 feedback"},
-                           {"name": "reward_train", "status": "running", "progress": 0.05, "started_at": t1})),
-        log.lines(run_with({"name": "snapshot", "status": "succeeded", "started_at": t0, "finished_at": t1},
-                           {"name": "reward_train", "status": "running", "progress": 0.34, "started_at": t1})),
-        log.lines(run_with({"name": "snapshot", "status": "succeeded", "started_at": t0, "finished_at": t1},
-                           {"name": "reward_train", "status": "running", "progress": 0.39, "started_at": t1})),
+        log.lines(run_with(snapshot_running, {"name": "reward_train"})),
+        log.lines(run_with(snapshot_running, {"name": "reward_train"})),
+        log.lines(run_with(snapshot_done | {"detail": "200 feedback"}, training | {"progress": 0.05})),
+        log.lines(run_with(snapshot_done, training | {"progress": 0.34})),
+        log.lines(run_with(snapshot_done, training | {"progress": 0.39})),
     ]
     texts = [[line.split("] ", 1)[1] for line in lines] for lines in seen]
     assert texts == [

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 import threading
 import time
@@ -110,6 +112,22 @@ def test_a_failed_step_fails_the_run_and_moves_no_champion(env):
     assert out["steps"]["ppo"]["status"] == "failed"
     assert out["steps"]["promote"]["status"] == out["steps"]["serving"]["status"] == "skipped"
     assert promoted == []
+
+
+def test_the_runners_log_says_when_each_step_starts_and_how_it_ended(env, caplog):
+    settings, _, _ = env
+    runner, _ = make_runner(settings, {**GOOD, "ppo train": (2, {}, 0)})
+    with caplog.at_level(logging.INFO, logger="alignloop.pipeline"):
+        out = run_once(runner)
+    said = [re.sub(r"after [0-9.]+ s", "after T s", r.getMessage()) for r in caplog.records
+            if r.name == "alignloop.pipeline" and r.getMessage().startswith(f"run {out['run'].run_id}: ")]
+    expected = []
+    for name in ("snapshot", "reward_train", "reward_gate", "ppo"):
+        step = out["steps"][name]
+        expected += [f"run {out['run'].run_id}: {name} started (its log: {step['log_path']})",
+                     f"run {out['run'].run_id}: {name} {step['status']} after T s: {step['detail']}"]
+    assert said == expected
+    assert [out["steps"][name]["status"] for name in ("snapshot", "ppo")] == ["succeeded", "failed"]
 
 
 def test_a_refusing_policy_gate_ends_the_run_not_promoted(env):
