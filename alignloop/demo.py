@@ -30,7 +30,7 @@ from alignloop.console_progress import ProgressBar
 from alignloop.gateway_client import GatewayClient, GatewayError
 from alignloop.simulate import prompts as prompt_sets
 from alignloop.simulate.labeler import Labeler
-from alignloop.simulate.traffic import HttpError, post_json, simulate
+from alignloop.simulate.traffic import HttpError, Report, post_json, simulate
 
 err = Console(stderr=True, soft_wrap=True)
 HELD_OUT_FRACTION = 0.1  # = PPO's default eval_fraction: these prompts are never trained on
@@ -104,7 +104,7 @@ def _step_seconds(run: dict) -> dict[str, float]:
     return out
 
 
-def simulated_traffic(base: str, app_key: str, *, requests: int, **kwargs):
+def simulated_traffic(base: str, app_key: str, *, requests: int, **kwargs) -> Report:
     """`simulate` with the demo's mix and concurrency, showing how many requests are done."""
     with ProgressBar(err, "traffic", requests, unit=" requests") as bar:
         return simulate(base, app_key, requests=requests, mix=MIX, concurrency=4,
