@@ -159,27 +159,36 @@ class StepLog:
 def wait_for_run(client: GatewayClient, run: dict, timeout_s: float | None) -> tuple[dict, bool]:
     """Polls the run until it finishes, drawing its steps on stderr (a live table on a terminal; in a log, a
     line per change, then the table); returns it and whether time ran out."""
+    step_log = None if err.is_terminal else StepLog()
+    try:
+        with Live(run_view(run), console=err, auto_refresh=False) as live:
+            return _follow(client, run, timeout_s, live, step_log)
+    finally:
+        if step_log is not None:
+            err.line()  # in a file, rich leaves a live display's last drawing without its line end
+
+
+def _follow(client: GatewayClient, run: dict, timeout_s: float | None, live: Live, step_log: StepLog | None
+            ) -> tuple[dict, bool]:
     deadline = time.monotonic() + timeout_s if timeout_s else None
     unreachable_since = None
-    step_log = None if err.is_terminal else StepLog()
-    with Live(run_view(run), console=err, auto_refresh=False) as live:
-        while run["status"] not in FINISHED:
-            if deadline is not None and time.monotonic() >= deadline:
-                return run, True
-            time.sleep(POLL_S)
-            note = ""
-            try:
-                run, unreachable_since = client.get_run(run["id"]), None
-            except GatewayError as exc:
-                if exc.status is not None and exc.status < 500:
-                    raise
-                unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > GIVE_UP_UNREACHABLE_S:
-                    raise
-                note = f"(retrying) {exc}"
-            live.update(run_view(run, note), refresh=True)
-            for line in step_log.lines(run) if step_log else ():
-                err.print(line, markup=False, highlight=False)
+    while run["status"] not in FINISHED:
+        if deadline is not None and time.monotonic() >= deadline:
+            return run, True
+        time.sleep(POLL_S)
+        note = ""
+        try:
+            run, unreachable_since = client.get_run(run["id"]), None
+        except GatewayError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > GIVE_UP_UNREACHABLE_S:
+                raise
+            note = f"(retrying) {exc}"
+        live.update(run_view(run, note), refresh=True)
+        for line in step_log.lines(run) if step_log else ():
+            err.print(line, markup=False, highlight=False)
     return run, False
 
 

@@ -117,6 +117,23 @@ def test_run_wait_polls_until_the_end_then_prints_the_run(gateway, capsys, final
         "/v1/admin/pipelines/runs/run-7"] * 2
 
 
+def test_run_wait_in_a_log_prints_a_line_per_step_change_then_the_whole_run(gateway, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline_cli, "err", pipeline_cli.Console(stderr=True, force_terminal=False, width=120))
+    running = {"name": "snapshot", "status": "running", "started_at": "2025-01-01T00:00:00.000Z",
+               "finished_at": None, "detail": "", "progress": 0.5}
+    gateway.answers = [run_json(status="queued", steps=[running | {"status": "pending", "started_at": None,
+                                                                   "progress": 0.0}]),
+                       run_json(steps=[running]), run_json(steps=[running]),
+                       run_json(status="succeeded", outcome="promoted nothing")]
+    assert cli("run", "--wait") == 0
+    err = capsys.readouterr().err
+    lines = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
+    assert lines == ["run-7 snapshot running 50%", "run-7 snapshot succeeded after 1m05s: 412 pairs"]
+    # Then the run's table, as a terminal would have shown it last, ending its line.
+    assert err.index("run-7 snapshot succeeded") < err.index("pipeline run run-7: succeeded")
+    assert err.rstrip(" \n").endswith("outcome: promoted nothing") and err.endswith("\n")
+
+
 def test_run_wait_gives_up_after_the_timeout(gateway, capsys):
     gateway.answers = [run_json(status="queued"), run_json()]
     assert cli("run", "--timeout", "0.001") == pipeline_cli.EXIT_TIMEOUT
