@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 import threading
 
 import httpx
@@ -393,8 +394,12 @@ def cli(*argv: str) -> int:
 def test_the_command_prints_the_report_as_its_last_line(stack, capsys, tmp_path):
     assert cli("--requests", "12", "--n", "3", "--mix", "comparison=1,ranking=1", "--seed", "2",
                "--hold-out", "0.5", "--max-tokens", "16") == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out, err = capsys.readouterr()
+    report = json.loads(out.strip().splitlines()[-1])
     assert report["requests"] == 12 and report["feedback"]["thumbs"] == 0
+    # stderr is not a terminal here: a line as each tenth of the 12 requests is passed (console_progress.py).
+    assert re.findall(r"\] simulate: (\d+)/12 requests", err) == ["2", "3", "4", "5", "6", "8", "9", "10", "11",
+                                                                    "12"]
     assert report["feedback"]["comparison"] + report["feedback"]["ranking"] == 12
     assert {c["max_tokens"] for c in stack.chats} == {16}
     sent = [c["messages"] for c in stack.chats]
