@@ -28,6 +28,11 @@ def clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def stamped(text: str) -> str:
+    """`text` after the wall-clock time, as every progress line in a log starts: '[12:03:04] text'."""
+    return f"[{time.strftime('%H:%M:%S')}] {text}"
+
+
 class ProgressBar:
     """`total` steps of `label`: a bar on a terminal; elsewhere a line at each 1/`lines` of the way and at the
     end (so a line per step when there are fewer steps than `lines`). Use it as a context manager and call
@@ -44,7 +49,7 @@ class ProgressBar:
         self.done = done
         self._first = done
         self._started = time.monotonic()
-        self._printed = self._tenth(done)
+        self._printed = self._mark(done)
         self._bar: Progress | None = None
         if not disable and console.is_terminal:
             self._bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -71,9 +76,9 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=self.total, note=note)
             return
-        tenth = self._tenth(done)
-        if tenth > self._printed:
-            self._printed = tenth
+        mark = self._mark(done)
+        if mark > self._printed:
+            self._printed = mark
             self.console.print(self.line(note), markup=False, highlight=False, soft_wrap=True)
 
     def line(self, note: str = "") -> str:
@@ -84,8 +89,8 @@ class ProgressBar:
         if self.total and 0 < steps and self.done < self.total:
             timing += f", about {clock(elapsed / steps * (self.total - self.done))} left"
         note = f"  {note}" if note else ""
-        return (f"[{time.strftime('%H:%M:%S')}] {self.label}: {self.done}/{self.total}{self.unit}{note}"
-                f"  ({timing})")
+        return stamped(f"{self.label}: {self.done}/{self.total}{self.unit}{note}  ({timing})")
 
-    def _tenth(self, done: int) -> int:
+    def _mark(self, done: int) -> int:
+        """How many of the `lines` marks `done` has passed."""
         return done * self.lines // self.total if self.total else 0

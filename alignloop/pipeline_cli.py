@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from alignloop.config import Settings
-from alignloop.console_progress import clock
+from alignloop.console_progress import clock, stamped
 from alignloop.gateway_client import GatewayClient, GatewayError
 
 out = Console(soft_wrap=True)
@@ -149,7 +149,7 @@ class StepLog:
                 text += f" after {duration(step['started_at'], step['finished_at'])}"
             if step["detail"]:
                 text += f": {step['detail']}"
-            out.append(f"[{time.strftime('%H:%M:%S')}] {run['id']} {text}")
+            out.append(stamped(f"{run['id']} {text}"))
         return out
 
 
