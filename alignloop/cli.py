@@ -380,7 +380,9 @@ def cmd_ppo_evaluate(args: argparse.Namespace) -> int:
 
     from alignloop.registry import fetch_version
     from pipelines import promotion
-    from pipelines.ppo.evaluate import Gates, evaluate
+    from alignloop import progress
+    from alignloop.console_progress import stamped
+    from pipelines.ppo.evaluate import STAGES, Gates, evaluate
     from pipelines.ppo.job import Sources, load_prompts, open_reward, resolve_policy
 
     settings = Settings()
@@ -406,13 +408,20 @@ def cmd_ppo_evaluate(args: argparse.Namespace) -> int:
                                                           store_prompts=not args.no_store_prompts))
             reward, _ = open_reward(settings, args.reward)
             gates = Gates(args.min_win_rate, args.min_reward_gain, None if args.max_kl < 0 else args.max_kl)
+            # Each stage as a line in the step's log and as a share of the pipeline runner's progress.
+            stages = progress.Stages(**dict.fromkeys(STAGES, 1.0))
+
+            def on_stage(name: str) -> None:
+                err.print(stamped(f"ppo evaluate: {name}"), markup=False, highlight=False)
+                stages.update(name, 0, None)
+
             err.print(f"{name} v{version} vs champion v{champion.version} on {min(len(held_out), args.max_prompts)}"
                       f" held-out prompts")
             try:
                 result = evaluate(candidate_dir, champion_dir, reference_dir, held_out[:args.max_prompts], reward,
                                   gates, samples_per_prompt=args.samples_per_prompt,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                  engine_env=vllm_cpu_environment(settings))
+                                  engine_env=vllm_cpu_environment(settings), on_stage=on_stage)
             finally:
                 reward.close()
             for key, value in {"alignloop.eval_win_rate": f"{result.win_rate:.4f}",

@@ -13,7 +13,7 @@ Gates (all must pass): win_rate ≥ min_win_rate, reward gain ≥ min_reward_gai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,8 +41,13 @@ class Evaluation:
         return asdict(self)
 
 
+# What `evaluate` does, in order; `on_stage` hears each name as it starts.
+STAGES = ("sampling the candidate", "sampling the champion", "scoring both", "KL to the reference")
+
+
 def sample_both(candidate_dir: Path, champion_dir: Path, prompts: Sequence[list], *, n: int, max_new_tokens: int,
-                seed: int, engine_env: dict | None, dtype: str = "float32", reuse_engine: bool = True):
+                seed: int, engine_env: dict | None, dtype: str = "float32", reuse_engine: bool = True,
+                on_stage: Callable[[str], None] = lambda name: None):
     """Both policies' answers (candidate, champion, tokenizer) from in-process vLLM engines, closed afterwards.
 
     The engine is built on the candidate; the champion's weights then replace them in place when they share an
@@ -68,9 +73,11 @@ def sample_both(candidate_dir: Path, champion_dir: Path, prompts: Sequence[list]
     def answers(engine: VLLMRollout):
         return engine.generate(ids, n=n, max_tokens=max_new_tokens, temperature=1.0, seed=seed)
 
+    on_stage(STAGES[0])
     engine = open_engine(candidate_dir)
     try:
         cand = answers(engine)
+        on_stage(STAGES[1])
         if reuse_engine and same_architecture(candidate_dir, champion_dir):
             engine.load_folder(champion_dir)
         else:
@@ -101,17 +108,24 @@ def kl_to_reference(candidate_dir: Path, reference_dir: Path, samples, pad_id: i
 
 def evaluate(candidate_dir: Path, champion_dir: Path, reference_dir: Path, prompts: Sequence[list], reward,
              gates: Gates, *, samples_per_prompt: int = 2, max_new_tokens: int = 64, seed: int = 0,
-             engine_env: dict | None = None) -> Evaluation:
+             engine_env: dict | None = None,
+             on_stage: Callable[[str], None] = lambda name: None) -> Evaluation:
+    """The gates' verdict on `candidate_dir` against `champion_dir`: both answer the same held-out prompts,
+    `reward` scores the answers, and the candidate's KL to `reference_dir` is measured on its own answers.
+    `on_stage` hears the name of each of STAGES as it starts."""
     if not prompts:
         raise ValueError("no held-out prompts to evaluate on")
     cand, champ, tokenizer = sample_both(candidate_dir, champion_dir, prompts, n=samples_per_prompt,
-                                         max_new_tokens=max_new_tokens, seed=seed, engine_env=engine_env)
+                                         max_new_tokens=max_new_tokens, seed=seed, engine_env=engine_env,
+                                         on_stage=on_stage)
+    on_stage(STAGES[2])
     conversations = [prompts[s.prompt_index] for s in cand]
     r_cand = reward.score(conversations, [s.text for s in cand])
     r_champ = reward.score([prompts[s.prompt_index] for s in champ], [s.text for s in champ])
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_cand, r_champ, strict=True))
     from pipelines.ppo.models import pad_id
 
+    on_stage(STAGES[3])
     kl = kl_to_reference(candidate_dir, reference_dir, cand, pad_id(tokenizer))
 
     mean_c, mean_b = sum(r_cand) / len(r_cand), sum(r_champ) / len(r_champ)

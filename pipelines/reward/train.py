@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from alignloop import progress
 from alignloop.config import Settings
 from alignloop.console_progress import ProgressBar
 from alignloop.reward_model import DEFAULT_BACKBONE, RewardModel, default_backbone_path
@@ -263,11 +264,16 @@ OnBatch = Callable[[int, int], None]  # (answers scored so far, answers to score
 
 
 @contextmanager
-def scoring_progress(console: Console, label: str) -> Iterator[OnBatch]:
+def scoring_progress(console: Console, label: str, stage: OnBatch | None = None) -> Iterator[OnBatch]:
     """Yields an `on_batch` callback that shows how many answers of `label` are scored. On a terminal it
-    is a bar; in a log file, a line at each tenth (alignloop.console_progress)."""
+    is a bar; in a log file, a line at each tenth (alignloop.console_progress). `stage` also hears of each
+    batch (the job's share of the pipeline runner's progress, alignloop.progress.Stages)."""
     with ProgressBar(console, label, unit=" answers scored") as bar:
-        yield lambda done, total: bar.update(done, total=total)
+        def on_batch(done: int, total: int) -> None:
+            bar.update(done, total=total)
+            if stage:
+                stage(done, total)
+        yield on_batch
 
 
 @torch.inference_mode()
@@ -327,9 +333,9 @@ def pair_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGrou
 
 
 def champion_accuracy(model: RewardModel, tokenizer, groups: Sequence[PreferenceGroup], batch_size: int,
-                      console: Console) -> float | None:
+                      console: Console, stage: OnBatch | None = None) -> float | None:
     """The champion's accuracy on the new model's held-out pairs (the gate's yardstick), with progress."""
-    with scoring_progress(console, "scoring the champion on the same held-out answers") as on_batch:
+    with scoring_progress(console, "scoring the champion on the same held-out answers", stage) as on_batch:
         return pair_accuracy(model, tokenizer, groups, batch_size, on_batch)[0]
 
 
@@ -363,8 +369,9 @@ class TrainStats:
 
 def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: torch.device, *,
           on_step: Callable[[int, dict[str, float]], None] | None = None,
-          console: Console | None = None) -> TrainStats:
-    """`args.epochs` passes over the training groups (and pointwise rows, if pointwise_weight > 0)."""
+          console: Console | None = None, stage: Callable[[int, int], None] | None = None) -> TrainStats:
+    """`args.epochs` passes over the training groups (and pointwise rows, if pointwise_weight > 0).
+    `stage(steps done, steps)` hears of each step, as `on_step` does with its metrics."""
     items: list[PreferenceGroup | PointwiseExample] = list(data.train_groups)
     if args.pointwise_weight > 0:
         items += data.train_pointwise
@@ -416,6 +423,8 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
                 last_loss = loss.item()
                 rate = pairs_seen / (time.perf_counter() - started)
                 bar.update(step, f"loss {last_loss:.4f}  {rate:.1f} pairs/s")
+                if stage:
+                    stage(step, total)
                 if on_step:
                     on_step(step, {"loss": last_loss, "preference_loss": pref.item(),
                                    "pointwise_loss": point.item(), "grad_norm": float(grad_norm),
@@ -424,6 +433,20 @@ def train(model: RewardModel, tokenizer, data: RewardData, args: Args, device: t
 
 
 # ---- the whole job -------------------------------------------------------------------------------------
+def job_stages(data: RewardData, args: Args, train_texts: Sequence[str], *,
+               champion: bool) -> progress.Stages:
+    """The job's stages for the pipeline runner's progress, weighted in answers forwarded: a training step
+    runs each distinct answer of its batch forward and backward (about three forwards), scoring runs it
+    forward once. The champion is scored only when the job registers (and there is one)."""
+    eval_answers = len({t for g in data.eval_groups for t in g.texts})
+    distinct_train = len(set(train_texts))
+    trained = 3 * args.epochs * (distinct_train if args.pointwise_weight > 0 else
+                                 len({t for g in data.train_groups for t in g.texts}))
+    return progress.Stages(training=trained, **{"held-out": eval_answers},
+                           reward_shift=min(distinct_train, args.shift_sample),
+                           champion=eval_answers if champion else 0)
+
+
 def run(settings: Settings, data: RewardData, args: Args, *, register: bool = True,
         gate_tolerance: float | None = None, out: Path | None = None,
         console: Console | None = None, promote: bool = True) -> dict:
@@ -460,16 +483,18 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
         "dataset_hash": data.hash, "train_pairs": data.train_pairs, "train_groups": len(data.train_groups),
         "eval_pairs": data.eval_pairs, "pointwise_rows": len(data.train_pointwise), "device": str(device),
         "threads": threads, "gate_tolerance": tolerance}
+    train_texts = [t for g in data.train_groups for t in g.texts] + [p.text for p in data.train_pointwise]
+    stages = job_stages(data, args, train_texts, champion=register)
     tracker = publish.Tracker(settings.tracking_uri, enabled=register)
     with tracker.run(run_name=f"reward-{data.digest}", params=params, data=data):
-        stats = train(model, tokenizer, data, args, device, on_step=tracker.log_step, console=console)
-        with scoring_progress(console, "scoring the held-out answers") as on_batch:
+        stats = train(model, tokenizer, data, args, device, on_step=tracker.log_step, console=console,
+                      stage=stages.stage("training"))
+        with scoring_progress(console, "scoring the held-out answers", stages.stage("held-out")) as on_batch:
             margins = pair_margins(model, tokenizer, data.eval_groups, args.eval_batch_size, on_batch)
         eval_accuracy, eval_loss = accuracy_and_loss([m for _, m in margins])
         by_source = accuracy_by_source(margins)
-        with scoring_progress(console, "scoring training answers for reward_shift") as on_batch:
-            train_texts = [t for g in data.train_groups for t in g.texts] + \
-                          [p.text for p in data.train_pointwise]
+        with scoring_progress(console, "scoring training answers for reward_shift",
+                              stages.stage("reward_shift")) as on_batch:
             model.config.reward_shift = mean_raw_reward(model, tokenizer, train_texts, args.shift_sample,
                                                         args.seed, args.eval_batch_size, on_batch)
         model.config.extra = {**model.config.extra, "dataset_hash": data.hash, "eval_accuracy": eval_accuracy,
@@ -495,7 +520,7 @@ def run(settings: Settings, data: RewardData, args: Args, *, register: bool = Tr
             summary |= publish.register_and_gate(
                 settings, tracker, folder, data=data, eval_accuracy=eval_accuracy,
                 score=lambda m, tok: champion_accuracy(m, tok, data.eval_groups, args.eval_batch_size,
-                                                       console),
+                                                       console, stages.stage("champion")),
                 tolerance=tolerance, untrained=stats.steps == 0, base_version=base_version,
                 backbone=model.config.backbone, reward_shift=model.config.reward_shift, device=device,
                 console=console, promote=promote)

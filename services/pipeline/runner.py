@@ -245,7 +245,7 @@ class Runner:
             report = progress.read(progress_file)
             if report and report.get("total") and time.monotonic() - last_save > 2.0:
                 step.progress = min(1.0, report["done"] / report["total"])
-                step.detail = f"{report['done']}/{report['total']}"
+                step.detail = report.get("detail") or f"{report['done']}/{report['total']}"
                 self.store.save_steps(ctx.run_id, list(ctx.steps.values()))
                 last_save = time.monotonic()
             time.sleep(0.5)

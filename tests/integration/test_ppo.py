@@ -335,6 +335,11 @@ def test_ppo_job_scores_with_the_reward_service_registers_lineage_and_evaluate_g
         assert passed.returncode == 0, passed.stderr[-3000:]
         result = json.loads(passed.stdout.strip().splitlines()[-1])
         assert result["promoted"] and result["answers"] > 0 and math.isfinite(result["kl_candidate"])
+        # A line per stage in the step's log (stderr is not a terminal here), in the order they ran.
+        from pipelines.ppo.evaluate import STAGES
+        said = [line.split("ppo evaluate: ")[1] for line in passed.stderr.splitlines()
+                if "] ppo evaluate: " in line]
+        assert said == list(STAGES)
         assert client.get_model_version_by_alias(settings.policy_model_name, "champion").version == \
             summary["model_version"]
 

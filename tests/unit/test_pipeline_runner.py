@@ -175,6 +175,41 @@ def test_one_run_at_a_time_and_cancel_kills_the_step(env):
     runner.start(trigger="operator")  # the slot is free again
 
 
+class ReportingLauncher(CannedLauncher):
+    """`reward train` reports its stages through alignloop.progress as the real job does, pausing after each
+    long enough for the runner (which saves progress at most every 2 s) to store it."""
+
+    def launch(self, argv, *, env, log_path, cwd):
+        if argv[argv.index("alignloop.cli") + 1:][:2] != ["reward", "train"]:
+            return super().launch(argv, env=env, log_path=log_path, cwd=cwd)
+        script = ("import json, time\n"
+                  "from alignloop import progress\n"
+                  "stages = progress.Stages(training=3, **{'held-out': 1})\n"
+                  "stages.update('training', 5, 10); time.sleep(2.6)\n"
+                  "stages.update('held-out', 1, 2); time.sleep(2.6)\n"
+                  f"print(json.dumps({GOOD['reward train'][1]!r}))\n")
+        return LocalLauncher.launch(self, [sys.executable, "-c", script], env=env, log_path=log_path, cwd=cwd)
+
+
+def test_a_steps_progress_and_stage_follow_what_its_process_reports(env):
+    settings, _, _ = env
+    runner = Runner(settings, RunStore(store.connect(settings.store)), ReportingLauncher(GOOD),
+                    tracking=False)
+    run = runner.start(trigger="operator")
+    worker = threading.Thread(target=runner.execute, args=(runner.store.get(run.run_id),))
+    worker.start()
+    seen = []
+    while worker.is_alive():
+        step = next(s for s in runner.store.get(run.run_id).steps if s["name"] == "reward_train")
+        if step["status"] == "running" and (step["progress"], step["detail"]) not in seen:
+            seen.append((step["progress"], step["detail"]))
+        time.sleep(0.1)
+    worker.join()
+    assert runner.store.get(run.run_id).status == "succeeded"
+    reported = [s for s in seen if s[1]]
+    assert reported == [(pytest.approx(0.375), "training 5/10"), (pytest.approx(0.875), "held-out 1/2")]
+
+
 @pytest.mark.parametrize(("overrides", "param"), [
     ('{"ppo": {"no_such_flag": 1}}', "config.ppo"),
     ('{"nproc_per_node": 0}', "config.nproc_per_node"),

@@ -425,6 +425,44 @@ def test_register_promote_and_refuse(in_tmp: Path, backbone: Path) -> None:
     assert fifth["eval_accuracy"] >= 0.9
 
 
+def test_the_pipeline_runner_sees_one_fraction_rise_through_every_stage(
+        in_tmp: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training, scoring the held-out answers, scoring for reward_shift and scoring the champion each
+    report their own count; the progress file (ALIGNLOOP_PROGRESS_FILE, which the runner follows) holds one
+    fraction of the whole job that only rises, and names the stage it is in."""
+    from alignloop import progress
+
+    tmp_path = in_tmp
+    settings = settings_for(tmp_path)
+    data = load_snapshot(synthetic_snapshot(tmp_path / "snap", comparisons=40, rankings=4), eval_fraction=0.2)
+    # A champion for the gate to score.
+    assert run(settings, data, fast_args(backbone, epochs=1), register=True)["promoted"]
+
+    path = tmp_path / "reward_train.progress.json"
+    monkeypatch.setenv(progress.ENV, str(path))
+    seen: list[dict] = []
+    real = progress.report
+
+    def recording(done: int, total: int, **extra) -> None:
+        real(done, total, **extra)
+        seen.append(json.loads(path.read_text()))
+
+    monkeypatch.setattr(progress, "report", recording)
+    summary = run(settings, data, fast_args(backbone, epochs=2, seed=1), register=True)
+
+    done = [r["done"] for r in seen]
+    assert done == sorted(done) and done[-1] == 1000 and progress.read(path) == seen[-1]
+    stages = list(dict.fromkeys(r["detail"].split(" ")[0] for r in seen))
+    assert stages == ["training", "held-out", "reward_shift", "champion"]
+    assert f"training {summary['steps']}/{summary['steps']}" in [r["detail"] for r in seen]
+    # Shares in answers forwarded: training three forwards per answer per epoch (two epochs), then the
+    # held-out answers, the training answers for reward_shift, and the held-out answers again (the champion).
+    trained = len({t for g in data.train_groups for t in g.texts})
+    held_out = len({t for g in data.eval_groups for t in g.texts})
+    end_of_training = max(r["done"] for r in seen if r["detail"].startswith("training"))
+    assert abs(end_of_training - 1000 * 6 * trained / (7 * trained + 2 * held_out)) <= 1
+
+
 def test_an_untrained_placeholder_champion_is_always_beaten(in_tmp: Path, backbone: Path) -> None:
     tmp_path = in_tmp
     from mlflow import MlflowClient
