@@ -66,6 +66,25 @@ def _environment_restored() -> Iterator[None]:
     os.environ.update(saved)
 
 
+@pytest.fixture
+def progress_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[dict]]:
+    """ALIGNLOOP_PROGRESS_FILE set for this test: the file, and each report written to it, in order (the file
+    itself keeps only the last, as the pipeline runner reads it)."""
+    from alignloop import progress
+
+    path = tmp_path / "step.progress.json"
+    monkeypatch.setenv(progress.ENV, str(path))
+    seen: list[dict] = []
+    real = progress.report
+
+    def recording(done: int, total: int, **extra) -> None:
+        real(done, total, **extra)
+        seen.append(json.loads(path.read_text()))
+
+    monkeypatch.setattr(progress, "report", recording)
+    return path, seen
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 

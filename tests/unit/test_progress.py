@@ -1,30 +1,14 @@
 """alignloop.progress: the file a step's process keeps its progress in, and Stages, which turns a job's
-consecutive stages into one fraction that only rises."""
+consecutive stages into one fraction that only rises. `progress_reports` (tests/conftest.py) records each
+report."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from alignloop import progress
-
-
-@pytest.fixture
-def reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[dict]]:
-    """The progress file, and every report written to it in order."""
-    path = tmp_path / "step.progress.json"
-    monkeypatch.setenv(progress.ENV, str(path))
-    seen: list[dict] = []
-    real = progress.report
-
-    def recording(done: int, total: int, **extra) -> None:
-        real(done, total, **extra)
-        seen.append(json.loads(path.read_text()))
-
-    monkeypatch.setattr(progress, "report", recording)
-    return path, seen
 
 
 def test_report_writes_one_json_object_and_nothing_without_the_variable(
@@ -40,8 +24,8 @@ def test_report_writes_one_json_object_and_nothing_without_the_variable(
     assert progress.read(tmp_path / "missing.json") is None
 
 
-def test_each_stage_owns_a_share_in_proportion_to_its_weight(reports) -> None:
-    path, seen = reports
+def test_each_stage_owns_a_share_in_proportion_to_its_weight(progress_reports) -> None:
+    path, seen = progress_reports
     stages = progress.Stages(training=6, scoring=3, shift=1)
     stages.update("training", 5, 10)  # half of 60%
     stages.update("training", 10, 10)
@@ -53,8 +37,8 @@ def test_each_stage_owns_a_share_in_proportion_to_its_weight(reports) -> None:
     assert progress.read(path)["done"] == 1000
 
 
-def test_the_fraction_never_falls_and_repeats_are_not_written(reports) -> None:
-    _, seen = reports
+def test_the_fraction_never_falls_and_repeats_are_not_written(progress_reports) -> None:
+    _, seen = progress_reports
     stages = progress.Stages(a=1, b=1)
     stages.update("b", 1, 2)  # 75%
     stages.update("a", 1, 2)  # 25%: behind what was reported, so not reported
@@ -63,8 +47,8 @@ def test_the_fraction_never_falls_and_repeats_are_not_written(reports) -> None:
     assert [r["done"] for r in seen] == [750, 1000]
 
 
-def test_a_skipped_stage_leaves_its_share_for_the_end_and_zero_weights_get_none(reports) -> None:
-    _, seen = reports
+def test_a_skipped_stage_leaves_its_share_for_the_end_and_zero_weights_get_none(progress_reports) -> None:
+    _, seen = progress_reports
     stages = progress.Stages(training=1, nothing=0, champion=1)
     stages.update("training", 4, 4)
     stages.update("nothing", 1, 1)  # owns no share: where training ended, reported again for its detail
@@ -72,8 +56,8 @@ def test_a_skipped_stage_leaves_its_share_for_the_end_and_zero_weights_get_none(
     assert [(r["done"], r["detail"]) for r in seen] == [(500, "training 4/4"), (500, "nothing 1/1")]
 
 
-def test_stages_known_only_by_name_and_all_zero_weights(reports) -> None:
-    _, seen = reports
+def test_stages_known_only_by_name_and_all_zero_weights(progress_reports) -> None:
+    _, seen = progress_reports
     stages = progress.Stages(**{"sampling the candidate": 0, "scoring both": 0})  # equal shares
     stages.stage("scoring both")(0, None)  # a stage that starts, with no count of its own
     assert seen == [{"done": 500, "total": 1000, "detail": "scoring both"}]

@@ -426,7 +426,7 @@ def test_register_promote_and_refuse(in_tmp: Path, backbone: Path) -> None:
 
 
 def test_the_pipeline_runner_sees_one_fraction_rise_through_every_stage(
-        in_tmp: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        in_tmp: Path, backbone: Path, progress_reports: tuple[Path, list[dict]]) -> None:
     """Training, scoring the held-out answers, scoring for reward_shift and scoring the champion each
     report their own count; the progress file (ALIGNLOOP_PROGRESS_FILE, which the runner follows) holds one
     fraction of the whole job that only rises, and names the stage it is in."""
@@ -438,16 +438,8 @@ def test_the_pipeline_runner_sees_one_fraction_rise_through_every_stage(
     # A champion for the gate to score.
     assert run(settings, data, fast_args(backbone, epochs=1), register=True)["promoted"]
 
-    path = tmp_path / "reward_train.progress.json"
-    monkeypatch.setenv(progress.ENV, str(path))
-    seen: list[dict] = []
-    real = progress.report
-
-    def recording(done: int, total: int, **extra) -> None:
-        real(done, total, **extra)
-        seen.append(json.loads(path.read_text()))
-
-    monkeypatch.setattr(progress, "report", recording)
+    path, seen = progress_reports
+    seen.clear()  # from here on: what the runner would read of the second job
     summary = run(settings, data, fast_args(backbone, epochs=2, seed=1), register=True)
 
     done = [r["done"] for r in seen]
