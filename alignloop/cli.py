@@ -378,10 +378,10 @@ def cmd_ppo_train(args: argparse.Namespace) -> int:
 def cmd_ppo_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from alignloop.registry import fetch_version
-    from pipelines import promotion
     from alignloop import progress
     from alignloop.console_progress import stamped
+    from alignloop.registry import fetch_version
+    from pipelines import promotion
     from pipelines.ppo.evaluate import STAGES, Gates, evaluate
     from pipelines.ppo.job import Sources, load_prompts, open_reward, resolve_policy
 
