@@ -12,6 +12,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,11 +25,16 @@ from pathlib import Path
 
 import psutil
 from rich.console import Console
+from rich.markup import escape
 
 from alignloop.components import Component
 from alignloop.config import Settings
+from alignloop.console_progress import stamped
 
 STATE_FILE = "stack.json"
+# Off a terminal (a log file, CI, `docker logs`) the start's spinner prints nothing: a plain line this often
+# says what is still starting and what its log said last, so two minutes of compiling are not two silent ones.
+WAITING_LINE_EVERY_S = 30.0
 
 
 class StackError(RuntimeError):
@@ -160,6 +166,7 @@ class Supervisor:
             self._write_state()
         waiting = list(wave)
         ready_at: dict[str, float] = {}
+        last_line = started
         with self.console.status("starting") as status:
             while waiting:
                 if self.stopping.is_set():
@@ -175,10 +182,25 @@ class Supervisor:
                         ready_at[c.name] = time.monotonic()
                         self.console.print(f"[green]✓[/] {c.name:<8} {c.url}  ({ready_at[c.name] - started:.0f} s)")
                         waiting.remove(running)
-                status.update(f"starting {', '.join(r.component.name for r in waiting)} "
-                              f"(logs: {self.settings.logs_dir})")
-                if waiting:
-                    time.sleep(0.25)
+                if not waiting:
+                    break
+                now = time.monotonic()
+                note = self._waiting_note(waiting, now - started)
+                status.update(escape(f"{note} (logs: {self.settings.logs_dir})"))
+                if not self.console.is_terminal and now - last_line >= WAITING_LINE_EVERY_S:
+                    self.console.print(escape(stamped(note)), highlight=False)
+                    last_line = now
+                time.sleep(0.25)
+
+    @staticmethod
+    def _waiting_note(waiting: list[Running], elapsed_s: float) -> str:
+        """'starting policy, gateway (62 s); policy: Warming up model for the compilation...': the log line is
+        the first waiting component's whose own start is under way, not one still waiting for a need."""
+        names = {r.component.name for r in waiting}
+        busy = next((r for r in waiting if not names & set(r.component.needs)), waiting[0])
+        note = f"starting {', '.join(r.component.name for r in waiting)} ({elapsed_s:.0f} s)"
+        doing = latest_line(busy.log_path)
+        return f"{note}; {busy.component.name}: {doing}" if doing else note
 
     # ---- running -----------------------------------------------------------------------------------------
     def watch(self) -> int:
@@ -296,3 +318,31 @@ def tail(path: Path, lines: int = 15) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join("    " + line for line in text)
+
+
+# What a log line starts with before its message: vLLM's process tag and its
+# 'INFO 12-07 21:13:23 [file.py:87]', Python logging's '2026-12-07 21:12:36,509 INFO name:', and torch's
+# 'W1207 21:12:59.513000 19334 file.py:53]' (with or without a pid and brackets).
+_LOG_PREFIX = re.compile(
+    r"^(?:\([^()]*pid=\d+\)\s+)?"
+    r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]*\]\s*"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+:\s*"
+    r"|\[?[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+(?: +\d+)? [^\]]*\]\s*)?"
+)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def latest_line(path: Path, limit: int = 100) -> str:
+    """The last line written to the log at `path` (a progress bar's last redraw counts as a line), without
+    its logger's prefix and cut to `limit` characters; '' when there is none yet."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(log.seek(0, os.SEEK_END) - 8192, 0))
+            text = log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    lines = [line.strip() for line in re.split(r"[\r\n]+", _ANSI.sub("", text)) if line.strip()]
+    if not lines:
+        return ""
+    line = _LOG_PREFIX.sub("", lines[-1]) or lines[-1]
+    return line if len(line) <= limit else line[:limit - 1] + "…"

@@ -1,8 +1,10 @@
-"""The supervisor's start: components start together, each is named when it fails, `needs` delays a clock."""
+"""The supervisor's start: components start together, each is named when it fails, `needs` delays a clock,
+and a slow start says what it is doing."""
 
 from __future__ import annotations
 
 import io
+import re
 import sys
 import time
 
@@ -12,7 +14,7 @@ from rich.console import Console
 
 from alignloop.components import Component
 from alignloop.config import Settings
-from alignloop.supervisor import StackError, Supervisor
+from alignloop.supervisor import StackError, Supervisor, latest_line
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -113,3 +115,55 @@ def test_stop_all_stops_a_wave_together_and_dependents_first(supervisor, tmp_pat
     assert max(a["term"], b["term"]) < min(a["exit"], b["exit"])  # a and b together, not one after the other
     assert max(a["exit"], b["exit"]) <= infra["term"]  # the earlier wave last
     assert supervisor.running == [] and supervisor.waves == []
+
+
+# A component that logs as vLLM's engine does, then redraws a progress bar in place, taking its time.
+STARTING = r"""
+import sys, time
+print("(EngineCore pid=42) INFO 12-07 21:13:23 [core.py:133] Initializing a V1 LLM engine", flush=True)
+time.sleep(1.5)
+for i in range(3):
+    sys.stdout.write(f"\rLoading [backbone] shards: {i + 1}/3"); sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_off_a_terminal_a_slow_start_prints_what_it_is_doing(supervisor, monkeypatch):
+    monkeypatch.setattr("alignloop.supervisor.WAITING_LINE_EVERY_S", 1.0)
+    engine = component("engine", ready_after(3.5), argv=[sys.executable, "-c", STARTING])
+    supervisor.bring_up([engine, component("front", ready_after(3.7), needs=("engine",))])
+    out = supervisor.console.file.getvalue()
+    notes = [line for line in out.splitlines() if "starting" in line]
+    assert len(notes) >= 2, out
+    # Each line: the wall clock, what is still starting, the time so far, and the log line of the component
+    # whose own start is under way (not `front`, which waits for it), without its logger's prefix.
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] starting engine, front \(\d+ s\); engine: .+", notes[0])
+    assert notes[0].endswith("engine: Initializing a V1 LLM engine")
+    assert notes[-1].endswith("engine: Loading [backbone] shards: 3/3")  # the brackets are text, not markup
+    assert out.index(notes[-1]) < out.index("✓ engine")
+
+
+def test_a_terminal_gets_the_spinner_and_no_lines(supervisor, monkeypatch):
+    monkeypatch.setattr("alignloop.supervisor.WAITING_LINE_EVERY_S", 0.5)
+    supervisor.console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    supervisor.bring_up([component("engine", ready_after(2.0), argv=[sys.executable, "-c", STARTING])])
+    assert not re.search(r"\[\d\d:\d\d:\d\d\] starting", supervisor.console.file.getvalue())
+
+
+@pytest.mark.parametrize(("written", "shown"), [
+    ("(EngineCore pid=19680) INFO 12-07 21:14:55 [core.py:402] init engine took 92.42 s\n",
+     "init engine took 92.42 s"),
+    ("2026-12-07 21:12:36,509 INFO alignloop.policy: serving alignloop-policy version 1\n",
+     "serving alignloop-policy version 1"),
+    ("W1207 21:12:59.513000 19334 triton.py:53] Triton not available\n", "Triton not available"),
+    ("[W1207 21:13:20.728956672 utils.cpp:68] Warning: NUMA binding\n", "Warning: NUMA binding"),
+    ("Loading: 0/5 [00:00<?]\rLoading: 5/5 [00:01<00:00]\n\n  \n", "Loading: 5/5 [00:01<00:00]"),
+    ("\x1b[32mready\x1b[0m\n", "ready"),
+    ("a line longer than the limit of forty characters\n", "a line longer than the limit of forty c…"),
+    ("", ""),
+])
+def test_latest_line_is_the_message_of_the_last_line(tmp_path, written, shown):
+    log = tmp_path / "c.log"
+    log.write_text("earlier line\n" * 2000 + written if written else "")
+    assert latest_line(log, limit=40) == shown
+    assert latest_line(tmp_path / "missing.log") == ""
