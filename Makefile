@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
-	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity bench-dtype bench-front-end clean-state
+	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity bench-dtype bench-front-end \
+	bench-engine-start clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -60,6 +61,9 @@ bench-dtype: setup
 
 bench-front-end: setup
 	$(PY) benchmarks/engine_front_end.py
+
+bench-engine-start: setup
+	$(PY) benchmarks/engine_start.py
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py
