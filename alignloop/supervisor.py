@@ -184,10 +184,13 @@ class Supervisor:
                         waiting.remove(running)
                 if not waiting:
                     break
+                # The log is read only when its line will be shown: off a terminal the spinner draws nothing.
                 now = time.monotonic()
-                note = self._waiting_note(waiting, now - started)
-                status.update(escape(f"{note} (logs: {self.settings.logs_dir})"))
-                if not self.console.is_terminal and now - last_line >= WAITING_LINE_EVERY_S:
+                if self.console.is_terminal:
+                    note = self._waiting_note(waiting, now - started)
+                    status.update(escape(f"{note} (logs: {self.settings.logs_dir})"))
+                elif now - last_line >= WAITING_LINE_EVERY_S:
+                    note = self._waiting_note(waiting, now - started)
                     self.console.print(escape(stamped(note)), highlight=False)
                     last_line = now
                 time.sleep(0.25)
