@@ -1,9 +1,12 @@
-"""alignloop.vllm_plugin: vLLM's plugin loader finds it, and it drops only the rotary embedding's reload
-warning."""
+"""alignloop.vllm_plugin: vLLM's plugin loader finds it, it drops only the rotary embedding's reload
+warning, and vLLM's own processes exit without the teardown's garbage collections."""
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
+import multiprocessing
 from importlib.metadata import entry_points
 
 import pytest
@@ -44,5 +47,36 @@ def test_register_installs_one_filter_however_often_it_runs(caplog: pytest.LogCa
             logger.warning(vllm_plugin.FAILED_TO_LOAD, "RotaryEmbedding")
             logger.warning(vllm_plugin.FAILED_TO_LOAD, "QKVParallelLinear")
         assert [r.getMessage() for r in caplog.records] == ["QKVParallelLinear: Failed to load weights"]
+    finally:
+        logger.filters[:] = before
+
+
+def registered_then_exited(conn) -> None:  # in a spawned process, as vLLM starts its engine core and workers
+    vllm_plugin.register()
+    atexit._run_exitfuncs()  # what the interpreter runs first on its way out
+    conn.send({"collector_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()})
+
+
+def test_vllms_processes_leave_their_objects_out_of_the_collections_at_exit() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=registered_then_exited, args=(child,))
+    proc.start()
+    assert parent.poll(60), "the child did not report"
+    state = parent.recv()
+    proc.join(30)
+    assert state["collector_enabled"] is False and state["frozen"] > 10_000
+    assert proc.exitcode == 0
+
+
+def test_the_service_process_keeps_its_collector_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    registered = []
+    monkeypatch.setattr(vllm_plugin.atexit, "register", registered.append)
+    logger = logging.getLogger(vllm_plugin.RELOAD_LOGGER)
+    before = list(logger.filters)
+    try:
+        logger.filters[:] = [f for f in before if not isinstance(f, vllm_plugin.WeightlessLayerReloadFilter)]
+        vllm_plugin.register()
+        assert registered == []  # not vLLM's child: the policy service, a benchmark, this test
     finally:
         logger.filters[:] = before
