@@ -215,8 +215,9 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     settings.ensure_dirs()
     try:
         with contextlib.nullcontext() if args.no_mlflow else _tracking_server(settings):
+            # Its progress on stderr: with --json, stdout carries the summary alone.
             result = export_feedback(settings, out=args.out, since=args.since, log_mlflow=not args.no_mlflow,
-                                     console=console)
+                                     console=Console(stderr=True, soft_wrap=True))
     except (StackError, StoreNotReady, FileExistsError) as exc:
         console.print(f"[red]✗ {exc}[/]")
         return 1

@@ -3,14 +3,17 @@
 rich redraws a bar in place. Written to a file (a pipeline step's log, CI's output, `kubectl logs`), the same
 bar shows nothing until the work is over. There `ProgressBar` prints a plain line at each tenth of the way
 instead: how far, the caller's note on the latest step (a loss, a reward), the time so far and a rough time
-left.
+left. A step with nothing to count (`working`) gets a line when it starts and one when it ends.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +34,22 @@ def clock(seconds: float) -> str:
 def stamped(text: str) -> str:
     """`text` after the wall-clock time, as every progress line in a log starts: '[12:03:04] text'."""
     return f"[{time.strftime('%H:%M:%S')}] {text}"
+
+
+@contextmanager
+def working(console: Console, text: str) -> Iterator[None]:
+    """A step with nothing to count (a query, a write, an upload): a spinner on a terminal; elsewhere a line as
+    it starts, so a log shows which step a slow or stuck job is in, and one with its time as it ends. `text`
+    is plain (no rich markup)."""
+    if console.is_terminal:
+        with console.status(escape(text)):
+            yield
+        return
+    started = time.monotonic()
+    console.print(stamped(f"{text} ..."), markup=False, highlight=False, soft_wrap=True)
+    yield
+    console.print(stamped(f"{text}: done in {clock(time.monotonic() - started)}"), markup=False,
+                  highlight=False, soft_wrap=True)
 
 
 class ProgressBar:

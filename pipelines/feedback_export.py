@@ -47,13 +47,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn)
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 
 from alignloop import store
 from alignloop.config import Settings
+from alignloop.console_progress import ProgressBar, working
 from alignloop.store.schema import Completion, Feedback
 from pipelines.models_init import tracking_uri as use_tracking_uri
 
@@ -374,17 +373,14 @@ def export_feedback(
         if store.current_revision(engine) is None:
             raise StoreNotReady(f"the store {_redacted(settings.store)} has no schema: "
                                 "run `alignloop store upgrade`")
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            # Feedback first, completions second: what the materializer adds in between can only make more of
-            # the feedback read usable; what a retention pass deletes in between is skipped and counted.
-            task = progress.add_task("reading feedback", total=None)
+        # Feedback first, completions second: what the materializer adds in between can only make more of the
+        # feedback read usable; what a retention pass deletes in between is skipped and counted.
+        with working(console, "reading feedback" + (f" since {since.isoformat()}" if since else "")):
             feedback = load_feedback(engine, since)
-            progress.update(task, total=len(feedback), completed=len(feedback))
-            referenced = {cid for fb in feedback for cid in fb["completion_ids"]} | \
-                         {fb["completion_id"] for fb in feedback}
-            task = progress.add_task("reading completions", total=len(referenced))
-            completions = load_completions(engine, referenced, lambda n: progress.advance(task, n))
+        referenced = {cid for fb in feedback for cid in fb["completion_ids"]} | \
+                     {fb["completion_id"] for fb in feedback}
+        with ProgressBar(console, "reading the completions the feedback names", len(referenced)) as bar:
+            completions = load_completions(engine, referenced, lambda n: bar.update(bar.done + n))
     finally:
         engine.dispose()
 
@@ -395,7 +391,7 @@ def export_feedback(
     skipped_ids = {fb["feedback_id"] for fb in skipped}
     usable = [fb for fb in valid if fb["feedback_id"] not in skipped_ids]
 
-    with console.status("building pairs, labels and demonstrations"):
+    with working(console, "building pairs, labels and demonstrations"):
         rows = {"pairs": build_pairs(usable, completions), "pointwise": build_pointwise(usable, completions),
                 "demonstrations": build_demonstrations(usable, completions)}
         rows = {name: _sorted(name, r) for name, r in rows.items()}
@@ -419,12 +415,12 @@ def export_feedback(
         "rows": {name: tables[name].num_rows for name in TABLES},
         "pairs_by_source": dict(sorted(Counter(p["source"] for p in rows["pairs"]).items())),
     }
-    with console.status(f"writing {folder}"):
+    with working(console, f"writing {folder}"):
         write_folder(folder, tables, manifest)
 
     run_id = None
     if log_mlflow:
-        with console.status(f"logging the dataset to MLflow at {settings.tracking_uri}"):
+        with working(console, f"logging the dataset to MLflow at {settings.tracking_uri}"):
             frames = {name: table.to_pandas() for name, table in tables.items()}
             run_id = log_to_mlflow(settings.tracking_uri, folder, frames, manifest)
     counts = {**manifest["rows"], "feedback": len(feedback), "skipped": len(skipped), "invalid": len(invalid)}

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from alignloop.config import Settings
+from alignloop.console_progress import working
 from alignloop.registry import ModelNotRegistered, ModelVersionRef, fetch_version, is_untrained, resolve_alias
 from alignloop.reward_model import UNTRAINED_TAG, RewardModel
 from pipelines.models_init import ensure_experiment, register_run_folder, tracking_uri
@@ -158,7 +159,7 @@ def register_and_gate(
         tags["alignloop.base_reward_version"] = base_version
     if untrained:  # no optimizer step was taken: any trained model may replace it
         tags[UNTRAINED_TAG] = "true"
-    with console.status(f"logging the model to MLflow at {settings.tracking_uri} and registering it"):
+    with working(console, f"logging the model to MLflow at {settings.tracking_uri} and registering it"):
         mv = register_run_folder(settings, name, tracker.run_id, folder, tags=tags,
                                  description="Reward model trained by `alignloop reward train`.",
                                  model_description="The reward model (InstructGPT §3.5), trained on user "
@@ -171,7 +172,7 @@ def register_and_gate(
     champion_untrained = champion is not None and is_untrained(settings.tracking_uri, champion)
     champion_accuracy = None
     if champion is not None and not champion_untrained:
-        with console.status(f"loading the champion (version {champion.version})"):
+        with working(console, f"loading the champion (version {champion.version})"):
             champion_folder = fetch_version(settings.tracking_uri, champion, settings.models_dir)
             champion_model, champion_tokenizer = RewardModel.load(champion_folder, device=device)
         # Outside the spinner: `score` may show its own progress, and rich allows one live display at a time.

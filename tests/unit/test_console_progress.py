@@ -1,14 +1,15 @@
-"""Progress where no one watches a terminal: plain lines at each tenth (alignloop/console_progress.py), and a
-pipeline run's steps as lines (alignloop/pipeline_cli.py: StepLog)."""
+"""Progress where no one watches a terminal: plain lines at each tenth, and a line as a step starts and ends
+(alignloop/console_progress.py), and a pipeline run's steps as lines (alignloop/pipeline_cli.py: StepLog)."""
 
 from __future__ import annotations
 
 import io
 import re
 
+import pytest
 from rich.console import Console
 
-from alignloop.console_progress import ProgressBar, clock
+from alignloop.console_progress import ProgressBar, clock, working
 from alignloop.pipeline_cli import StepLog
 
 
@@ -77,6 +78,26 @@ def test_a_terminal_gets_the_bar_not_the_lines() -> None:
 def run_with(*steps: dict) -> dict:
     base = {"status": "pending", "progress": 0.0, "detail": "", "started_at": None, "finished_at": None}
     return {"id": "run-1", "steps": [base | s for s in steps]}
+
+
+def test_a_step_with_nothing_to_count_gets_a_line_as_it_starts_and_one_with_its_time_as_it_ends() -> None:
+    console, out = log_console()
+    with working(console, "writing /data/feedback-[2026]"):  # brackets: not read as rich markup
+        assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] writing /data/feedback-\[2026\] \.\.\.\n", out.getvalue())
+    assert re.fullmatch(r"\[[\d:]+\] writing /data/feedback-\[2026\] \.\.\.\n"
+                        r"\[[\d:]+\] writing /data/feedback-\[2026\]: done in 0s\n", out.getvalue())
+    console, out = log_console()
+    with pytest.raises(RuntimeError), working(console, "uploading"):
+        raise RuntimeError("the server went away")
+    assert "done" not in out.getvalue()  # a step that failed is not reported done
+
+
+def test_a_terminal_gets_a_spinner_for_a_step_not_lines() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80)
+    with working(console, "writing /data/feedback-[2026]"):
+        pass
+    assert "...\n" not in out.getvalue() and "done in" not in out.getvalue()
 
 
 def test_a_pipeline_runs_steps_as_lines_when_they_start_pass_a_tenth_or_end() -> None:

@@ -241,6 +241,23 @@ def test_cli_export(db: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["rows"]["pairs"] == 8
 
 
+def test_cli_export_logs_each_step_on_stderr_and_leaves_stdout_to_the_json(
+        db: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from alignloop import cli
+
+    monkeypatch.setenv("ALIGNLOOP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ALIGNLOOP_STORE_URL", db.url)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["feedback", "export", "--no-mlflow", "--json", "--out", str(tmp_path / "cli")])
+    assert exit_.value.code == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["counts"]["pairs"] == 8  # all of stdout: a script can pipe it to jq
+    # Where no one watches a terminal (a pipeline step's log), every step has a line as it starts and ends.
+    for step in ("reading feedback", "building pairs, labels and demonstrations", f"writing {tmp_path / 'cli'}"):
+        assert f"] {step} ...\n" in err and f"] {step}: done in " in err, err
+    assert "] reading the completions the feedback names: " in err
+
+
 def test_logs_a_dataset_to_mlflow(db: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
