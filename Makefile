@@ -8,7 +8,7 @@ STUBS   := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 PYTEST_ARGS ?=
 # The suite runs on two pytest-xdist workers, a test file to each at a time (a module's stack is started once).
 # Most of its time is spent starting vLLM engines and waiting on real servers, so two workers use a 2-core
-# machine's second core: about 15 minutes there, against 31 on one. PYTEST_WORKERS=0 runs it in one process.
+# machine's second core: about 25 minutes there. PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
