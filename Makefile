@@ -13,7 +13,7 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: setup proto run test test-unit test-gpu bench bench-feedback bench-reward bench-rm-training bench-rm-curve \
 	bench-rm-probe bench-rm-sweep bench-ppo bench-rate-limits bench-priorities bench-affinity bench-dtype bench-front-end \
-	bench-engine-start clean-state
+	bench-engine-start bench-trainer-beside-serving clean-state
 
 setup: $(STAMP) $(STUBS)
 
@@ -64,6 +64,9 @@ bench-front-end: setup
 
 bench-engine-start: setup
 	$(PY) benchmarks/engine_start.py
+
+bench-trainer-beside-serving: setup
+	$(PY) benchmarks/trainer_beside_serving.py
 
 bench-reward: setup
 	$(PY) benchmarks/reward_scoring.py

@@ -180,6 +180,13 @@ class Settings(BaseSettings):
     # Step settings every run starts from, a JSON object (keys in services/pipeline/config.py), e.g.
     # '{"ppo": {"iterations": 4}, "nproc_per_node": 2}'; a run's own overrides go on top.
     pipeline_defaults: str = ""
+    # OMP_WAIT_POLICY of the steps the runner starts on its own machine (RM training, PPO, evaluation), unless
+    # the runner's environment sets an OpenMP wait policy; empty: the runtime's default. At GNU OpenMP's
+    # default a job's idle threads spin about 3 ms after every parallel region, holding cores the serving
+    # engine beside it waits for; PASSIVE lets them sleep at once, a trade: SmolLM2 served 1.095x the tokens/s
+    # beside a passive PPO job (33.9 against 31.0; alone 82.1) while the job took 1.17x as long (two rounds
+    # that disagreed; benchmarks/trainer_beside_serving.py).
+    job_omp_wait_policy: str = ""
 
     # readiness waits of the supervisor, per component
     start_timeout_s: float = 300.0

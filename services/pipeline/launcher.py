@@ -45,10 +45,23 @@ class LocalHandle:
         self.log_file.close()
 
 
+# Either one sets how long GNU OpenMP's idle threads spin; a caller that set one has chosen.
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
 class LocalLauncher:
-    """Each step is a child process in a session of its own, its stdout and stderr appended to its log."""
+    """Each step is a child process in a session of its own, its stdout and stderr appended to its log.
+
+    The steps share this machine with the serving engine: `omp_wait_policy` (Settings.job_omp_wait_policy)
+    becomes their OMP_WAIT_POLICY unless `env` sets a wait policy already; empty leaves the runtime's.
+    """
+
+    def __init__(self, omp_wait_policy: str = "") -> None:
+        self.omp_wait_policy = omp_wait_policy
 
     def launch(self, argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path) -> LocalHandle:
+        if self.omp_wait_policy and not any(k in env for k in OPENMP_WAIT_VARIABLES):
+            env = {**env, "OMP_WAIT_POLICY": self.omp_wait_policy}
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")  # noqa: SIM115 - closed by the handle when the process ends
         log.write(f"$ {' '.join(argv)}\n".encode())

@@ -40,7 +40,7 @@ class Runner:
     def __init__(self, settings: Settings, store: RunStore, launcher=None, *, tracking: bool = True) -> None:
         self.settings = settings
         self.store = store
-        self.launcher = launcher or LocalLauncher()
+        self.launcher = launcher or LocalLauncher(settings.job_omp_wait_policy)
         self.tracking = tracking
         self._wake = threading.Event()
         self.promoting: set[str] = set()  # runs past the point of no return (the promote step has begun)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -17,7 +18,7 @@ from alignloop import store
 from alignloop.config import Settings
 from services.pipeline import config as run_config
 from services.pipeline import steps as steps_module
-from services.pipeline.launcher import LocalLauncher
+from services.pipeline.launcher import LocalLauncher, last_json_line
 from services.pipeline.runner import NotCancellable, Runner
 from services.pipeline.runs import RunInProgress, RunStore
 
@@ -27,6 +28,7 @@ class CannedLauncher(LocalLauncher):
     status (keyed by the command's first two words), optionally sleeping first."""
 
     def __init__(self, answers: dict[str, tuple[int, dict, float]]) -> None:
+        super().__init__()
         self.answers = answers
         self.calls: list[list[str]] = []
 
@@ -272,3 +274,26 @@ def test_an_rm_below_the_accuracy_floor_is_refused_even_over_a_placeholder(env):
     # The champion RM (version 1) is the untrained placeholder: nothing to run PPO against.
     assert out["steps"]["ppo"]["status"] == "skipped" and promoted == []
     assert not any("ppo" in a for a in launcher.calls)
+
+
+@pytest.mark.parametrize(("policy", "env", "seen"), [
+    ("PASSIVE", {}, "PASSIVE"),  # beside the serving engine: idle OpenMP threads sleep at once
+    ("PASSIVE", {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the runner's environment chose
+    ("PASSIVE", {"GOMP_SPINCOUNT": "1000"}, None),  # ... in GNU OpenMP's own terms
+    ("", {}, None),  # ALIGNLOOP_JOB_OMP_WAIT_POLICY="": the runtime's default
+])
+def test_a_local_step_gets_the_openmp_wait_policy_unless_its_environment_has_one(
+        tmp_path: Path, policy: str, env: dict[str, str], seen: str | None) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    script = "import json, os; print(json.dumps({'policy': os.environ.get('OMP_WAIT_POLICY')}))"
+    handle = LocalLauncher(policy).launch([sys.executable, "-c", script], env=base | env,
+                                          log_path=tmp_path / "step.log", cwd=tmp_path)
+    assert handle.process.wait(30) == 0
+    handle.poll()
+    assert last_json_line(tmp_path / "step.log") == {"policy": seen}
+
+
+def test_the_runner_launches_locally_with_the_settings_wait_policy(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", job_omp_wait_policy="PASSIVE")
+    runner = Runner(settings, RunStore(store.connect(f"sqlite:///{tmp_path / 'runs.db'}")), tracking=False)
+    assert runner.launcher.omp_wait_policy == "PASSIVE"
